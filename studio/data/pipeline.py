@@ -1,0 +1,135 @@
+"""From a ``DataSection`` to tokenized train/validation sets, plus the previews the UI draws.
+
+Contract:
+- ``load_raw(data_cfg, token)`` reads the local file or hub dataset into records (``DataError`` on failure).
+- ``to_examples(records, mapping)`` maps records, skipping bad ones and reporting each skip by example
+  number and field; it fails when nothing usable remains.
+- ``split(examples, data_cfg)`` returns (train, validation), seeded; ``val_path`` wins over
+  ``val_samples`` which wins over ``val_fraction``; ``train_samples`` then samples the train part.
+- ``prepare(cfg, tokenizer)`` runs the whole path and returns ``Prepared`` with HF ``Dataset``s of
+  ``input_ids``/``labels``, length stats and the skipped-record notes.
+- ``preview(...)`` returns per-example text, token pieces and which of them carry loss.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from studio.data.files import DataError, read_hub, read_records
+from studio.data.schema import Detection, Example, check_mapping, columns_of, detect, to_example
+from studio.data.stats import LengthStats, length_stats
+from studio.data.templates import TemplateSpec, render
+from studio.data.tokenize import Tokenized, tokenize_pair
+
+
+@dataclass
+class Prepared:
+    train: object  # datasets.Dataset
+    validation: object | None
+    train_examples: list[Example]
+    val_examples: list[Example]
+    stats: LengthStats
+    detection: Detection
+    skipped: list[str] = field(default_factory=list)
+    dropped_fully_truncated: int = 0
+
+
+def load_raw(data_cfg, token: str | None = None) -> list[dict]:
+    if data_cfg.path:
+        return read_records(data_cfg.path)
+    if data_cfg.hub_dataset:
+        return read_hub(data_cfg.hub_dataset, data_cfg.hub_config, data_cfg.split, token)
+    raise DataError("data.path: no data chosen; upload a file or name a hub dataset.")
+
+
+def resolve_mapping(records: list[dict], mapping: dict[str, str] | None) -> tuple[Detection, dict[str, str]]:
+    det = detect(records)
+    chosen = dict(mapping) if mapping else dict(det.mapping)
+    check_mapping(chosen, columns_of(records))
+    return det, chosen
+
+
+def to_examples(records: list[dict], mapping: dict[str, str], source: str = "data") -> tuple[list[Example], list[str]]:
+    out, skipped = [], []
+    for i, r in enumerate(records, 1):
+        try:
+            out.append(to_example(r, mapping, f"{source} example {i}"))
+        except DataError as e:
+            skipped.append(str(e))
+    if not out:
+        first = skipped[0] if skipped else "no records"
+        raise DataError(f"{source}: no usable examples ({len(skipped)} skipped; first: {first}).")
+    return out, skipped
+
+
+def split(examples: list[Example], data_cfg, val_examples: list[Example] | None = None
+          ) -> tuple[list[Example], list[Example]]:
+    rng = random.Random(data_cfg.seed)
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    if val_examples is not None:
+        val, train = list(val_examples), [examples[i] for i in idx]
+    else:
+        n_val = data_cfg.val_samples or int(round(len(examples) * data_cfg.val_fraction))
+        if n_val >= len(examples):
+            raise DataError(f"data.val_samples: {n_val} validation examples leave none of the {len(examples)} "
+                            "for training; hold out fewer.")
+        val = [examples[i] for i in idx[:n_val]]
+        train = [examples[i] for i in idx[n_val:]]
+    if data_cfg.train_samples and data_cfg.train_samples < len(train):
+        train = train[: data_cfg.train_samples]  # already shuffled with the seed: a seeded sample
+    return train, val
+
+
+def tokenize_examples(examples: list[Example], spec: TemplateSpec, tokenizer, max_length: int,
+                      train_on_inputs: bool) -> list[Tokenized]:
+    return [tokenize_pair(*render(ex, spec, tokenizer), tokenizer, max_length, train_on_inputs) for ex in examples]
+
+
+def _dataset(toks: list[Tokenized]):
+    from datasets import Dataset
+
+    keep = [t for t in toks if t.loss_tokens > 0]
+    return Dataset.from_dict({"input_ids": [t.input_ids for t in keep], "labels": [t.labels for t in keep]}), \
+        len(toks) - len(keep)
+
+
+def prepare(cfg, tokenizer, token: str | None = None, records: list[dict] | None = None) -> Prepared:
+    d = cfg.data
+    records = records if records is not None else load_raw(d, token)
+    det, mapping = resolve_mapping(records, d.mapping)
+    examples, skipped = to_examples(records, mapping, d.path.split("/")[-1] if d.path else d.hub_dataset)
+    val_given = None
+    if d.val_path:
+        vrec = read_records(d.val_path)
+        _, vmap = resolve_mapping(vrec, d.mapping)
+        val_given, vskipped = to_examples(vrec, vmap, d.val_path.split("/")[-1])
+        skipped += vskipped
+    train_ex, val_ex = split(examples, d, val_given)
+    spec = TemplateSpec.from_config(d)
+    train_tok = tokenize_examples(train_ex, spec, tokenizer, d.max_length, d.train_on_inputs)
+    val_tok = tokenize_examples(val_ex, spec, tokenizer, d.max_length, d.train_on_inputs)
+    train_ds, dropped = _dataset(train_tok)
+    if len(train_ds) == 0:
+        raise DataError(f"data.max_length: every example's response is cut off at {d.max_length} tokens; "
+                        "raise the max length.")
+    if len(train_ds) < cfg.train.batch_size:
+        raise DataError(f"train.batch_size: only {len(train_ds)} training examples but the batch size is "
+                        f"{cfg.train.batch_size}; lower the batch size or add examples.")
+    val_ds = _dataset(val_tok)[0] if val_tok else None
+    stats = length_stats([t.full_length for t in train_tok], d.max_length)
+    return Prepared(train_ds, val_ds, train_ex, val_ex, stats, det, skipped, dropped)
+
+
+def preview(examples: list[Example], spec: TemplateSpec, tokenizer, max_length: int, train_on_inputs: bool,
+            n: int = 5) -> list[dict]:
+    """For each of the first ``n`` examples: the rendered text and (piece, carries_loss) token spans."""
+    out = []
+    for ex in examples[:n]:
+        prompt, response = render(ex, spec, tokenizer)
+        tok = tokenize_pair(prompt, response, tokenizer, max_length, train_on_inputs)
+        pieces = [(tokenizer.decode([i]), lab != -100) for i, lab in zip(tok.input_ids, tok.labels)]
+        out.append({"prompt": prompt, "response": response, "tokens": pieces, "n_tokens": tok.full_length,
+                    "loss_tokens": tok.loss_tokens, "truncated": tok.truncated})
+    return out

@@ -1,0 +1,112 @@
+"""Prompt templates: the one function that turns an example into the text a model sees.
+
+Contract: ``render(example, spec, tokenizer)`` returns ``(prompt, response)`` strings for training;
+``render_prompt(text, spec, tokenizer, ...)`` returns the prompt for inference.  Both call the same
+``_prompt`` so the playground sees exactly what training saw.  The response never contains EOS; the
+tokenizer step appends it (unless the model's chat template already closes the turn with it).
+
+Templates:
+- ``alpaca``: ``### Instruction:`` / ``### Input:`` (omitted when the input is empty) / ``### Response:``
+- ``qa``: ``### Question: …`` / ``### Answer: …`` / ``### End``
+- ``chat``: the base model's own chat template (``tokenizer.apply_chat_template``)
+- ``custom``: ``custom_prompt`` and ``custom_response`` with ``{system}``, ``{instruction}``,
+  ``{input}`` and ``{response}`` placeholders.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from studio.data.files import DataError
+from studio.data.schema import Example
+
+PLACEHOLDERS = ("system", "instruction", "input", "response")
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    name: str = "alpaca"
+    custom_prompt: str = ""
+    custom_response: str = "{response}"
+
+    @classmethod
+    def from_config(cls, data_cfg) -> "TemplateSpec":
+        return cls(data_cfg.template, data_cfg.custom_prompt, data_cfg.custom_response)
+
+
+def describe(spec: TemplateSpec) -> str:
+    """The template's text with placeholders, as shown (and edited) in the UI."""
+    if spec.name == "alpaca":
+        return ("### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{response}"
+                "\n\n(The ### Input block is omitted when the input is empty.)")
+    if spec.name == "qa":
+        return "### Question: {instruction}\n### Answer: {response}\n### End"
+    if spec.name == "chat":
+        return "The base model's own chat template (system / user / assistant turns)."
+    return spec.custom_prompt + spec.custom_response
+
+
+def check_custom(spec: TemplateSpec) -> None:
+    for part, label in ((spec.custom_prompt, "data.custom_prompt"), (spec.custom_response, "data.custom_response")):
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(part) if f is not None]
+        except ValueError as e:
+            raise DataError(f"{label}: {e}; write placeholders as {{instruction}} and literal braces as {{{{ }}}}.") \
+                from None
+        for n in names:
+            if n not in PLACEHOLDERS:
+                raise DataError(f"{label}: unknown placeholder {{{n}}}; use "
+                                + ", ".join("{" + p + "}" for p in PLACEHOLDERS) + ".")
+    if "{response}" not in spec.custom_response:
+        raise DataError("data.custom_response: must contain {response}.")
+
+
+def _chat_messages(ex: Example) -> list[dict]:
+    if ex.messages:
+        return ex.messages
+    user = ex.instruction if not ex.input else f"{ex.instruction}\n\n{ex.input}"
+    msgs = [{"role": "system", "content": ex.system}] if ex.system else []
+    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": ex.response}]
+
+
+def _prompt(ex: Example, spec: TemplateSpec, tokenizer) -> str:
+    if spec.name == "alpaca":
+        head = f"{ex.system}\n\n" if ex.system else ""
+        inp = f"### Input:\n{ex.input}\n\n" if ex.input.strip() else ""
+        return f"{head}### Instruction:\n{ex.instruction}\n\n{inp}### Response:\n"
+    if spec.name == "qa":
+        question = ex.instruction if not ex.input.strip() else f"{ex.instruction}\n{ex.input}"
+        head = f"{ex.system}\n" if ex.system else ""
+        return f"{head}### Question: {question}\n### Answer: "
+    if spec.name == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError("data.template: this model has no chat template; choose alpaca, qa or custom.")
+        msgs = _chat_messages(ex)[:-1]
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    check_custom(spec)
+    return spec.custom_prompt.format(system=ex.system, instruction=ex.instruction, input=ex.input, response="")
+
+
+def render(ex: Example, spec: TemplateSpec, tokenizer=None) -> tuple[str, str]:
+    prompt = _prompt(ex, spec, tokenizer)
+    if spec.name == "alpaca":
+        return prompt, ex.response
+    if spec.name == "qa":
+        return prompt, f"{ex.response}\n### End"
+    if spec.name == "chat":
+        full = tokenizer.apply_chat_template(_chat_messages(ex), tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+        return prompt, ex.response
+    return prompt, spec.custom_response.format(system=ex.system, instruction=ex.instruction, input=ex.input,
+                                               response=ex.response)
+
+
+def render_prompt(text: str, spec: TemplateSpec, tokenizer=None, *, system: str = "", input: str = "") -> str:
+    return _prompt(Example(instruction=text, input=input, system=system), spec, tokenizer)
+
+
+def stop_strings(spec: TemplateSpec) -> list[str]:
+    """Text after which generation should stop even without EOS (the template's own end marker)."""
+    return ["### End"] if spec.name == "qa" else []

@@ -1,0 +1,116 @@
+"""Text generation with the training template: base, adapter, or a toggle between them.
+
+Contract:
+- ``generate_text`` / ``stream`` format the user's text with ``templates.render_prompt`` (the same
+  function training used), generate, and return (or yield, growing) only the new text, cut at EOS
+  or the template's end marker.
+- ``adapter=None`` runs the base weights (peft's ``disable_adapter``), a name runs that adapter;
+  one loaded base model serves both, so base and tuned answers come from the same weights.
+- ``seed`` makes sampling repeatable so base and tuned answers can be compared fairly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+from studio.data.templates import TemplateSpec, render_prompt, stop_strings
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+def _adapter_ctx(model, adapter: str | None):
+    if not hasattr(model, "disable_adapter"):
+        return contextlib.nullcontext()
+    if adapter is None:
+        return model.disable_adapter()
+    model.set_adapter(adapter)
+    return contextlib.nullcontext()
+
+
+def _gen_kwargs(tokenizer, s: Sampling) -> dict:
+    kw = dict(max_new_tokens=s.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+              eos_token_id=tokenizer.eos_token_id, repetition_penalty=s.repetition_penalty, use_cache=True)
+    if s.temperature > 0:
+        kw.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def _cut(text: str, spec: TemplateSpec) -> str:
+    for s in stop_strings(spec):
+        i = text.find(s)
+        if i >= 0:
+            return text[:i]
+    return text
+
+
+def _inputs(model, tokenizer, prompt: str):
+    bos = tokenizer.bos_token
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=not (bos and prompt.startswith(bos)))
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def generate_text(model, tokenizer, text: str, spec: TemplateSpec, *, input: str = "", system: str = "",
+                  adapter: str | None = "__current__", sampling: Sampling | None = None,
+                  max_new_tokens: int | None = None) -> str:
+    import torch
+
+    s = sampling or Sampling()
+    if max_new_tokens:
+        s = Sampling(max_new_tokens, s.temperature, s.top_p, s.repetition_penalty, s.seed)
+    prompt = render_prompt(text, spec, tokenizer, system=system, input=input)
+    enc = _inputs(model, tokenizer, prompt)
+    ctx = contextlib.nullcontext() if adapter == "__current__" else _adapter_ctx(model, adapter)
+    torch.manual_seed(s.seed)
+    with ctx, torch.no_grad():
+        out = model.generate(**enc, **_gen_kwargs(tokenizer, s))
+    new = out[0, enc["input_ids"].shape[1]:]
+    return _cut(tokenizer.decode(new, skip_special_tokens=True), spec).strip()
+
+
+def stream(model, tokenizer, text: str, spec: TemplateSpec, *, adapter: str | None = None,
+           sampling: Sampling | None = None, input: str = "", system: str = "",
+           lock: threading.Lock | None = None) -> Iterator[str]:
+    """Yield the growing answer.  ``lock`` serialises generations that share one model (adapter toggling)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    s = sampling or Sampling()
+    prompt = render_prompt(text, spec, tokenizer, system=system, input=input)
+    enc = _inputs(model, tokenizer, prompt)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    error: list[BaseException] = []
+
+    def work():
+        try:
+            with (lock or contextlib.nullcontext()), _adapter_ctx(model, adapter), torch.no_grad():
+                torch.manual_seed(s.seed)
+                model.generate(**enc, streamer=streamer, **_gen_kwargs(tokenizer, s))
+        except BaseException as e:  # noqa: BLE001 - surfaced to the caller below
+            error.append(e)
+            streamer.end()
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    text_so_far = ""
+    for piece in streamer:
+        text_so_far += piece
+        cut = _cut(text_so_far, spec)
+        yield cut.strip()
+        if cut != text_so_far:
+            break
+    th.join(timeout=1)
+    if error:
+        raise error[0]

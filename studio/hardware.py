@@ -1,0 +1,62 @@
+"""What the machine offers: device, GPU name and memory, bf16 support, and memory readings.
+
+Contract: every function works without a GPU (and without importing CUDA libraries eagerly); memory
+readings are in bytes; ``memory_snapshot`` returns GPU numbers when CUDA is available, else process
+RSS and system RAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Hardware:
+    device: str  # "cuda" or "cpu"
+    name: str
+    total_bytes: int
+    gpu_count: int
+    bf16: bool
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / 2**30
+
+
+def detect() -> Hardware:
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Hardware("cuda", props.name, props.total_memory, torch.cuda.device_count(),
+                        torch.cuda.is_bf16_supported())
+    import psutil
+
+    return Hardware("cpu", "CPU", psutil.virtual_memory().total, 0, True)
+
+
+def resolve_dtype(name: str, hw: Hardware | None = None):
+    """Map a config dtype name to a torch dtype; ``auto`` = bf16 where supported, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    hw = hw or detect()
+    if name == "auto":
+        if hw.device == "cpu":
+            return torch.float32
+        return torch.bfloat16 if hw.bf16 else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def memory_snapshot() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return {"device": "cuda", "allocated": torch.cuda.memory_allocated(),
+                "reserved": torch.cuda.memory_reserved(), "peak": torch.cuda.max_memory_allocated(),
+                "used": total - free, "total": total}
+    import psutil
+
+    vm = psutil.virtual_memory()
+    rss = psutil.Process().memory_info().rss
+    return {"device": "cpu", "rss": rss, "used": vm.total - vm.available, "total": vm.total}

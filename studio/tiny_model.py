@@ -1,0 +1,372 @@
+"""A tiny, random-weight Mistral-architecture causal LM, built locally and offline.
+
+Why: the studio's whole pipeline (load in 4-bit, attach LoRA, train, evaluate,
+merge, generate) must be exercisable in tests and in an offline demo, where no
+Hugging Face Hub checkpoint can be downloaded. This module builds a stand-in
+checkpoint that looks to ``transformers`` like any Mistral model on disk.
+
+Contract
+--------
+``build_tiny_model(out_dir, *, seed=0, force=False) -> Path``
+    Writes a complete checkpoint directory and returns it:
+    ``config.json``, ``generation_config.json``, ``model.safetensors`` (float32,
+    safetensors only, no pickles), the tokenizer files, ``README.md`` and the
+    marker file ``tiny_model.json``. Both
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` and
+    ``AutoTokenizer.from_pretrained(out_dir)`` load it with no network access,
+    and it also loads 4-bit NF4 through bitsandbytes on CPU.
+    Same seed + same ``samples/`` texts + same library versions => the same bytes
+    for the weights and tokenizer files. An existing build is kept (no work, ~10 ms)
+    unless ``force`` or its marker shows a different seed, recipe or sample corpus.
+    The directory is written in a temporary sibling and then renamed, so nobody
+    sees a half-written model and a crashed build leaves nothing that looks complete.
+``default_tiny_model_dir() -> Path``
+    ``$STUDIO_TINY_MODEL_DIR`` if set, else ``<repo>/models/tiny-mistral``.
+``ensure_tiny_model() -> Path``
+    ``build_tiny_model(default_tiny_model_dir())``: builds on first use (or after
+    ``samples/`` or the recipe changed), otherwise returns the existing path.
+``python -m studio.tiny_model [OUT_DIR] [--seed N] [--force]`` builds from the shell.
+
+Model: ``MistralForCausalLM``, hidden 128, MLP 256, 2 layers, 4 query heads,
+2 KV heads (head_dim 32), 512 positions, untied embeddings, vocab = tokenizer
+length (2048). Every Linear dimension is a multiple of 64 so bitsandbytes can
+quantize all of them to NF4.
+
+Tokenizer: byte-level BPE (any UTF-8 text round-trips, ``<unk>`` is never
+produced) trained on the texts of ``samples/*.jsonl|json|csv`` plus the prompt
+template marker lines, wrapped as a ``PreTrainedTokenizerFast``.
+
+    id 0 ``<unk>``, id 1 ``<s>`` (bos), id 2 ``</s>`` (eos), id 3 ``<pad>`` (pad != eos),
+    ids 4-6 ``<|system|>``, ``<|user|>``, ``<|assistant|>`` (chat role markers; registered
+    as special tokens, so they are never split and ``skip_special_tokens`` drops them).
+
+BOS policy, same as Llama/Mistral/Zephyr: the post-processor prepends ``<s>``
+whenever a text is encoded with ``add_special_tokens=True`` (the default); EOS is
+never added automatically. The chat template therefore does NOT contain
+``bos_token`` (Zephyr style), so ``tokenizer(apply_chat_template(..., tokenize=False))``
+yields exactly one ``<s>``, while ``apply_chat_template(..., tokenize=True)`` encodes
+without special tokens and so has none (both exactly as with Zephyr).
+Every message ends with ``</s>``, and nothing separates messages:
+
+    <|system|>\\n{content}</s><|user|>\\n{content}</s><|assistant|>\\n{content}</s>
+
+and ``add_generation_prompt=True`` appends ``<|assistant|>\\n``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+# The marker's fingerprint covers the constants below and the sample texts; bump this when
+# the build *code* changes in a way that alters the output, so old checkpoints get rebuilt.
+RECIPE_VERSION = 1
+MARKER_FILE = "tiny_model.json"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLES_DIR = REPO_ROOT / "samples"
+
+VOCAB_SIZE = 2048
+MODEL_MAX_LENGTH = 512
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# Order fixes the ids: unk=0, bos=1, eos=2 like Llama/Mistral, then pad and the role markers.
+SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, *ROLE_TOKENS]
+
+TEMPLATE_MARKERS = [
+    "### Instruction:",
+    "### Input:",
+    "### Response:",
+    "### Question:",
+    "### Answer:",
+    "### End",
+]
+
+# Nothing follows a message's </s> (unlike Zephyr's trailing newline), so the rendered
+# answer of a conversation ends exactly in EOS and code that appends EOS when missing
+# does not produce "</s>\n</s>".
+# {% generation %} marks the assistant's tokens so return_assistant_tokens_mask (and TRL's
+# assistant_only_loss) work with this template, as they do with recent official templates.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+MODEL_DIMS = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=MODEL_MAX_LENGTH,
+)
+
+
+def default_tiny_model_dir() -> Path:
+    return Path(os.environ.get("STUDIO_TINY_MODEL_DIR", REPO_ROOT / "models" / "tiny-mistral"))
+
+
+# ---------------------------------------------------------------- corpus
+
+def _strings(obj) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _corpus(samples_dir: Path) -> list[str]:
+    """All string values in the sample files, in a fixed order, plus the template markers.
+
+    Field names and role values ("instruction", "gpt", ...) come along too; they are a
+    negligible share of the text and keeping the reader format-agnostic is worth more.
+    """
+    texts: list[str] = []
+    if samples_dir.is_dir():
+        # sorted(): the BPE merges depend on corpus order only through ties, but a fixed
+        # order removes any doubt about filesystem listing order.
+        for path in sorted(samples_dir.iterdir()):
+            if path.suffix == ".jsonl":
+                with path.open(encoding="utf-8") as f:
+                    for line in f:
+                        if line.strip():
+                            texts.extend(_strings(json.loads(line)))
+            elif path.suffix == ".json":
+                texts.extend(_strings(json.loads(path.read_text(encoding="utf-8"))))
+            elif path.suffix == ".csv":
+                with path.open(encoding="utf-8", newline="") as f:
+                    for row in csv.reader(f):
+                        texts.extend(row)
+    # Repeated so the markers win merges of their own even if no sample uses them.
+    marker_block = "\n".join(TEMPLATE_MARKERS + [f"{r}\n" for r in ("system", "user", "assistant")])
+    texts.extend([marker_block] * 50)
+    return texts
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def _train_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        # min_frequency=1: the sample corpus is small, and with 2 it runs out of merges before 2048.
+        min_frequency=1,
+        special_tokens=SPECIAL_TOKENS,
+        # Full byte alphabet: every byte is encodable even if absent from the corpus.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.Sequence([
+        # trim_offsets=False keeps offsets exact, which offset-based label masking relies on.
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(
+            single=f"{BOS} $A",
+            pair=f"{BOS} $A {BOS}:1 $B:1",
+            special_tokens=[(BOS, bos_id)],
+        ),
+    ])
+    return tok
+
+
+def _wrap_tokenizer(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+        model_max_length=MODEL_MAX_LENGTH,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+# ---------------------------------------------------------------- model
+
+def _make_model(tokenizer, seed: int):
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        sliding_window=None,
+        **MODEL_DIMS,
+    )
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# ---------------------------------------------------------------- build
+
+def _read_marker(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(out_dir) / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _fingerprint(texts: list[str]) -> str:
+    """Hash of everything the checkpoint is derived from, except library versions.
+
+    Stored in the marker so ensure_tiny_model() rebuilds by itself after samples/ is
+    regenerated or the recipe is edited, instead of silently serving a stale model.
+    """
+    recipe = {
+        "recipe_version": RECIPE_VERSION,
+        "vocab_size": VOCAB_SIZE,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "special_tokens": SPECIAL_TOKENS,
+        "template_markers": TEMPLATE_MARKERS,
+        "chat_template": CHAT_TEMPLATE,
+        "model_dims": MODEL_DIMS,
+        "corpus_sha256": hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _is_current(out_dir: Path, seed: int, fingerprint: str) -> bool:
+    marker = _read_marker(out_dir)
+    return bool(marker) and marker.get("seed") == seed and marker.get("fingerprint") == fingerprint
+
+
+def build_tiny_model(out_dir: str | Path, *, seed: int = 0, force: bool = False) -> Path:
+    out_dir = Path(out_dir).resolve()
+    texts = _corpus(SAMPLES_DIR)
+    fingerprint = _fingerprint(texts)
+    if not force and _is_current(out_dir, seed, fingerprint):
+        return out_dir
+
+    t0 = time.perf_counter()
+    tokenizer = _wrap_tokenizer(_train_tokenizer(texts))
+    model = _make_model(tokenizer, seed)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _save_quietly(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        n_params = sum(p.numel() for p in model.parameters())
+        (tmp / "README.md").write_text(_readme(seed, n_params, len(tokenizer)), encoding="utf-8")
+        # The marker is written last: its presence means the directory is complete.
+        marker = {
+            "recipe_version": RECIPE_VERSION,
+            "seed": seed,
+            "fingerprint": fingerprint,
+            "vocab_size": len(tokenizer),
+            "num_parameters": n_params,
+        }
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _make_readable(tmp)
+        if out_dir.exists():
+            if not force and _is_current(out_dir, seed, fingerprint):
+                # Another process finished the same build while we were working.
+                return out_dir
+            shutil.rmtree(out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            # Lost a race with a concurrent builder that renamed first; its result is equivalent.
+            if not _is_current(out_dir, seed, fingerprint):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log(f"built tiny model in {out_dir} ({time.perf_counter() - t0:.1f}s)")
+    return out_dir
+
+
+def _save_quietly(model, path: Path) -> None:
+    # A "Writing model shards" bar for one 3 MB file is just noise in test logs.
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _make_readable(path: Path) -> None:
+    # mkdtemp() creates 0700 and some writers use 0600; the finished checkpoint should get
+    # the same permissions as any other file the user creates.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    for f in path.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def ensure_tiny_model() -> Path:
+    # build_tiny_model() already returns early when the marker matches the current recipe.
+    return build_tiny_model(default_tiny_model_dir())
+
+
+def _readme(seed: int, n_params: int, vocab: int) -> str:
+    return f"""# tiny-mistral (random weights)
+
+Generated by `studio/tiny_model.py` (recipe {RECIPE_VERSION}, seed {seed}) for offline
+tests and demos of QLoRA Studio. The weights are random: the model produces gibberish
+until fine-tuned. Not for any real use.
+
+- architecture: MistralForCausalLM, {n_params:,} parameters, float32
+- hidden 128, MLP 256, 2 layers, 4 heads, 2 KV heads, 512 positions, untied embeddings
+- tokenizer: byte-level BPE, {vocab} tokens, trained on `samples/`
+- `<s>` is prepended automatically on encode; `</s>` ends every chat message
+
+Rebuild: `python -m studio.tiny_model [OUT_DIR] --force`
+"""
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m studio.tiny_model", description="Build the tiny offline test model.")
+    parser.add_argument("out_dir", nargs="?", type=Path, default=None, help="default: $STUDIO_TINY_MODEL_DIR or models/tiny-mistral")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    args = parser.parse_args(argv)
+    out = build_tiny_model(args.out_dir or default_tiny_model_dir(), seed=args.seed, force=args.force)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

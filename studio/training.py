@@ -1,0 +1,311 @@
+"""The training recipe: one run directory in, an adapter (or a clear failure) out.
+
+Steps, in order, each a method of ``Recipe``: ``setup`` (preflight, tokenizer, data, model, LoRA,
+trainer), ``train`` (fresh or resumed from the last complete checkpoint), ``save`` (adapter and
+tokenizer to ``adapter/``, copy, optional merge and Hub push) and ``cleanup``.  ``execute`` runs them
+and always leaves a terminal status event: ``completed``, ``stopped`` (cooperative stop; the
+checkpoint of the last finished step is kept), ``halted`` (NaN/inf loss; nothing is overwritten),
+or ``failed`` (with the step, the reason and a remedy).
+
+Events written (see ``studio.runs``): ``status``, ``data`` (counts and length stats), ``metric``
+(step, epoch, loss, learning_rate, grad_norm, tokens_per_s, memory), ``eval`` (eval_loss,
+perplexity), ``sample`` (answers to fixed validation prompts at each evaluation), ``checkpoint``.
+This module never imports gradio; it runs inside the worker process or a test.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+from studio.config import ConfigError, RunConfig
+from studio.runs import Run
+
+
+class Halted(RuntimeError):
+    pass
+
+
+def _events_callback_cls():
+    from transformers import TrainerCallback
+
+    class EventsCallback(TrainerCallback):
+        """Writes the run's events from inside the Trainer loop and honours the STOP flag."""
+
+        def __init__(self, recipe: "Recipe"):
+            self.r = recipe
+            self.run = recipe.run
+            self.stopped = False
+            self.halted_at: int | None = None
+            self._t = time.time()
+            self._tokens = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self._t = time.time()
+            self._tokens = state.num_input_tokens_seen or 0
+            self.t0 = self._t
+            self.run.emit("status", status="running", step=state.global_step, max_steps=state.max_steps,
+                          epochs=args.num_train_epochs)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.run.stop_flag.exists() and not self.stopped:
+                self.stopped = True
+                control.should_training_stop = True
+                control.should_save = True  # keep the step just finished as a complete checkpoint
+                self.run.emit("status", status="stopping", step=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            from studio.hardware import memory_snapshot
+
+            logs = logs or {}
+            if "loss" in logs:
+                now = time.time()
+                seen = state.num_input_tokens_seen or 0
+                tps = (seen - self._tokens) / max(now - self._t, 1e-9)
+                self._t, self._tokens = now, seen
+                loss = float(logs["loss"])
+                self.run.emit("metric", step=state.global_step, max_steps=state.max_steps,
+                              epoch=round(state.epoch or 0.0, 4), loss=loss, learning_rate=logs.get("learning_rate"),
+                              grad_norm=logs.get("grad_norm"), tokens_per_s=round(tps, 1), tokens_seen=seen,
+                              elapsed=round(now - self.t0, 2), memory=memory_snapshot())
+                if not math.isfinite(loss) or not math.isfinite(float(logs.get("grad_norm") or 0.0)):
+                    self.halted_at = state.global_step
+                    control.should_training_stop = True
+                    control.should_save = False  # never overwrite the last good checkpoint with NaN weights
+                    control.should_evaluate = False
+            if "eval_loss" in logs:
+                el = float(logs["eval_loss"])
+                self.run.emit("eval", step=state.global_step, eval_loss=el,
+                              perplexity=math.exp(el) if el < 50 else float("inf"))
+
+        def on_evaluate(self, args, state, control, model=None, **kw):
+            if model is not None and self.halted_at is None:
+                self.r.emit_samples(model, state.global_step)
+            self._t = time.time()  # tokens/s measures training, not evaluation
+
+        def on_save(self, args, state, control, **kw):
+            self._t = time.time()
+
+            self.run.emit("checkpoint", step=state.global_step,
+                          path=f"checkpoints/checkpoint-{state.global_step}")
+
+    return EventsCallback
+
+
+OOM_REMEDY = ("lower train.batch_size (raise train.grad_accum to keep the effective batch), lower "
+              "data.max_length, or turn on model.gradient_checkpointing.")
+
+
+class Recipe:
+    def __init__(self, run: Run, token: str | None = None):
+        self.run = run
+        self.cfg: RunConfig = run.config()
+        self.token = token
+        self.trainer = None
+        self.callback = None
+        self.sample_examples = []
+
+    # ---- steps --------------------------------------------------------------------------------
+    def setup(self):
+        from studio import modeling
+        from studio.data.pipeline import prepare
+        from studio.data.templates import TemplateSpec
+        from studio.hardware import detect
+
+        cfg = self.cfg
+        self.hw = modeling.preflight(cfg, detect(), self.token)
+        self.run.emit("status", status="starting", device=self.hw.device, gpu=self.hw.name)
+        self.tokenizer = modeling.load_tokenizer(cfg, token=self.token)
+        prepared = prepare(cfg, self.tokenizer, self.token)
+        self.prepared = prepared
+        self.spec = TemplateSpec.from_config(cfg.data)
+        self.sample_examples = (prepared.val_examples or prepared.train_examples)[: cfg.train.sample_prompts]
+        self.run.emit("data", train=len(prepared.train), validation=len(prepared.validation or []),
+                      schema=prepared.detection.kind, skipped=len(prepared.skipped),
+                      skipped_first=prepared.skipped[:5], dropped=prepared.dropped_fully_truncated,
+                      stats=prepared.stats.to_dict())
+        base = modeling.load_base(cfg, self.tokenizer, self.hw, self.token)
+        self.model = modeling.add_lora(cfg, base)
+        self.trainer = self._trainer()
+
+    def _args(self):
+        import torch
+        from transformers import TrainingArguments
+
+        from studio.hardware import resolve_dtype
+
+        cfg, t = self.cfg, self.cfg.train
+        dtype = resolve_dtype(cfg.model.compute_dtype, self.hw)
+        has_val = self.prepared.validation is not None and len(self.prepared.validation) > 0
+        return TrainingArguments(
+            output_dir=str(self.run.checkpoints_dir),
+            num_train_epochs=t.epochs,
+            max_steps=t.max_steps or -1,
+            per_device_train_batch_size=t.batch_size,
+            per_device_eval_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.scheduler,
+            warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+            optim=t.optimizer,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else None,
+            seed=t.seed,
+            data_seed=t.seed,
+            logging_steps=t.logging_steps,
+            logging_nan_inf_filter=False,  # a NaN must reach the callback, not be hidden
+            eval_strategy=("steps" if t.eval_steps else "no") if has_val else "no",
+            eval_steps=t.eval_steps or None,
+            save_strategy="steps" if t.save_steps else "no",
+            save_steps=t.save_steps or 500,
+            save_total_limit=t.save_total_limit,
+            report_to=["tensorboard"] if t.tensorboard else "none",
+            bf16=self.hw.device == "cuda" and dtype == torch.bfloat16,
+            fp16=self.hw.device == "cuda" and dtype == torch.float16,
+            use_cpu=self.hw.device == "cpu",
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            include_num_input_tokens_seen="non_padding",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            remove_unused_columns=False,  # keep seq_lengths for the padding-free collator
+        )
+
+    def _trainer(self):
+        # transformers' Trainer with TRL's collator: we tokenize and mask ourselves (the UI shows those
+        # masks), so TRL's SFTTrainer would only add its Triton-only fused LM head, which has no CPU path.
+        from transformers import Trainer
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        train = self.prepared.train
+        if self.cfg.train.packing:
+            from trl.data_utils import pack_dataset
+
+            train = pack_dataset(train, self.cfg.data.max_length, "bfd")
+        collator = DataCollatorForLanguageModeling(pad_token_id=self.tokenizer.pad_token_id,
+                                                   padding_free=self.cfg.train.packing)
+        self.callback = _events_callback_cls()(self)
+        return Trainer(model=self.model, args=self._args(), train_dataset=train,
+                       eval_dataset=self.prepared.validation, data_collator=collator,
+                       processing_class=self.tokenizer, callbacks=[self.callback])
+
+    def train(self, resume: bool = False):
+        ckpt = self.run.last_checkpoint() if resume else None
+        if ckpt is not None:
+            self.run.emit("status", status="resuming", checkpoint=str(ckpt.relative_to(self.run.dir)))
+        self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        if self.callback.halted_at is not None:
+            raise Halted(f"the loss became NaN or infinite at step {self.callback.halted_at}")
+        if not self.callback.stopped and self.prepared.validation is not None and len(self.prepared.validation):
+            last = [e for e in self.run.all_events() if e.get("type") == "eval"]
+            if not last or last[-1].get("step") != self.trainer.state.global_step:
+                self.trainer.evaluate()
+
+    def save(self):
+        cfg = self.cfg
+        out = self.run.adapter_dir
+        tmp = out.with_name("adapter.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # the adapter folder appears whole or not at all
+        if cfg.output.adapter_dir:
+            dest = Path(cfg.output.adapter_dir).expanduser()
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(out, dest)
+        self.run.emit("log", message=f"adapter saved to {out.relative_to(self.run.dir)}")
+        if cfg.output.merge or cfg.output.push_to_hub:
+            from studio import export
+
+            merged = export.merge(self.run, token=self.token) if cfg.output.merge else None
+            if cfg.output.push_to_hub:
+                url = export.push(self.run, cfg.output.hub_repo, token=self.token, private=cfg.output.hub_private,
+                                  merged=merged is not None)
+                self.run.emit("log", message=f"pushed to {url}")
+
+    def cleanup(self):
+        import gc
+
+        import torch
+
+        self.trainer = None
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def emit_samples(self, model, step: int):
+        if not self.sample_examples:
+            return
+        from studio.generate import generate_text
+
+        was_training = model.training
+        model.eval()
+        try:
+            for ex in self.sample_examples:
+                answer = generate_text(model, self.tokenizer, ex.instruction, self.spec, input=ex.input,
+                                       system=ex.system, max_new_tokens=self.cfg.train.sample_max_new_tokens)
+                self.run.emit("sample", step=step, prompt=ex.instruction, input=ex.input,
+                              reference=ex.response, answer=answer)
+        finally:
+            if was_training:
+                model.train()
+
+    def execute(self, resume: bool = False) -> str:
+        """Run every step; return the terminal status.  Never raises for training failures."""
+        import torch
+
+        from studio.data.files import DataError
+        from studio.modeling import ModelError
+        from studio.security import SecurityError
+
+        step = lambda: self.trainer.state.global_step if self.trainer else 0  # noqa: E731
+        try:
+            self.setup()
+            self.train(resume)
+            if self.callback.stopped:
+                ck = self.run.last_checkpoint()
+                self.run.emit("status", status="stopped", step=step(),
+                              checkpoint=str(ck.relative_to(self.run.dir)) if ck else None)
+                return "stopped"
+            self.save()
+            summary = {k: v for k, v in self.run.summary().items() if k in ("train_loss", "eval_loss", "step")}
+            self.run.emit("status", status="completed", step=step(), final=summary)
+            return "completed"
+        except Halted as e:
+            self.run.emit("status", status="halted", step=step(), message=str(e),
+                          remedy="lower train.learning_rate, keep max_grad_norm at 1.0, or use bf16 instead of fp16; "
+                                 "the last good checkpoint is kept.")
+            return "halted"
+        except torch.OutOfMemoryError as e:
+            self.run.emit("status", status="failed", step=step(), reason="out_of_memory",
+                          message=f"out of memory at step {step()}: {str(e).splitlines()[0][:200]}",
+                          remedy=OOM_REMEDY)
+            return "failed"
+        except (ConfigError, DataError, ModelError, SecurityError) as e:
+            self.run.emit("status", status="failed", step=step(), reason="input", message=str(e),
+                          remedy="fix the named field or file and start again.")
+            return "failed"
+        except OSError as e:
+            import errno
+
+            full = e.errno == errno.ENOSPC
+            self.run.emit("status", status="failed", step=step(), reason="disk_full" if full else "os_error",
+                          message=f"{'disk full' if full else 'file error'} at step {step()}: {e}",
+                          remedy="free disk space; earlier checkpoints are kept and the run can be resumed."
+                          if full else "check the file paths and permissions.")
+            return "failed"
+        except Exception as e:  # noqa: BLE001 - the worker must always leave a terminal status
+            import traceback
+
+            traceback.print_exc()
+            self.run.emit("status", status="failed", step=step(), reason=type(e).__name__,
+                          message=f"{type(e).__name__} at step {step()}: {str(e)[:500]}",
+                          remedy="see logs/worker.log in the run folder.")
+            return "failed"
+        finally:
+            self.cleanup()

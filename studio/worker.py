@@ -1,0 +1,148 @@
+"""Training runs in a worker process: start, stop, resume, and the worker's entry point.
+
+Contract:
+- ``start(store, cfg, name)`` creates a run directory and launches
+  ``python -m studio.worker <run dir>`` with an argument list (never a shell string), in its own
+  process group, output to ``logs/worker.log``.  It refuses while another run's worker is alive
+  (one training at a time on a machine).  ``resume(run)`` relaunches a stopped, failed or
+  interrupted run from its last complete checkpoint.
+- ``stop(run)`` is cooperative first (the STOP flag; the worker finishes its step, saves a checkpoint
+  and exits), then after ``grace`` seconds ends the whole process group (SIGTERM, then SIGKILL).
+- The worker itself (``main``) redacts tokens from everything it prints and always leaves a
+  terminal status event, so the app can crash or restart without losing track of a run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from studio.runs import Run, RunStore, pid_alive
+
+
+class Busy(RuntimeError):
+    """Another run is training on this machine."""
+
+
+def _launch(run: Run, resume: bool, env: dict | None = None) -> int:
+    args = [sys.executable, "-m", "studio.worker", str(run.dir)] + (["--resume"] if resume else [])
+    run.stop_flag.unlink(missing_ok=True)
+    run.log_path.parent.mkdir(exist_ok=True)
+    e = dict(os.environ if env is None else env)
+    e["PYTHONUNBUFFERED"] = "1"
+    e["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + e.get("PYTHONPATH", "")
+    with open(run.log_path, "ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=e, cwd=os.getcwd())
+    run.pid_path.write_text(str(proc.pid))
+    run.emit("status", status="queued", pid=proc.pid, resume=resume)
+    _PROCS[proc.pid] = proc
+    return proc.pid
+
+
+_PROCS: dict[int, subprocess.Popen] = {}  # reaped by wait() so finished workers don't linger as zombies
+
+
+def start(store: RunStore, cfg, name: str = "", env: dict | None = None) -> Run:
+    active = store.active()
+    if active is not None:
+        raise Busy(f"run {active.id!r} is training; stop it or wait for it to finish.")
+    run = store.create(cfg, name)
+    _launch(run, resume=False, env=env)
+    return run
+
+
+def resume(store: RunStore, run: Run, env: dict | None = None) -> Run:
+    active = store.active()
+    if active is not None:
+        raise Busy(f"run {active.id!r} is training; stop it or wait for it to finish.")
+    if run.status not in ("stopped", "failed", "interrupted", "halted"):
+        raise ValueError(f"run {run.id!r} is {run.status}; only stopped, failed, halted or interrupted runs resume.")
+    if run.last_checkpoint() is None:
+        raise ValueError(f"run {run.id!r} has no complete checkpoint to resume from.")
+    _launch(run, resume=True, env=env)
+    return run
+
+
+def wait(run: Run, timeout: float = 600.0, poll: float = 0.2) -> str:
+    """Block until the worker exits; return the run's status."""
+    pid = run.worker_pid()
+    end = time.time() + timeout
+    while pid and time.time() < end:
+        p = _PROCS.get(pid)
+        if p is not None:
+            if p.poll() is not None:
+                _PROCS.pop(pid, None)
+                break
+        elif not pid_alive(pid):
+            break
+        time.sleep(poll)
+    return run.status
+
+
+def stop(run: Run, grace: float = 30.0) -> str:
+    run.stop_flag.touch()
+    pid = run.worker_pid()
+    if pid is None:
+        return run.status
+    end = time.time() + grace
+    while time.time() < end:
+        if wait(run, timeout=0.5) and not run.worker_alive():
+            return run.status
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        wait(run, timeout=5)
+        if not run.worker_alive():
+            break
+    if run.last_status()["status"] not in ("stopped", "completed", "failed", "halted"):
+        ck = run.last_checkpoint()
+        run.emit("status", status="stopped", forced=True,
+                 checkpoint=str(ck.relative_to(run.dir)) if ck else None)
+    return run.status
+
+
+class _Redacting:
+    """Wraps stdout/stderr so no token reaches the worker log."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s):
+        from studio.security import redact
+
+        return self.stream.write(redact(s))
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from studio.security import hub_token
+    from studio.training import Recipe
+
+    p = argparse.ArgumentParser(prog="python -m studio.worker")
+    p.add_argument("run_dir")
+    p.add_argument("--resume", action="store_true")
+    a = p.parse_args(argv)
+    sys.stdout, sys.stderr = _Redacting(sys.stdout), _Redacting(sys.stderr)
+    d = Path(a.run_dir).resolve()
+    run = Run(d.name, d)
+    run.pid_path.write_text(str(os.getpid()))
+    status = Recipe(run, token=hub_token()).execute(resume=a.resume)
+    return 0 if status in ("completed", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
