@@ -27,7 +27,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import random
 from pathlib import Path
 from typing import Callable

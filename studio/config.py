@@ -309,7 +309,8 @@ def _build(cls: type, data: Any, prefix: str):
         key = f"{prefix}{name}"
         typ = hints[name]
         if dataclasses.is_dataclass(typ):
-            kwargs[name] = _build(typ, data.get(name, {}) or {}, key + ".")
+            sub = data.get(name)
+            kwargs[name] = _build(typ, {} if sub is None else sub, key + ".")
             continue
         if name not in data:
             continue

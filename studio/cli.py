@@ -1,0 +1,271 @@
+"""Command line: the same engine as the UI, for scripts and terminals.
+
+    python -m studio train --preset presets/tiny-demo.yaml [--data FILE] [--set key=value ...]
+    python -m studio runs | stop RUN | resume RUN
+    python -m studio generate --run RUN --prompt TEXT [--base] [--checkpoint N]
+    python -m studio evaluate --run RUN [--limit N]
+    python -m studio export --run RUN [--zip] [--merge] [--push owner/name [--public]]
+    python -m studio estimate --preset NAME
+    python -m studio build-tiny
+
+``train`` launches the training worker (as the UI does) and follows its events with a progress
+bar; Ctrl+C asks the worker to stop at the next step.  Every error prints one line naming the field
+or file, and exits with status 2; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from studio.config import ConfigError
+
+
+def _parse_set(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(item, "--set takes key=value, e.g. train.learning_rate=1e-4.")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+    return out
+
+
+def _config(args):
+    from studio.presets import load_preset
+
+    cfg = load_preset(args.preset)
+    overrides = _parse_set(args.set)
+    if getattr(args, "data", None):
+        overrides["data.path"] = args.data
+    if getattr(args, "name", None):
+        overrides["output.run_name"] = args.name
+    return cfg.replace(overrides) if overrides else cfg
+
+
+def follow(run, out=sys.stdout) -> str:
+    """Print a progress bar from the run's events until the worker exits."""
+    from tqdm import tqdm
+
+    from studio import worker
+    from studio.runs import TERMINAL
+
+    offset, bar = 0, None
+    try:
+        while True:
+            evs, offset = run.events(offset)
+            for e in evs:
+                t = e.get("type")
+                if t == "metric":
+                    if bar is None:
+                        bar = tqdm(total=e.get("max_steps") or None, unit="step", file=out, dynamic_ncols=True)
+                    bar.n = e["step"]
+                    bar.set_postfix(loss=f"{e['loss']:.4f}" if isinstance(e.get("loss"), float) else e.get("loss"),
+                                    tok_s=e.get("tokens_per_s"))
+                    bar.refresh()
+                elif t == "eval":
+                    tqdm.write(f"step {e['step']}: eval loss {e['eval_loss']:.4f}", file=out)
+                elif t == "sample":
+                    tqdm.write(f"step {e['step']} sample: {e['prompt'][:60]!r} -> {e['answer'][:80]!r}", file=out)
+                elif t == "data":
+                    tqdm.write(f"data: {e['train']} train / {e['validation']} validation; {e['stats']['summary']}",
+                               file=out)
+                elif t == "status":
+                    msg = e.get("message", "")
+                    tqdm.write(f"[{e['status']}] {msg}" + (f" — {e['remedy']}" if e.get("remedy") else ""), file=out)
+            st = run.last_status()["status"]
+            if st in TERMINAL or not run.worker_alive():
+                if not run.worker_alive() and st not in TERMINAL:
+                    time.sleep(0.5)
+                    evs, offset = run.events(offset)
+                    if run.last_status()["status"] not in TERMINAL:
+                        return run.status
+                    continue
+                return st
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping at the next step (Ctrl+C again to end it now)...", file=out)
+        try:
+            return worker.stop(run, grace=60)
+        except KeyboardInterrupt:
+            return worker.stop(run, grace=0)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cmd_train(args) -> int:
+    from studio import worker
+    from studio.runs import RunStore
+
+    cfg = _config(args)
+    if not cfg.data.path and not cfg.data.hub_dataset:
+        raise ConfigError("data.path", "no data: pass --data FILE or set data.hub_dataset.")
+    from studio.modeling import preflight
+
+    preflight(cfg)
+    run = worker.start(RunStore(), cfg)
+    print(f"run {run.id} in {run.dir}")
+    st = follow(run)
+    print(f"run {run.id}: {st}")
+    if st == "completed":
+        print(f"adapter: {run.adapter_dir}")
+    return 0 if st in ("completed", "stopped") else 1
+
+
+def _run(args):
+    from studio.runs import RunStore
+
+    try:
+        return RunStore().get(args.run)
+    except KeyError:
+        raise ConfigError("--run", f"no run named {args.run!r}; see `python -m studio runs`.") from None
+
+
+def cmd_runs(args) -> int:
+    from studio.runs import RunStore
+
+    for r in RunStore().list():
+        s = r.summary()
+        print(f"{s['id']:40s} {s['status']:12s} step {s['step']:>6}  loss {s['train_loss']}  eval {s['eval_loss']}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from studio import worker
+
+    print(worker.stop(_run(args)))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from studio import worker
+    from studio.runs import RunStore
+
+    run = worker.resume(RunStore(), _run(args))
+    st = follow(run)
+    print(f"run {run.id}: {st}")
+    return 0 if st in ("completed", "stopped") else 1
+
+
+def cmd_generate(args) -> int:
+    from studio.data.templates import TemplateSpec
+    from studio.generate import Sampling, generate_text
+    from studio.modeling import load_for_inference
+
+    run = _run(args)
+    cfg = run.config()
+    path = run.checkpoints_dir / f"checkpoint-{args.checkpoint}" if args.checkpoint else run.adapter_dir
+    model, tok = load_for_inference(cfg, {"tuned": path})
+    s = Sampling(args.max_new_tokens, args.temperature, args.top_p, 1.0, args.seed)
+    print(generate_text(model, tok, args.prompt, TemplateSpec.from_config(cfg.data),
+                        adapter=None if args.base else "tuned", sampling=s))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from studio.evaluate import evaluate_run
+
+    ev = evaluate_run(_run(args), limit=args.limit)
+    print(f"{'metric':14s} {'base':>10s} {'tuned':>10s}")
+    for name, b, t in ev.table():
+        print(f"{name:14s} {b:10.4f} {t:10.4f}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from studio import export
+
+    run = _run(args)
+    if args.zip:
+        print(export.adapter_zip(run))
+    if args.merge:
+        print(export.merge(run))
+    if args.push:
+        print(export.push(run, args.push, None, private=not args.public, merged=args.merge))
+    print(export.load_snippet(run, merged=args.merge))
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from studio.estimate import GPUS, advice, arch_for, estimate
+
+    cfg = _config(args)
+    arch = arch_for(cfg)
+    if arch is None:
+        raise ConfigError("model.base_model", "shape unknown offline; cannot estimate.")
+    est = estimate(cfg, arch)
+    for k, v in est.table():
+        print(f"{k:28s} {v:7.2f} GiB")
+    print(f"{'peak allocated':28s} {est.total_gib:7.2f} GiB (reserved ~{est.reserved_gib():.2f} GiB)")
+    for g, gib in GPUS.items():
+        print(f"  {g:12s} {'fits' if est.fits(gib) else 'does not fit: ' + '; '.join(advice(cfg, est, gib))}")
+    return 0
+
+
+def cmd_build_tiny(args) -> int:
+    from studio.tiny_model import ensure_tiny_model
+
+    print(ensure_tiny_model())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studio", description="QLoRA Studio engine")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train from a preset")
+    t.add_argument("--preset", required=True)
+    t.add_argument("--data")
+    t.add_argument("--name")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE")
+    t.set_defaults(fn=cmd_train)
+    sub.add_parser("runs", help="list runs").set_defaults(fn=cmd_runs)
+    for name, fn in (("stop", cmd_stop), ("resume", cmd_resume)):
+        s = sub.add_parser(name)
+        s.add_argument("run")
+        s.set_defaults(fn=fn)
+    g = sub.add_parser("generate", help="answer a prompt with a run's adapter (or the base)")
+    g.add_argument("--run", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--base", action="store_true")
+    g.add_argument("--checkpoint", type=int)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+    ev = sub.add_parser("evaluate", help="base vs tuned on the validation examples")
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--limit", type=int, default=50)
+    ev.set_defaults(fn=cmd_evaluate)
+    x = sub.add_parser("export", help="zip, merge or push a run's adapter")
+    x.add_argument("--run", required=True)
+    x.add_argument("--zip", action="store_true")
+    x.add_argument("--merge", action="store_true")
+    x.add_argument("--push", metavar="OWNER/NAME")
+    x.add_argument("--public", action="store_true")
+    x.set_defaults(fn=cmd_export)
+    es = sub.add_parser("estimate", help="estimate peak GPU memory of a preset")
+    es.add_argument("--preset", required=True)
+    es.add_argument("--set", action="append", metavar="KEY=VALUE")
+    es.set_defaults(fn=cmd_estimate)
+    sub.add_parser("build-tiny", help="build the offline tiny model").set_defaults(fn=cmd_build_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from studio.data.files import DataError
+    from studio.export import ExportError
+    from studio.modeling import ModelError
+    from studio.security import SecurityError, redact
+    from studio.worker import Busy
+
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, ModelError, SecurityError, ExportError, Busy, ValueError) as e:
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return 2
