@@ -1,0 +1,204 @@
+"""The real QLoRA path on the CPU: NF4 base (bitsandbytes), LoRA, Trainer, run folders, worker.
+
+One demo run (the shipped tiny-demo preset, ~2 minutes on 2 cores) feeds most assertions; stop and
+resume use short runs in the worker process, as the UI does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from studio import export, worker
+from studio.data.templates import TemplateSpec
+from studio.generate import generate_text
+from studio.modeling import load_for_inference, resolve_base
+from studio.presets import load_preset
+from studio.runs import RunStore
+from studio.training import Recipe
+
+PROBE = ["Calculate the ROI for a cost of $7,500 and a final value of $19,500.",
+         "What is the simple interest on $1,000 at 5% per year for 3 years?"]
+
+
+def _batch(tok):
+    enc = tok(["### Instruction:\nCompute ROI.\n\n### Response:\nThe ROI is", "Hello world"],
+              return_tensors="pt", padding=True)
+    return enc
+
+
+def _base_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run the tiny-demo preset step by step, keeping what the assertions need."""
+    import os
+
+    os.environ["STUDIO_HOME"] = str(tmp_path_factory.mktemp("demo_home"))
+    cfg = load_preset("tiny-demo")
+    run = RunStore().create(cfg)
+    r = Recipe(run)
+    r.setup()
+    before = _base_weights(r.model)
+    quant_before = {n: b.detach().clone() for n, b in r.model.named_buffers()}
+    t0 = time.time()
+    r.train()
+    r.save()
+    seconds = time.time() - t0
+    after = _base_weights(r.model)
+    quant_after = {n: b.detach().clone() for n, b in r.model.named_buffers()}
+    r.model.eval()
+    enc = _batch(r.tokenizer)
+    with torch.no_grad():
+        logits = r.model(**enc).logits.clone()
+    run.emit("status", status="completed", step=r.trainer.state.global_step)
+    r.cleanup()
+    return dict(run=run, cfg=cfg, before=before, after=after, quant_before=quant_before, quant_after=quant_after,
+                logits=logits, enc=enc, seconds=seconds)
+
+
+def test_demo_loss_falls(demo):
+    evs = demo["run"].all_events()
+    losses = [e["loss"] for e in evs if e["type"] == "metric"]
+    evals = [e["eval_loss"] for e in evs if e["type"] == "eval"]
+    assert len(losses) > 5 and len(evals) >= 2
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first * 0.7, (first, last)
+    assert evals[-1] < evals[0]
+    assert any(e["type"] == "sample" for e in evs)
+    assert any(e["type"] == "checkpoint" for e in evs)
+
+
+def test_base_weights_bit_identical_and_lora_changed(demo):
+    before, after = demo["before"], demo["after"]
+    assert before.keys() == after.keys()
+    for n in before:
+        assert torch.equal(before[n], after[n]), n
+    for n in demo["quant_before"]:
+        assert torch.equal(demo["quant_before"][n], demo["quant_after"][n]), n
+
+
+def test_adapter_loads_with_plain_peft_and_same_logits(demo):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    adir = str(demo["run"].adapter_dir)
+    tok = AutoTokenizer.from_pretrained(adir)
+    assert tok.pad_token_id == demo["enc"]["input_ids"][1, -1].item() or tok.pad_token is not None
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(resolve_base("studio-tiny-mistral"), quantization_config=q,
+                                                device_map="cpu", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adir).eval()
+    with torch.no_grad():
+        logits = model(**demo["enc"]).logits
+    torch.testing.assert_close(logits, demo["logits"], rtol=0, atol=1e-5)
+    lora = [n for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora and any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_tuned_answers_change_and_follow_the_format(demo):
+    cfg, run = demo["cfg"], demo["run"]
+    model, tok = load_for_inference(cfg, {"tuned": run.adapter_dir})
+    spec = TemplateSpec.from_config(cfg.data)
+    base = [generate_text(model, tok, p, spec, adapter=None, max_new_tokens=30) for p in PROBE]
+    tuned = [generate_text(model, tok, p, spec, adapter="tuned", max_new_tokens=30) for p in PROBE]
+    assert base != tuned
+    assert all(t.startswith("The ") for t in tuned), tuned
+
+
+def test_merge_equals_adapter_on(demo):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = demo["run"]
+    out = export.merge(run)
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(resolve_base("studio-tiny-mistral"), dtype=torch.float32)
+    on = PeftModel.from_pretrained(base, str(run.adapter_dir)).eval()
+    with torch.no_grad():
+        a = merged(**demo["enc"]).logits
+        b = on(**demo["enc"]).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_zip_and_snippet(demo):
+    import zipfile
+
+    z = export.adapter_zip(demo["run"])
+    names = zipfile.ZipFile(z).namelist()
+    assert any(n.endswith("adapter_model.safetensors") for n in names)
+    assert any(n.endswith("tokenizer.json") for n in names)
+    assert "PeftModel.from_pretrained" in export.load_snippet(demo["run"])
+
+
+# ---- worker: stop and resume ---------------------------------------------------------------------
+
+def _short_cfg(steps=16, save=4):
+    return load_preset("tiny-demo").replace({
+        "train.max_steps": steps, "train.save_steps": save, "train.eval_steps": 0, "train.logging_steps": 1,
+        "train.sample_prompts": 0, "train.save_total_limit": 10, "train.batch_size": 4})
+
+
+def _wait_step(run, step, timeout=240):
+    end = time.time() + timeout
+    while time.time() < end:
+        steps = [e["step"] for e in run.all_events() if e["type"] == "metric"]
+        if steps and max(steps) >= step:
+            return
+        assert run.last_status()["status"] not in ("failed", "completed"), run.last_status()
+        time.sleep(0.2)
+    raise AssertionError("run did not reach the step in time")
+
+
+def _losses(run):
+    out = {}
+    for e in run.all_events():
+        if e["type"] == "metric":
+            out[e["step"]] = e["loss"]
+    return out
+
+
+def test_stop_mid_run_then_resume_matches_straight_run():
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    store = RunStore()
+    straight = worker.start(store, _short_cfg(), "straight")
+    assert worker.wait(straight, timeout=600) == "completed", straight.last_status()
+
+    run = worker.start(store, _short_cfg(), "stopped-then-resumed")
+    _wait_step(run, 5)
+    t = time.time()
+    assert worker.stop(run, grace=60) == "stopped"
+    assert time.time() - t < 30
+    assert not run.worker_alive()
+    ck = run.last_checkpoint()
+    assert ck is not None
+    stopped_at = int(ck.name.split("-")[1])
+    assert 5 <= stopped_at < 16
+    base = AutoModelForCausalLM.from_pretrained(resolve_base("studio-tiny-mistral"), dtype=torch.float32)
+    PeftModel.from_pretrained(base, str(ck))  # the last checkpoint is complete and loadable
+
+    worker.resume(store, run)
+    assert worker.wait(run, timeout=600) == "completed", run.last_status()
+    a, b = _losses(straight), _losses(run)
+    after = [s for s in sorted(a) if s > stopped_at]
+    assert after, (stopped_at, sorted(a))
+    for s in after:
+        assert abs(a[s] - b[s]) <= 1e-4, (s, a[s], b[s])
+
+
+def test_one_training_at_a_time():
+    store = RunStore()
+    run = worker.start(store, _short_cfg(steps=200, save=100), "long")
+    try:
+        with pytest.raises(worker.Busy):
+            worker.start(store, _short_cfg(), "second")
+    finally:
+        worker.stop(run, grace=30)
+    assert not run.worker_alive()
