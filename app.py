@@ -1,0 +1,108 @@
+"""QLoRA Studio: start the browser studio.
+
+    python app.py                       # http://127.0.0.1:7860, the offline tiny demo preselected
+    python app.py --host 0.0.0.0 --auth user:password
+    python app.py --share --auth user:password
+
+Binds 127.0.0.1 by default.  A non-loopback address or a share link is refused without a username
+and password (``--auth`` or ``STUDIO_USERNAME``/``STUDIO_PASSWORD``; on a Hugging Face Space set them
+as secrets).  Only the runs root and Gradio's own cache are served.  This file only composes tabs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from studio.runs import runs_root, studio_home  # noqa: E402
+
+
+def build_app(ctx=None):
+    import gradio as gr
+
+    from studio.ui import data, evaluate, export, playground, presets, train
+    from studio.ui.context import UIContext
+
+    ctx = ctx or UIContext()
+    with gr.Blocks(title="QLoRA Studio", fill_width=True) as demo:
+        gr.Markdown("# QLoRA Studio\nData → preset → train → chat → evaluate → export, on one GPU or the offline demo.")
+        with gr.Tabs():
+            with gr.Tab("1 · Data", id="data"):
+                data_ui = data.build(ctx)
+            with gr.Tab("2 · Presets", id="presets"):
+                presets_ui = presets.build(ctx)
+            with gr.Tab("3 · Train", id="train"):
+                train.build(ctx, data_ui, presets_ui)
+            with gr.Tab("4 · Playground", id="playground"):
+                playground.build(ctx)
+            with gr.Tab("5 · Evaluate", id="evaluate"):
+                evaluate.build(ctx)
+            with gr.Tab("6 · Export", id="export"):
+                export.build(ctx)
+    return demo
+
+
+class LaunchError(SystemExit):
+    pass
+
+
+def auth_from(arg: str | None) -> tuple[str, str] | None:
+    if arg:
+        if ":" not in arg:
+            raise LaunchError("--auth takes user:password")
+        user, pw = arg.split(":", 1)
+        return user, pw
+    user, pw = os.environ.get("STUDIO_USERNAME", ""), os.environ.get("STUDIO_PASSWORD", "")
+    if pw:
+        return user or "admin", pw
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def launch_kwargs(host: str, port: int, share: bool, auth) -> dict:
+    """The keyword arguments for ``launch``; refuses exposure without a password."""
+    if (share or not is_loopback(host)) and not auth:
+        raise LaunchError(f"refusing to serve on {'a share link' if share else host} without a password: "
+                          "pass --auth user:password or set STUDIO_PASSWORD.")
+    if auth and len(auth[1]) < 8:
+        raise LaunchError("the password must have at least 8 characters.")
+    home = studio_home()
+    return dict(server_name=host, server_port=port, share=share, auth=auth,
+                allowed_paths=[str(runs_root())], blocked_paths=[str(home / "presets"), str(ROOT / ".git")],
+                max_file_size=os.environ.get("STUDIO_MAX_UPLOAD_MB", "1024") + "mb", show_error=False)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="QLoRA Studio")
+    in_space = bool(os.environ.get("SPACE_ID"))
+    p.add_argument("--host", default=os.environ.get("STUDIO_HOST", "0.0.0.0" if in_space else "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("STUDIO_PORT", 7860))))
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs --auth)")
+    p.add_argument("--auth", help="user:password required to open the studio")
+    a = p.parse_args(argv)
+    try:
+        kw = launch_kwargs(a.host, a.port, a.share, auth_from(a.auth))
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(studio_home() / "gradio_tmp"))
+    runs_root().mkdir(parents=True, exist_ok=True)
+    build_app().queue(default_concurrency_limit=4).launch(**kw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Holds one loaded base model with a run's adapters for the playground, evaluation and A/B votes.
+
+Contract:
+- ``ModelHolder.load(run, checkpoints)`` loads the run's base model once (re-used while the base
+  and quantization stay the same) and loads the final adapter as ``final`` and each chosen
+  checkpoint as ``ckpt-N``; base answers come from the same weights with the adapter disabled.
+- It refuses to load while a training worker is alive on a CUDA GPU unless free GPU memory covers
+  the estimate (one model per GPU at a time), with a message saying so.
+- ``stream(prompt, adapter, sampling)`` yields growing text under a lock, so concurrent requests
+  never toggle adapters under each other.
+- ``record_vote`` appends prompt/chosen/rejected to ``<home>/preferences.jsonl`` (a DPO-ready file)
+  and ``tally`` counts the votes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from studio.runs import Run, RunStore, studio_home
+
+
+class PlaygroundError(RuntimeError):
+    pass
+
+
+class ModelHolder:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.model = None
+        self.tokenizer = None
+        self.base_key = None
+        self.run: Run | None = None
+        self.adapters: list[str] = []
+        self.spec = None
+
+    def _check_gpu_free(self, store: RunStore, cfg) -> None:
+        import torch
+
+        active = store.active()
+        if active is None or not torch.cuda.is_available():
+            return
+        from studio.estimate import arch_for, estimate
+
+        arch = arch_for(cfg)
+        free, _ = torch.cuda.mem_get_info()
+        need = estimate(cfg, arch, micro_batch=1, seq_len=512).total if arch else free + 1
+        if need > free:
+            raise PlaygroundError(f"run {active.id!r} is training on the GPU and {free / 2**30:.1f} GiB is free; "
+                                  "the playground will load when it finishes (or stop it).")
+
+    def load(self, run: Run, checkpoints: list[str] | None = None, store: RunStore | None = None) -> list[str]:
+        from studio.data.templates import TemplateSpec
+        from studio.modeling import load_for_inference
+
+        cfg = run.config()
+        store = store or RunStore()
+        adapters: dict[str, Path] = {}
+        if (run.adapter_dir / "adapter_model.safetensors").exists():
+            adapters["final"] = run.adapter_dir
+        for ck in checkpoints or []:
+            p = run.checkpoints_dir / ck
+            if (p / "adapter_model.safetensors").exists():
+                adapters[f"ckpt-{ck.split('-')[-1]}"] = p
+        if not adapters:
+            raise PlaygroundError(f"run {run.id!r} has no adapter or checkpoint yet.")
+        key = (cfg.model.base_model, cfg.model.quantization, cfg.model.double_quant, cfg.model.compute_dtype)
+        with self.lock:
+            self._check_gpu_free(store, cfg)
+            self.unload_locked()
+            model, tok = load_for_inference(cfg, adapters)
+            self.model, self.tokenizer, self.base_key, self.run = model, tok, key, run
+            self.adapters = list(adapters)
+            self.spec = TemplateSpec.from_config(cfg.data)
+        return self.adapters
+
+    def unload_locked(self) -> None:
+        import gc
+
+        import torch
+
+        self.model = None
+        self.tokenizer = None
+        self.adapters = []
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def stream(self, prompt: str, adapter: str | None, sampling):
+        from studio.generate import stream
+
+        if self.model is None:
+            raise PlaygroundError("load a run first.")
+        if adapter is not None and adapter not in self.adapters:
+            raise PlaygroundError(f"adapter {adapter!r} is not loaded.")
+        yield from stream(self.model, self.tokenizer, prompt, self.spec, adapter=adapter, sampling=sampling,
+                          lock=self.lock)
+
+    def answer(self, prompt: str, adapter: str | None, sampling) -> str:
+        text = ""
+        for text in self.stream(prompt, adapter, sampling):
+            pass
+        return text
+
+
+def preferences_path() -> Path:
+    return studio_home() / "preferences.jsonl"
+
+
+def record_vote(prompt: str, chosen: str, rejected: str, meta: dict | None = None) -> dict:
+    rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected, **(meta or {})}
+    p = preferences_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return rec
+
+
+def tally() -> dict:
+    counts = {"tuned": 0, "base": 0, "total": 0}
+    p = preferences_path()
+    if p.exists():
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            counts["total"] += 1
+            w = rec.get("winner")
+            if w in counts:
+                counts[w] += 1
+    return counts
