@@ -166,3 +166,27 @@ def advice(cfg, est: Estimate, gpu_gib: float) -> list[str]:
     if cfg.model.quantization in ("nf4", "fp4") and not cfg.model.double_quant:
         tips.append("turn on nested quantization")
     return tips or ["choose a larger GPU or a smaller model"]
+
+
+def plan_batch(cfg, arch: Arch | None, gpu_bytes: int, headroom: float = 0.85):
+    """Choose micro-batch, grad accumulation and checkpointing that fill ``gpu_bytes``.
+
+    Keeps ``batch_size * grad_accum`` (the effective batch in examples) unchanged.  Prefers no
+    checkpointing (less recompute) at the largest micro-batch that fits, then checkpointing.
+    Returns ``(micro_batch, grad_accum, gradient_checkpointing, estimate)``.
+    """
+    import dataclasses
+
+    eff = cfg.train.batch_size * cfg.train.grad_accum
+    current = (cfg.train.batch_size, cfg.train.grad_accum, cfg.model.gradient_checkpointing)
+    if arch is None:
+        return (*current, None)
+    divisors = [d for d in range(eff, 0, -1) if eff % d == 0]
+    for gc in (False, True):
+        for micro in divisors:
+            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=micro),
+                                    model=dataclasses.replace(cfg.model, gradient_checkpointing=gc))
+            est = estimate(c, arch)
+            if est.reserved_gib() * GiB <= gpu_bytes * headroom:
+                return micro, eff // micro, gc, est
+    return (*current, estimate(cfg, arch))

@@ -54,6 +54,7 @@ def memory_snapshot() -> dict:
         free, total = torch.cuda.mem_get_info()
         return {"device": "cuda", "allocated": torch.cuda.memory_allocated(),
                 "reserved": torch.cuda.memory_reserved(), "peak": torch.cuda.max_memory_allocated(),
+                "peak_reserved": torch.cuda.max_memory_reserved(),
                 "used": total - free, "total": total}
     import psutil
 

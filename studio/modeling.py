@@ -158,6 +158,9 @@ def target_modules(cfg: RunConfig):
 def add_lora(cfg: RunConfig, model):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    # With a KV cache present transformers skips packed-sequence detection, so padding-free rows
+    # would attend across examples; training never needs the cache.
+    model.config.use_cache = False
     gc = cfg.model.gradient_checkpointing
     gc_kwargs = {"use_reentrant": False}
     if cfg.model.quantization != "none":

@@ -117,6 +117,8 @@ class Recipe:
         cfg = self.cfg
         self.hw = modeling.preflight(cfg, detect(), self.token)
         self.run.emit("status", status="starting", device=self.hw.device, gpu=self.hw.name)
+        self._plan_batch()
+        cfg = self.cfg
         self.tokenizer = modeling.load_tokenizer(cfg, token=self.token)
         prepared = prepare(cfg, self.tokenizer, self.token)
         self.prepared = prepared
@@ -129,6 +131,22 @@ class Recipe:
         base = modeling.load_base(cfg, self.tokenizer, self.hw, self.token)
         self.model = modeling.add_lora(cfg, base)
         self.trainer = self._trainer()
+
+    def _plan_batch(self):
+        """With train.auto_batch on a GPU, fill memory while keeping the effective batch in examples."""
+        import dataclasses
+
+        from studio.estimate import arch_for, plan_batch
+
+        cfg = self.cfg
+        if not cfg.train.auto_batch or self.hw.device != "cuda":
+            return
+        micro, accum, gc, est = plan_batch(cfg, arch_for(cfg), self.hw.total_bytes)
+        self.cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, batch_size=micro, grad_accum=accum),
+            model=dataclasses.replace(cfg.model, gradient_checkpointing=gc))
+        self.run.emit("plan", batch_size=micro, grad_accum=accum, gradient_checkpointing=gc,
+                      estimate_gib=round(est.total_gib, 2) if est else None)
 
     def _args(self):
         import torch
@@ -170,25 +188,25 @@ class Recipe:
             include_num_input_tokens_seen="non_padding",
             dataloader_num_workers=0,
             disable_tqdm=True,
-            remove_unused_columns=False,  # keep seq_lengths for the padding-free collator
+            remove_unused_columns=False,  # our datasets hold exactly input_ids and labels
         )
 
+    def collator(self):
+        """Padded batches, or one flattened row per micro-batch with position ids restarting per example."""
+        from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+        if self.cfg.train.padding_free:
+            return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+
     def _trainer(self):
-        # transformers' Trainer with TRL's collator: we tokenize and mask ourselves (the UI shows those
-        # masks), so TRL's SFTTrainer would only add its Triton-only fused LM head, which has no CPU path.
+        # transformers' Trainer and collators: we tokenize and mask ourselves (the UI shows those masks),
+        # so TRL's SFTTrainer would only add its Triton-only fused LM head, which has no CPU path.
         from transformers import Trainer
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-        train = self.prepared.train
-        if self.cfg.train.packing:
-            from trl.data_utils import pack_dataset
-
-            train = pack_dataset(train, self.cfg.data.max_length, "bfd")
-        collator = DataCollatorForLanguageModeling(pad_token_id=self.tokenizer.pad_token_id,
-                                                   padding_free=self.cfg.train.packing)
         self.callback = _events_callback_cls()(self)
-        return Trainer(model=self.model, args=self._args(), train_dataset=train,
-                       eval_dataset=self.prepared.validation, data_collator=collator,
+        return Trainer(model=self.model, args=self._args(), train_dataset=self.prepared.train,
+                       eval_dataset=self.prepared.validation, data_collator=self.collator(),
                        processing_class=self.tokenizer, callbacks=[self.callback])
 
     def train(self, resume: bool = False):

@@ -25,8 +25,8 @@ from studio.data.tokenize import Tokenized, tokenize_pair
 
 @dataclass
 class Prepared:
-    train: object  # datasets.Dataset
-    validation: object | None
+    train: "TokenDataset"
+    validation: "TokenDataset | None"
     train_examples: list[Example]
     val_examples: list[Example]
     stats: LengthStats
@@ -87,12 +87,24 @@ def tokenize_examples(examples: list[Example], spec: TemplateSpec, tokenizer, ma
     return [tokenize_pair(*render(ex, spec, tokenizer), tokenizer, max_length, train_on_inputs) for ex in examples]
 
 
-def _dataset(toks: list[Tokenized]):
-    from datasets import Dataset
+class TokenDataset:
+    """A list of {input_ids, labels} rows: all the Trainer needs, with no Arrow dependency."""
 
-    keep = [t for t in toks if t.loss_tokens > 0]
-    return Dataset.from_dict({"input_ids": [t.input_ids for t in keep], "labels": [t.labels for t in keep]}), \
-        len(toks) - len(keep)
+    column_names = ["input_ids", "labels"]
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _dataset(toks: list[Tokenized]) -> tuple[TokenDataset, int]:
+    keep = [{"input_ids": t.input_ids, "labels": t.labels} for t in toks if t.loss_tokens > 0]
+    return TokenDataset(keep), len(toks) - len(keep)
 
 
 def prepare(cfg, tokenizer, token: str | None = None, records: list[dict] | None = None) -> Prepared:

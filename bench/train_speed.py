@@ -1,0 +1,159 @@
+"""Training speed and memory on the GPU: the seed recipe as written against the studio's paths.
+
+    python -m bench.train_speed --out bench/results            # on the GPU machine
+
+Builds a random-weight Mistral-7B (the real architecture; no hub there), writes synthetic data with
+the length distribution stated in ``bench.common``, and runs each variant in its own process so
+peak memory is measured cleanly:
+
+- ``seed``: the fast recipe exactly as hand-written (``bench.seed_recipe``: padded to 128).
+- ``studio``: the studio's engine with the preset unchanged (dynamic padding per batch).
+- ``studio-fast``: the same preset with ``train.padding_free`` and ``train.auto_batch``
+  (same examples, epochs, learning rate and effective batch in examples).
+- ``thorough`` / ``thorough-fast``: the thorough preset's shape on full-length 4096-token rows.
+
+Prints a table (tokens/s, peak allocated/reserved, time to adapter, ratio to the seed recipe) and
+writes JSON with the date and the GPU.  Time to adapter = load time + optimizer steps of the whole
+job x measured seconds per step.  No test asserts any of these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FAST_JOB_EXAMPLES = 20_000
+
+
+def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: dict) -> dict:
+    from studio.presets import load_preset
+    from studio.runs import RunStore
+    from studio.training import Recipe
+
+    preset = "mistral-7b-instruct-thorough" if variant.startswith("thorough") else "mistral-7b-finance-fast"
+    base = {"model.base_model": model_dir, "data.path": data, "data.hub_dataset": "", "data.val_samples": 0,
+            "data.val_fraction": 0.0, "data.train_samples": 0, "train.max_steps": steps, "train.logging_steps": 1,
+            "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0, "train.tensorboard": False,
+            "output.adapter_dir": ""}
+    cfg = load_preset(preset).replace({**base, **overrides})
+    run = RunStore().create(cfg, f"bench-{variant}")
+    t0 = time.perf_counter()
+    status = Recipe(run).execute()
+    evs = run.all_events()
+    metrics = [e for e in evs if e["type"] == "metric"]
+    plan = next((e for e in evs if e["type"] == "plan"), None)
+    running = next(e for e in evs if e["type"] == "status" and e["status"] == "running")
+    load_s = running["t"] - next(e for e in evs if e["type"] == "status" and e["status"] == "starting")["t"]
+    w = min(3, len(metrics) - 2)
+    a, b = metrics[w], metrics[-1]
+    sps = (b["elapsed"] - a["elapsed"]) / (b["step"] - a["step"])
+    tps = (b["tokens_seen"] - a["tokens_seen"]) / (b["elapsed"] - a["elapsed"])
+    mem = max(metrics, key=lambda e: e["memory"]["peak"])["memory"]
+    return {"status": status, "load_s": load_s, "s_per_step": sps, "tokens_per_s": tps,
+            "tokens_per_step": tps * sps, "peak_alloc_gib": mem["peak"] / 2**30,
+            "peak_reserved_gib": mem["peak_reserved"] / 2**30, "plan": plan, "wall_s": time.perf_counter() - t0,
+            "final_loss": metrics[-1]["loss"]}
+
+
+VARIANTS = {
+    "seed": {},
+    "studio": {},
+    "studio-fast": {"train.padding_free": True, "train.auto_batch": True},
+    "thorough": {},
+    "thorough-fast": {"train.padding_free": True, "train.auto_batch": True},
+}
+
+
+def one(args) -> None:
+    if args.variant == "seed":
+        from bench.seed_recipe import run
+
+        res = run(args.model, args.data, args.steps)
+    else:
+        res = run_studio(args.variant, args.model, args.data, args.steps, VARIANTS[args.variant])
+    print("RESULT " + json.dumps(res, default=str), flush=True)
+
+
+def drive(args) -> None:
+    import torch
+
+    from bench.common import random_model, synthetic_alpaca
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    model = random_model(work / "mistral-7b-random")
+    build_s = time.perf_counter() - t
+    fast_data = synthetic_alpaca(work / "fast.jsonl", 2000, seed=1)
+    long_data = synthetic_alpaca(work / "long.jsonl", 200, seed=2, long_rows=3900)
+    gpu = torch.cuda.get_device_name(0)
+    results = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "model": "Mistral-7B-v0.1 shape, random weights",
+               "model_build_s": build_s, "torch": torch.__version__, "variants": {}}
+    plan = [(v, fast_data, args.steps) for v in ("seed", "studio", "studio-fast")]
+    if not args.skip_thorough:
+        plan += [(v, long_data, args.thorough_steps) for v in ("thorough", "thorough-fast")]
+    for variant, data, steps in plan:
+        cmd = [sys.executable, "-m", "bench.train_speed", "--one", "--variant", variant, "--model", str(model),
+               "--data", str(data), "--steps", str(steps)]
+        print(f"--- {variant}", flush=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STUDIO_HOME": str(work / "home")})
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(p.stdout[-3000:], p.stderr[-3000:], flush=True)
+            results["variants"][variant] = {"error": p.stderr[-500:]}
+            continue
+        res = json.loads(line[7:])
+        if not variant.startswith("thorough"):
+            steps_total = math.ceil(FAST_JOB_EXAMPLES / 8)
+            res["time_to_adapter_s"] = res["load_s"] + steps_total * res["s_per_step"]
+        results["variants"][variant] = res
+        print(json.dumps(res, default=str), flush=True)
+    table(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"train_speed-{results['date']}-{gpu.replace(' ', '_')}.json"
+    (out / name).write_text(json.dumps(results, indent=1, default=str))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], name).write_text(json.dumps(results, indent=1, default=str))
+
+
+def table(results: dict) -> None:
+    v = results["variants"]
+    seed = v.get("seed", {})
+    print(f"\n{results['gpu']}, {results['date']}")
+    print(f"{'variant':14s} {'tokens/s':>9s} {'s/step':>7s} {'peak alloc':>10s} {'peak resv':>9s} "
+          f"{'to adapter':>10s} {'vs seed':>7s}")
+    for name, r in v.items():
+        if "error" in r:
+            print(f"{name:14s} error")
+            continue
+        tta = r.get("time_to_adapter_s")
+        ratio = (seed["time_to_adapter_s"] / tta) if tta and seed.get("time_to_adapter_s") else None
+        print(f"{name:14s} {r['tokens_per_s']:9.0f} {r['s_per_step']:7.3f} {r['peak_alloc_gib']:8.2f}Gi "
+              f"{r['peak_reserved_gib']:7.2f}Gi {(f'{tta / 60:7.1f}min' if tta else '-'):>10s} "
+              f"{(f'{ratio:6.2f}x' if ratio else '-'):>7s}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--one", action="store_true")
+    p.add_argument("--variant")
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--thorough-steps", type=int, default=6)
+    p.add_argument("--skip-thorough", action="store_true")
+    p.add_argument("--work", default="/tmp/qlora-bench")
+    p.add_argument("--out", default="bench/results")
+    a = p.parse_args()
+    one(a) if a.one else drive(a)
+
+
+if __name__ == "__main__":
+    main()
