@@ -45,6 +45,8 @@ def build_app(ctx=None):
                 evaluate.build(ctx)
             with gr.Tab("6 · Export", id="export"):
                 export.build(ctx)
+        # The Data tab's token preview follows the base model chosen on the Presets tab.
+        data.link_base_model(data_ui, presets_ui.base_model, presets_ui.base)
     return demo
 
 

@@ -38,7 +38,7 @@ def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: d
 
     preset = "mistral-7b-instruct-thorough" if variant.startswith("thorough") else "mistral-7b-finance-fast"
     base = {"model.base_model": model_dir, "data.path": data, "data.hub_dataset": "", "data.val_samples": 0,
-            "data.val_fraction": 0.0, "data.train_samples": 0, "train.max_steps": steps, "train.logging_steps": 1,
+            "data.val_fraction": 0.0, "data.train_samples": 0, "train.max_steps": steps, "train.logging_steps": 5,
             "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0, "train.tensorboard": False,
             "output.adapter_dir": ""}
     cfg = load_preset(preset).replace({**base, **overrides})
@@ -47,10 +47,13 @@ def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: d
     status = Recipe(run).execute()
     evs = run.all_events()
     metrics = [e for e in evs if e["type"] == "metric"]
+    if len(metrics) < 3:
+        last = run.last_status()
+        return {"error": f"{last.get('status')}: {last.get('message', '')}"[:400]}
     plan = next((e for e in evs if e["type"] == "plan"), None)
     running = next(e for e in evs if e["type"] == "status" and e["status"] == "running")
     load_s = running["t"] - next(e for e in evs if e["type"] == "status" and e["status"] == "starting")["t"]
-    w = min(3, len(metrics) - 2)
+    w = 1  # the first logged window holds the warm-up steps
     a, b = metrics[w], metrics[-1]
     sps = (b["elapsed"] - a["elapsed"]) / (b["step"] - a["step"])
     tps = (b["tokens_seen"] - a["tokens_seen"]) / (b["elapsed"] - a["elapsed"])
@@ -65,8 +68,9 @@ VARIANTS = {
     "seed": {},
     "studio": {},
     "studio-fast": {"train.padding_free": True, "train.auto_batch": True},
+    "studio-fast-liger": {"train.padding_free": True, "train.auto_batch": True, "train.liger": True},
     "thorough": {},
-    "thorough-fast": {"train.padding_free": True, "train.auto_batch": True},
+    "thorough-fast": {"train.auto_batch": True, "train.liger": True},
 }
 
 
@@ -95,7 +99,7 @@ def drive(args) -> None:
     gpu = torch.cuda.get_device_name(0)
     results = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "model": "Mistral-7B-v0.1 shape, random weights",
                "model_build_s": build_s, "torch": torch.__version__, "variants": {}}
-    plan = [(v, fast_data, args.steps) for v in ("seed", "studio", "studio-fast")]
+    plan = [(v, fast_data, args.steps) for v in ("seed", "studio", "studio-fast", "studio-fast-liger")]
     if not args.skip_thorough:
         plan += [(v, long_data, args.thorough_steps) for v in ("thorough", "thorough-fast")]
     for variant, data, steps in plan:
@@ -109,6 +113,10 @@ def drive(args) -> None:
             results["variants"][variant] = {"error": p.stderr[-500:]}
             continue
         res = json.loads(line[7:])
+        if "error" in res:
+            results["variants"][variant] = res
+            print(res, flush=True)
+            continue
         if not variant.startswith("thorough"):
             steps_total = math.ceil(FAST_JOB_EXAMPLES / 8)
             res["time_to_adapter_s"] = res["load_s"] + steps_total * res["s_per_step"]
@@ -146,8 +154,8 @@ def main() -> None:
     p.add_argument("--variant")
     p.add_argument("--model")
     p.add_argument("--data")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--thorough-steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--thorough-steps", type=int, default=11)
     p.add_argument("--skip-thorough", action="store_true")
     p.add_argument("--work", default="/tmp/qlora-bench")
     p.add_argument("--out", default="bench/results")

@@ -130,6 +130,8 @@ class TrainSection:
                              min=0, max=20)
     sample_max_new_tokens: int = _f(64, "Max new tokens for those sample answers.", min=1, max=2048)
     tensorboard: bool = _f(False, "Also log to TensorBoard in the run folder.")
+    liger: bool = _f(False, "Fused Triton kernels from Liger (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); "
+                     "CUDA only, needs the liger-kernel package.")
     padding_free: bool = _f(False, "Concatenate each micro-batch into one row without padding; examples never "
                             "attend to each other (position ids restart per example).")
     auto_batch: bool = _f(False, "Fill the GPU: raise the micro-batch (lowering grad_accum so the effective batch "

@@ -11,11 +11,16 @@ The model of memory (peak *allocated*, as ``torch.cuda.max_memory_allocated`` re
   fp32 per 256 blocks → ~1/64 byte).  int8: 1 byte + scales.  none: the compute dtype.
 - Embeddings and LM head stay unquantized and peft's k-bit preparation upcasts them to fp32.
 - LoRA params in fp32, their gradients in fp32, optimizer state 2 bytes/param (8-bit Adam) or 8.
-- Activations per layer: without checkpointing ~``(34 + 2*i/h) * s*b*h`` bytes at 16-bit with fused
-  attention (Korthikanti et al. 2022, adapted to a gated MLP of width i); with checkpointing only each
-  layer's input (``2*s*b*h``) plus one layer's full set; plus fp32 logits and their gradient.
+- Activations per layer: without checkpointing ~``(58 + 2*i/h) * s*b*h`` bytes at 16-bit (Korthikanti
+  et al. 2022's 34 for a transformer layer with fused attention, plus the fp32 norm outputs and LoRA
+  inputs that QLoRA keeps, calibrated on the H100 measurement below); with checkpointing only each
+  layer's input (``2*s*b*h``) plus one layer's full set.
+- Logits: 16-bit logits, their fp32 upcast, log-softmax and gradient, ~14 bytes per (token, vocab)
+  element; Liger's fused linear cross-entropy never materialises them (~4 bytes, chunked).
 - A transient dequantized copy of the largest linear weight.
-Checked against the GPU machine's measurements for the two Mistral presets (see README).
+Checked against the GPU machine (H100, random-weight Mistral-7B, peak allocated): fast preset
+5.45 GiB measured; thorough preset 19.43 GiB measured; fast preset with batch 8 and no
+checkpointing 13.43 GiB measured (bench/results and README give the estimate errors).
 """
 
 from __future__ import annotations
@@ -139,12 +144,15 @@ def estimate(cfg, arch: Arch, micro_batch: int | None = None, seq_len: int | Non
     opt = 2 if "8bit" in cfg.train.optimizer else (0 if cfg.train.optimizer == "sgd" else 8)
     e.parts["LoRA + grads + optimizer"] = int(lora * (4 + 4 + opt))
     tokens = b * s
-    full_layer = (34 + 2 * arch.intermediate / h) * tokens * h * act_bytes / 2
+    full_layer = (58 + 2 * arch.intermediate / h) * tokens * h * act_bytes / 2
     if cfg.model.gradient_checkpointing:
         e.parts["activations"] = int(L * 2 * tokens * h + full_layer)
     else:
         e.parts["activations"] = int(L * full_layer)
-    e.parts["logits (fp32) + grad"] = int(tokens * arch.vocab * 4 * 2)
+    e.parts["logits (fp32) + grad"] = int(tokens * arch.vocab * (4 if cfg.train.liger else 14))
+    if cfg.train.padding_free and cfg.model.attn_implementation != "flash_attention_2":
+        # SDPA gets the example boundaries as a dense (tokens x tokens) mask, materialised as a bias.
+        e.parts["packed attention mask"] = int(tokens * tokens * 3)
     if q != "none":
         big = max(a * c for a, c in shapes.values())
         e.parts["dequantized weight buffer"] = int(big * act_bytes * 2)

@@ -84,6 +84,14 @@ def preflight(cfg: RunConfig, hw: Hardware | None = None, token: str | None = No
         raise ConfigError("model.quantization", "int8 training needs a CUDA GPU; on the CPU choose nf4 or none.")
     if hw.device == "cpu" and ("8bit" in t.optimizer or "paged" in t.optimizer):
         raise ConfigError("train.optimizer", f"{t.optimizer} needs a CUDA GPU; on the CPU choose adamw_torch.")
+    if t.liger:
+        if hw.device != "cuda":
+            raise ConfigError("train.liger", "Liger kernels need a CUDA GPU; turn it off on the CPU.")
+        try:
+            import liger_kernel  # noqa: F401
+        except Exception:  # noqa: BLE001
+            raise ConfigError("train.liger", "liger-kernel is not installed; pip install liger-kernel or turn it "
+                              "off.") from None
     if m.quantization != "none":
         try:
             import bitsandbytes  # noqa: F401

@@ -43,6 +43,10 @@ def _events_callback_cls():
             self._tokens = 0
 
         def on_train_begin(self, args, state, control, **kw):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()  # the run's peak, not whatever came before it
             self._t = time.time()
             self._tokens = state.num_input_tokens_seen or 0
             self.t0 = self._t
@@ -186,6 +190,7 @@ class Recipe:
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
             include_num_input_tokens_seen="non_padding",
+            use_liger_kernel=t.liger,
             dataloader_num_workers=0,
             disable_tqdm=True,
             remove_unused_columns=False,  # our datasets hold exactly input_ids and labels

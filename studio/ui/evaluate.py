@@ -1,0 +1,168 @@
+"""Evaluate tab: a finished run's base-vs-tuned scores on its held-out examples, with the best and worst.
+
+Contract:
+- ``build(ctx)`` (inside an open ``gr.Blocks``) returns an ``EvaluateUI``; runs come from the run store
+  (those with a final adapter), scores from ``studio.evaluate.evaluate_run``.
+- Choosing a run shows its saved ``<run>/evaluation.json`` when there is one, so a reload or an app
+  restart shows the same numbers.
+- Named endpoint ``evaluate`` (run id, limit, max new tokens -> status, table [metric, base, tuned],
+  best examples, worst examples); examples have columns prompt, reference, base, tuned, ROUGE-L.
+- Errors become the status line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import gradio as gr
+
+from studio.evaluate import Evaluation, evaluate_run
+from studio.runs import Run, RunStore
+from studio.security import redact
+
+USER_ERRORS = (ValueError, KeyError, RuntimeError, OSError)
+TABLE_HEADERS = ["metric", "base", "tuned"]
+EXAMPLE_HEADERS = ["prompt", "reference", "base", "tuned", "ROUGE-L (tuned)"]
+EXAMPLES_SHOWN = 3
+
+
+def message(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return redact(str(text))
+
+
+def has_adapter(run: Run) -> bool:
+    return (run.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def run_choices(store: RunStore) -> list[tuple[str, str]]:
+    return [(f"{r.id} · {r.status}", r.id) for r in store.list() if has_adapter(r)]
+
+
+def refresh_runs(store: RunStore, current: str | None):
+    choices = run_choices(store)
+    ids = [v for _, v in choices]
+    return gr.Dropdown(choices=choices, value=current if current in ids else (ids[0] if ids else None))
+
+
+def empty() -> tuple[dict, dict, dict]:
+    return ({"headers": TABLE_HEADERS, "data": []}, {"headers": EXAMPLE_HEADERS, "data": []},
+            {"headers": EXAMPLE_HEADERS, "data": []})
+
+
+def tables(ev: Evaluation) -> tuple[dict, dict, dict]:
+    """(scores table, best examples, worst examples) as Dataframe values."""
+    def rows(examples):
+        return [[r.get("prompt", ""), r.get("reference", ""), r.get("base", ""), r.get("tuned", ""),
+                 round(float(r.get("tuned_rouge_l", 0.0)), 3)] for r in examples]
+
+    best, worst = ev.best_worst(EXAMPLES_SHOWN)
+    return ({"headers": TABLE_HEADERS, "data": ev.table()}, {"headers": EXAMPLE_HEADERS, "data": rows(best)},
+            {"headers": EXAMPLE_HEADERS, "data": rows(worst)})
+
+
+def saved(run: Run) -> Evaluation | None:
+    p = run.dir / "evaluation.json"
+    if not p.exists():
+        return None
+    try:
+        return Evaluation(**json.loads(p.read_text(encoding="utf-8")))
+    except (ValueError, TypeError):  # a torn or older-format file: evaluate again
+        return None
+
+
+def show_saved(store: RunStore, run_id: str | None):
+    """-> (status, table, best, worst) from the run's saved evaluation, if any."""
+    if not run_id:
+        return ("Choose a finished run.", *empty())
+    try:
+        run = store.get(run_id)
+    except USER_ERRORS as e:
+        return (f"**Error:** {message(e)}", *empty())
+    ev = saved(run)
+    if ev is None:
+        return (f"Run `{run.id}` has not been evaluated yet.", *empty())
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime((run.dir / "evaluation.json").stat().st_mtime))
+    return (f"Saved evaluation of `{run.id}` on {ev.n} held-out examples ({when}).", *tables(ev))
+
+
+def gpu_busy(store: RunStore) -> str | None:
+    """A message when a training worker holds the GPU: evaluation loads a second model beside it."""
+    import torch
+
+    active = store.active()
+    if active is not None and torch.cuda.is_available():
+        return f"run {active.id!r} is training on the GPU; evaluate when it finishes (or stop it)."
+    return None
+
+
+def evaluate(store: RunStore, run_id: str | None, limit, max_new_tokens):
+    """-> (status, table, best, worst) after evaluating the run on up to ``limit`` held-out examples."""
+    if not run_id:
+        return ("Choose a finished run.", *empty())
+    try:
+        run = store.get(run_id)
+        if not has_adapter(run):
+            raise ValueError(f"run {run.id!r} has no final adapter yet; finish (or resume) the run first.")
+        busy = gpu_busy(store)
+        if busy:
+            raise RuntimeError(busy)
+        t0 = time.time()
+        ev = evaluate_run(run, limit=int(limit), max_new_tokens=int(max_new_tokens))
+    except USER_ERRORS as e:
+        return (f"**Could not evaluate:** {message(e)}", *empty())
+    return (f"Evaluated `{run.id}` on {ev.n} held-out examples in {time.time() - t0:.0f} s.", *tables(ev))
+
+
+@dataclass
+class EvaluateUI:
+    run: gr.Dropdown
+    refresh: gr.Button
+    limit: gr.Slider
+    max_new_tokens: gr.Slider
+    evaluate: gr.Button
+    status: gr.Markdown
+    table: gr.Dataframe
+    best: gr.Dataframe
+    worst: gr.Dataframe
+
+
+def build(ctx) -> EvaluateUI:
+    store = ctx.store
+    first = run_choices(store)
+    first_id = first[0][1] if first else None
+    status0, table0, best0, worst0 = show_saved(store, first_id)
+    with gr.Row():
+        run = gr.Dropdown(choices=first, value=first_id, label="Run", info="Runs with a final adapter.",
+                          elem_id="eval-run", scale=3)
+        refresh = gr.Button("↻ Refresh", elem_id="eval-refresh", scale=0, size="sm")
+    with gr.Row():
+        limit = gr.Slider(1, 500, value=50, step=1, label="examples",
+                          info="How many held-out examples to score.", elem_id="eval-limit")
+        max_new = gr.Slider(8, 512, value=64, step=1, label="max new tokens",
+                            info="Answer length for exact match and ROUGE-L.", elem_id="eval-max-new-tokens")
+    eval_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
+    status = gr.Markdown(status0, elem_id="eval-status")
+    table = gr.Dataframe(table0, label="Base vs tuned", interactive=False, elem_id="eval-table")
+    best = gr.Dataframe(best0, label="Best examples (tuned ROUGE-L)", interactive=False, wrap=True,
+                        elem_id="eval-best")
+    worst = gr.Dataframe(worst0, label="Worst examples (tuned ROUGE-L)", interactive=False, wrap=True,
+                         elem_id="eval-worst")
+
+    def on_refresh(current):
+        return refresh_runs(store, current)
+
+    def on_select(run_id):
+        return show_saved(store, run_id)
+
+    def on_evaluate(run_id, n, max_new_tokens):
+        return evaluate(store, run_id, n, max_new_tokens)
+
+    refresh.click(on_refresh, run, run, api_visibility="private")
+    # On page load: pick up runs that finished since the app started (the newest first).
+    gr.on(None, lambda: refresh_runs(store, None), outputs=run, api_visibility="private")
+    run.change(on_select, run, [status, table, best, worst], api_visibility="private")
+    eval_btn.click(on_evaluate, [run, limit, max_new], [status, table, best, worst], api_name="evaluate")
+    return EvaluateUI(run, refresh, limit, max_new, eval_btn, status, table, best, worst)

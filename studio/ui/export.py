@@ -1,0 +1,179 @@
+"""Export tab: a finished run's adapter as a zip, merged into a 16-bit model, pushed to the Hub, and the
+code that loads the result.
+
+Contract:
+- ``build(ctx)`` (inside an open ``gr.Blocks``) returns an ``ExportUI``; runs come from the run store
+  (those with a final adapter), files from ``studio.export``.
+- Named endpoints: ``zip`` (run id -> zip file, status), ``merge`` (run id -> status, load snippet) and
+  ``push`` (run id, repo, private, merged, token -> status, cleared token).
+- The Hub token is typed into a password box (empty falls back to ``HF_TOKEN``), used for the one
+  call and never echoed: every status passes through ``redact`` (which also hides the typed value),
+  and the token box is cleared after each push.
+- Errors (no adapter yet, no token, no network) become the status line, never a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from studio import export as engine
+from studio.runs import Run, RunStore
+from studio.security import redact
+
+USER_ERRORS = (ValueError, KeyError, RuntimeError, OSError)
+
+
+def scrub(text: str, secret: str | None = None) -> str:
+    text = redact(text)
+    # redact() knows hf_* tokens and HF_TOKEN; a typed token of another shape is hidden here.
+    return text.replace(secret, "***") if secret and len(secret) >= 4 else text
+
+
+def message(e: BaseException, secret: str | None = None) -> str:
+    return scrub(str(e.args[0] if isinstance(e, KeyError) and e.args else e), secret)
+
+
+def has_adapter(run: Run) -> bool:
+    return (run.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def run_choices(store: RunStore) -> list[tuple[str, str]]:
+    return [(f"{r.id} · {r.status}", r.id) for r in store.list() if has_adapter(r)]
+
+
+def refresh_runs(store: RunStore, current: str | None):
+    choices = run_choices(store)
+    ids = [v for _, v in choices]
+    return gr.Dropdown(choices=choices, value=current if current in ids else (ids[0] if ids else None))
+
+
+def _run(store: RunStore, run_id: str | None) -> Run:
+    if not run_id:
+        raise ValueError("choose a finished run first.")
+    return store.get(run_id)
+
+
+def snippet(store: RunStore, run_id: str | None, merged: bool) -> str:
+    try:
+        run = _run(store, run_id)
+        if merged and not (run.dir / "merged").exists():
+            return "# no merged model yet: press Merge first."
+        return engine.load_snippet(run, merged=bool(merged))
+    except USER_ERRORS as e:
+        return f"# {message(e)}"
+
+
+def make_zip(store: RunStore, run_id: str | None):
+    """-> (zip path or None, status)."""
+    try:
+        path = engine.adapter_zip(_run(store, run_id))
+    except USER_ERRORS as e:
+        return None, f"**Could not zip:** {message(e)}"
+    return str(path), f"Adapter zipped: `{path.name}` ({path.stat().st_size / 2**20:.1f} MiB)."
+
+
+def gpu_busy(store: RunStore) -> str | None:
+    """A message when a training worker holds the GPU: merging loads the full 16-bit model beside it."""
+    import torch
+
+    active = store.active()
+    if active is not None and torch.cuda.is_available():
+        return f"run {active.id!r} is training on the GPU; merge when it finishes (or stop it)."
+    return None
+
+
+def merge(store: RunStore, run_id: str | None):
+    """-> (status, load snippet for the merged model)."""
+    try:
+        run = _run(store, run_id)
+        busy = gpu_busy(store)
+        if busy:
+            raise RuntimeError(busy)
+        out = engine.merge(run)
+    except USER_ERRORS as e:
+        return f"**Could not merge:** {message(e)}", snippet(store, run_id, False)
+    return f"Merged 16-bit model saved to `{out}`.", engine.load_snippet(run, merged=True)
+
+
+def push(store: RunStore, run_id: str | None, repo: str, private: bool, merged: bool, token: str | None):
+    """-> (status, "" to clear the token box).  The token goes to ``export.push`` and nowhere else."""
+    try:
+        url = engine.push(_run(store, run_id), (repo or "").strip(), token, private=bool(private),
+                          merged=bool(merged))
+    except USER_ERRORS as e:
+        return f"**Could not push:** {message(e, token)}", ""
+    what = "merged model" if merged else "adapter"
+    return scrub(f"Pushed the {what} to {url} ({'private' if private else 'public'}).", token), ""
+
+
+@dataclass
+class ExportUI:
+    run: gr.Dropdown
+    refresh: gr.Button
+    status: gr.Markdown
+    zip: gr.Button
+    file: gr.File
+    merge: gr.Button
+    repo: gr.Textbox
+    private: gr.Checkbox
+    merged: gr.Checkbox
+    token: gr.Textbox
+    push: gr.Button
+    snippet: gr.Code
+
+
+def build(ctx) -> ExportUI:
+    store = ctx.store
+    first = run_choices(store)
+    first_id = first[0][1] if first else None
+    with gr.Row():
+        run = gr.Dropdown(choices=first, value=first_id, label="Run", info="Runs with a final adapter.",
+                          elem_id="export-run", scale=3)
+        refresh = gr.Button("↻ Refresh", elem_id="export-refresh", scale=0, size="sm")
+    status = gr.Markdown(elem_id="export-status")
+    with gr.Row():
+        with gr.Column():
+            zip_btn = gr.Button("Zip the adapter", elem_id="export-zip")
+            file = gr.File(label="Adapter zip", interactive=False, elem_id="export-file")
+        with gr.Column():
+            merge_btn = gr.Button("Merge into a 16-bit model", elem_id="export-merge")
+            gr.Markdown("Loads the base unquantized, merges the adapter and saves a standalone model "
+                        "(safetensors) in the run's `merged/` folder.")
+    with gr.Group():
+        with gr.Row():
+            repo = gr.Textbox(label="Hub repo", placeholder="owner/name", elem_id="export-repo")
+            token = gr.Textbox(label="Hub token", type="password", placeholder="empty: use HF_TOKEN",
+                               info="Write access; used for this push only, never stored.", elem_id="export-token")
+        with gr.Row():
+            private = gr.Checkbox(value=True, label="private repo", elem_id="export-private")
+            merged = gr.Checkbox(value=False, label="push the merged model (instead of the adapter)",
+                                 elem_id="export-merged")
+            push_btn = gr.Button("Push to the Hub", elem_id="export-push")
+    code = gr.Code(snippet(store, first_id, False), language="python", label="Load it in Python",
+                   interactive=False, elem_id="export-snippet")
+
+    def on_refresh(current):
+        return refresh_runs(store, current)
+
+    def on_snippet(run_id, use_merged):
+        return snippet(store, run_id, use_merged)
+
+    def on_zip(run_id):
+        return make_zip(store, run_id)
+
+    def on_merge(run_id):
+        return merge(store, run_id)
+
+    def on_push(run_id, repo_id, is_private, use_merged, hub_token):
+        return push(store, run_id, repo_id, is_private, use_merged, hub_token)
+
+    refresh.click(on_refresh, run, run, api_visibility="private")
+    # On page load: pick up runs that finished since the app started (the newest first).
+    gr.on(None, lambda: refresh_runs(store, None), outputs=run, api_visibility="private")
+    gr.on([run.change, merged.change], on_snippet, [run, merged], code, api_visibility="private")
+    zip_btn.click(on_zip, run, [file, status], api_name="zip")
+    merge_btn.click(on_merge, run, [status, code], api_name="merge")
+    push_btn.click(on_push, [run, repo, private, merged, token], [status, token], api_name="push")
+    return ExportUI(run, refresh, status, zip_btn, file, merge_btn, repo, private, merged, token, push_btn, code)

@@ -1,0 +1,286 @@
+"""The Presets tab: every hyperparameter of a run in a typed widget, what changed, and whether it fits.
+
+Contract: ``build(ctx) -> PresetsUI``, callable inside an open ``gr.Blocks``.
+- ``PresetsUI.keys``/``inputs`` cover every ``model.*``, ``lora.*``, ``train.*`` and ``output.*`` key, in the
+  same order; ``PresetsUI.base`` (a ``gr.State``) holds the chosen preset's ``RunConfig.to_dict()``, the base
+  the Train tab passes to ``widgets.to_config``.  Choosing a preset (or loading a YAML) refills every widget.
+- The changes panel lists each key whose value differs from the preset: ``key: preset value → new value``.
+- "Will it fit" estimates peak GPU memory (``studio.estimate``) against the common cards and the detected
+  CUDA GPU, with a verdict and what to change; served as ``api_name="estimate"``.  When the model's shape
+  cannot be known offline, it says so.
+- Saving writes a user preset (``studio.presets.save_preset``); its data section is the base preset's.
+Every error (bad value, bad name, bad YAML) is a visible sentence naming the key or line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from studio.config import ConfigError, RunConfig, field_specs, field_type
+from studio.estimate import GPUS, advice, arch_for, estimate
+from studio.presets import list_presets, load_preset, parse_yaml, save_preset
+from studio.security import SecurityError
+from studio.ui.widgets import get_value, to_config, widget
+
+SECTIONS = (("Model & quantization", "model"), ("LoRA", "lora"), ("Training", "train"), ("Output", "output"))
+KEYS = [k for k in field_specs() if k.split(".")[0] in {s for _, s in SECTIONS}]
+# Keys shown as text boxes: they are looked up only when left or submitted, not on every keystroke.
+TEXT_KEYS = {k for k in KEYS if field_type(k) not in (bool, int, float) and "choices" not in field_specs()[k].metadata}
+FIT_HEADERS = ["GPU", "memory (GiB)", "fits", "what to change"]
+MAX_YAML_BYTES = 256 * 1024
+RETRY_AFTER_S = 60.0
+
+
+@dataclass
+class PresetsUI:
+    preset: gr.Dropdown
+    base: gr.State
+    keys: list[str]
+    inputs: list
+    base_model: gr.Textbox
+    description: gr.Markdown
+    changes: gr.Markdown
+    fit_table: gr.Dataframe
+    fit_verdict: gr.Markdown
+    save_name: gr.Textbox
+    save_button: gr.Button
+    yaml_upload: gr.File
+    status: gr.Markdown
+
+
+def display(key: str, value):
+    """A config value as its widget shows it (lists as comma-separated text)."""
+    return ", ".join(value) if isinstance(value, list) else value
+
+
+def values_of(cfg: RunConfig) -> list:
+    return [display(k, get_value(cfg, k)) for k in KEYS]
+
+
+def describe_preset(cfg: RunConfig) -> str:
+    return f"**{cfg.name}**: {cfg.description}" if cfg.description else f"**{cfg.name}**"
+
+
+def _config(base: dict, values) -> RunConfig:
+    return to_config(RunConfig.from_dict(base), KEYS, list(values))
+
+
+# ---- handlers -----------------------------------------------------------------------------------
+
+def _fill(cfg: RunConfig, status: str):
+    return (cfg.to_dict(), describe_preset(cfg), *values_of(cfg), status)
+
+
+def _keep(status: str):
+    return (gr.update(), gr.update(), *(gr.update() for _ in KEYS), status)
+
+
+def choose_preset(name: str):
+    """-> (base, description, *widget values, status)."""
+    if not name:
+        return _keep("")
+    try:
+        cfg = load_preset(name)
+    except ConfigError as e:
+        return _keep(f"⚠️ {e}")
+    return _fill(cfg, f"Loaded preset **{name}**.")
+
+
+def load_yaml(file) -> tuple:
+    """An uploaded YAML becomes the base: -> (base, description, *widget values, status)."""
+    if not file:
+        return _keep("")
+    p = Path(file)
+    try:
+        if p.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError("", f"{p.name}: larger than {MAX_YAML_BYTES // 1024} KB; a preset is a short YAML file.")
+        cfg = parse_yaml(p.read_text(encoding="utf-8-sig"), p.name)
+    except UnicodeDecodeError:
+        return _keep(f"⚠️ {p.name}: not UTF-8 text; save the YAML as UTF-8.")
+    except (ConfigError, OSError) as e:
+        return _keep(f"⚠️ {e}")
+    return _fill(cfg, f"Loaded **{p.name}** (preset name {cfg.name}); save it to add it to the list.")
+
+
+def changes(base: dict, *values) -> str:
+    """Markdown listing every key that differs from the preset, or the validation error."""
+    try:
+        before = RunConfig.from_dict(base)
+        after = to_config(before, KEYS, list(values))
+    except (ConfigError, SecurityError) as e:
+        return f"⚠️ {e}"
+    diff = [(k, get_value(before, k), get_value(after, k)) for k in KEYS]
+    lines = [f"- `{k}`: {display(k, a)!r} → {display(k, b)!r}" for k, a, b in diff if a != b]
+    if not lines:
+        return f"No changes from **{before.name}**."
+    return f"**{len(lines)} changed from {before.name}:**\n" + "\n".join(lines)
+
+
+def save(base: dict, name: str, *values):
+    """-> (status, preset dropdown update listing the new preset and choosing it)."""
+    name = (name or "").strip()
+    try:
+        path = save_preset(_config(base, values), name)
+    except (ConfigError, SecurityError) as e:
+        return f"⚠️ {e}", gr.update()
+    return f"Saved preset **{name}** to {path}.", gr.update(choices=list(list_presets()), value=name)
+
+
+_ARCH: dict[tuple, object] = {}
+_ARCH_LOCK = threading.Lock()
+
+
+def cached_arch(cfg: RunConfig):
+    """``arch_for`` once per model; an unknown shape is asked again after a minute (the network may return)."""
+    key = (cfg.model.base_model, cfg.model.revision, cfg.model.trust_remote_code)
+    with _ARCH_LOCK:
+        hit = _ARCH.get(key)
+        if hit is not None and (hit[0] is not None or time.monotonic() - hit[1] < RETRY_AFTER_S):
+            return hit[0]
+        arch = arch_for(cfg)
+        _ARCH[key] = (arch, time.monotonic())
+        return arch
+
+
+_GPU: list = []
+
+
+def local_gpu() -> tuple[str, float] | None:
+    """(name, GiB) of this machine's CUDA GPU, detected once; None without one."""
+    if not _GPU:
+        from studio.hardware import detect
+
+        hw = detect()
+        _GPU.append((f"{hw.name} (this machine)", hw.total_gib) if hw.device == "cuda" else None)
+    return _GPU[0]
+
+
+def gpu_table() -> dict[str, float]:
+    gpus = dict(GPUS)
+    mine = local_gpu()
+    if mine:
+        gpus[mine[0]] = mine[1]
+    return gpus
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def fit(base: dict, *values):
+    """-> (rows: GPU, memory, fits, what to change; verdict markdown)."""
+    try:
+        cfg = _config(base, values)
+    except (ConfigError, SecurityError) as e:
+        return [], f"⚠️ {e}"
+    arch = cached_arch(cfg)
+    if arch is None:
+        return [], (f"The shape of **{cfg.model.base_model}** is unknown offline: it is not in the built-in table "
+                    "and its config could not be read. Connect to the internet or give a local model folder to "
+                    "estimate memory.")
+    est = estimate(cfg, arch)
+    rows, misses = [], []
+    for gpu, gib in gpu_table().items():
+        tips = advice(cfg, est, gib)
+        rows.append([gpu, round(gib, 1), "yes" if est.fits(gib) else "no", "; ".join(tips)])
+        if tips:
+            misses.append((gpu, tips))
+    parts = ", ".join(f"{k} {_size(v)}" for k, v in est.parts.items())
+    head = (f"Estimated peak ≈ **{_size(est.total)}** allocated, ≈ {est.reserved_gib():.1f} GiB with the "
+            f"CUDA context and allocator cache ({parts}).")
+    if not misses:
+        return rows, head + "\n\n✅ Fits on every GPU listed."
+    if len(misses) == len(rows):
+        return rows, head + f"\n\n❌ Fits on none of these GPUs. To fit: {'; '.join(misses[-1][1])}."
+    fits_on = [r[0] for r in rows if r[2] == "yes"]
+    gpu, tips = misses[0]
+    return rows, head + (f"\n\n⚠️ Fits on {', '.join(fits_on)}; not on {', '.join(m[0] for m in misses)}. "
+                         f"For {gpu}: {'; '.join(tips)}.")
+
+
+# ---- layout -------------------------------------------------------------------------------------
+
+def _named(fn, names: list[str]):
+    """``fn`` with a signature naming its parameters, so the API page and gradio_client show config keys."""
+    def call(*args):
+        return fn(*args)
+
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+    call.__name__ = fn.__name__
+    return call
+
+
+def _initial(ctx) -> tuple[RunConfig, str]:
+    try:
+        return load_preset(ctx.default_preset), ""
+    except ConfigError as e:
+        return RunConfig(), f"⚠️ {e}"
+
+
+def _triggers(components: dict) -> list:
+    """User edits only (a preset switch refills every widget and redraws once, through ``redraw``)."""
+    out = []
+    for key, c in components.items():
+        out += [c.blur, c.submit] if key in TEXT_KEYS else [c.input]
+    return out
+
+
+def build(ctx) -> PresetsUI:
+    cfg0, status0 = _initial(ctx)
+    names = list(list_presets())
+    with gr.Row():
+        preset = gr.Dropdown(choices=names, value=cfg0.name if cfg0.name in names else None, label="Preset",
+                             info="Shipped presets and the ones you saved.", elem_id="presets-choice", scale=2)
+        yaml_upload = gr.File(label="load a preset YAML", file_types=[".yaml", ".yml"], type="filepath",
+                              elem_id="presets-yaml", scale=1)
+    description = gr.Markdown(describe_preset(cfg0), elem_id="presets-description")
+    status = gr.Markdown(status0, elem_id="presets-status")
+    base = gr.State(cfg0.to_dict())
+
+    components: dict = {}
+    with gr.Row():
+        with gr.Column(scale=3):
+            for title, section in SECTIONS:
+                with gr.Accordion(title, open=section != "output"):
+                    with gr.Row():
+                        for key in (k for k in KEYS if k.startswith(section + ".")):
+                            components[key] = widget(key, get_value(cfg0, key),
+                                                     elem_id="presets-" + key.replace(".", "-").replace("_", "-"),
+                                                     min_width=220)
+        with gr.Column(scale=2):
+            gr.Markdown("### Changes from the preset")
+            values0 = values_of(cfg0)
+            changed = gr.Markdown(changes(cfg0.to_dict(), *values0), elem_id="presets-changes")
+            gr.Markdown("### Will it fit?")
+            rows0, verdict0 = fit(cfg0.to_dict(), *values0)
+            fit_verdict = gr.Markdown(verdict0, elem_id="presets-fit-verdict")
+            fit_table = gr.Dataframe(value=rows0 or None, headers=FIT_HEADERS, label="estimated peak GPU memory",
+                                     interactive=False, wrap=True, elem_id="presets-fit")
+            with gr.Row():
+                save_name = gr.Textbox(label="save as preset", placeholder="my-preset", elem_id="presets-save-name")
+                save_button = gr.Button("Save preset", elem_id="presets-save")
+
+    inputs = [components[k] for k in KEYS]
+    state_in = [base, *inputs]
+    filled = [base, description, *inputs, status]
+
+    def redraw(dep):
+        return dep.then(changes, state_in, changed, api_visibility="private") \
+            .then(fit, state_in, [fit_table, fit_verdict], api_visibility="private")
+
+    redraw(preset.change(choose_preset, preset, filled, api_visibility="private"))
+    redraw(yaml_upload.upload(load_yaml, yaml_upload, filled, api_visibility="private"))
+    save_button.click(save, [base, save_name, *inputs], [status, preset], api_visibility="private")
+    edits = _triggers(components)
+    gr.on(edits, changes, state_in, changed, api_visibility="private", trigger_mode="always_last")
+    gr.on(edits, _named(fit, ["base"] + [k.replace(".", "__") for k in KEYS]), state_in, [fit_table, fit_verdict],
+          api_name="estimate", trigger_mode="always_last")
+    return PresetsUI(preset, base, list(KEYS), inputs, components["model.base_model"], description, changed,
+                     fit_table, fit_verdict, save_name, save_button, yaml_upload, status)

@@ -1,0 +1,576 @@
+"""The Train tab: start, stop and resume runs and watch them live, from the run folders only.
+
+Contract:
+- ``build(ctx, data_ui, presets_ui) -> TrainUI`` lays the tab out inside an open ``gr.Blocks``.  Start
+  builds the config with ``widgets.to_config`` from the chosen preset (``presets_ui.base``) and the
+  values of ``presets_ui.inputs + data_ui.inputs``, then hands it to ``studio.worker``; the run trains
+  in a worker process, so closing the browser does not stop it.
+- Everything shown is drawn from the run folder (events through ``ctx.follower``, the worker log), so a
+  reload, a second browser or an app restart shows the same run with its full history.  On page load
+  the active run is selected, else the most recent one; a ``gr.Timer`` tick refreshes the view, follows
+  a run started elsewhere and raises one toast per run ending (completed, stopped, failed, halted,
+  interrupted) per browser session.
+- Figures and texts come from plain functions of an events list (``loss_figure``, ``memory_figure``,
+  ``progress_text``, ``status_text``, ``sample_rows``) or of the store (``history_rows``,
+  ``compare_figure``), testable without a browser.
+- API endpoints: ``start`` (run id shown, message: the new run's id, or the unchanged one when nothing
+  started), ``stop`` (message), ``resume`` (run id -> message) and ``status`` (run id -> dict).
+  Engine errors come back as messages, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+from studio import worker
+from studio.config import ConfigError, RunConfig
+from studio.data.files import DataError, check_size
+from studio.runs import LIVE, Run, RunStore
+from studio.security import SecurityError, redact
+from studio.ui.widgets import to_config
+
+SAMPLE_HEADERS = ["step", "prompt", "reference", "answer"]
+HISTORY_HEADERS = ["run", "status", "preset", "step", "train loss", "eval loss"]
+LOG_LINES = 30
+# A cooperative stop lets the worker finish its step and write a checkpoint; a 7B step plus a
+# checkpoint save can take a minute on a busy GPU, so wait this long before ending the process group.
+STOP_GRACE = 120.0
+GIB = 2**30
+
+
+@dataclass
+class TrainUI:
+    run_name: gr.Textbox
+    start: gr.Button
+    stop: gr.Button
+    resume: gr.Button
+    message: gr.Markdown
+    run: gr.Dropdown
+    status: gr.Markdown
+    progress: gr.HTML
+    loss_plot: gr.Plot
+    memory_plot: gr.Plot
+    samples: gr.Dataframe
+    log: gr.Textbox
+    history: gr.Dataframe
+    compare: gr.Dropdown
+    compare_plot: gr.Plot
+    timer: gr.Timer
+    session: gr.State
+
+
+# ---- plain functions of events ------------------------------------------------------------------
+
+def _num(v) -> float | None:
+    """A finite float, or None (NaN/inf arrive as strings from the events file)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _series(events: list[dict], type_: str, field: str) -> tuple[list[int], list[float]]:
+    # Last value per step: a resumed run logs again the steps after its checkpoint.
+    by_step: dict[int, float] = {}
+    for e in events:
+        if e.get("type") == type_ and "step" in e:
+            v = _num(e.get(field))
+            if v is not None:
+                by_step[int(e["step"])] = v
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _last(events: list[dict], type_: str, **match) -> dict | None:
+    for e in reversed(events):
+        if e.get("type") == type_ and all(e.get(k) == v for k, v in match.items()):
+            return e
+    return None
+
+
+def derive_status(events: list[dict], alive: bool) -> str:
+    """The same rule as ``Run.status``, from the follower's copy so a tick does not reread the file."""
+    last = _last(events, "status")
+    st = last["status"] if last else "created"
+    return "interrupted" if st in LIVE and not alive else st
+
+
+def _empty_figure(text: str, height: int = 320) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(height=height, xaxis_visible=False, yaxis_visible=False, margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def loss_figure(events: list[dict]) -> go.Figure:
+    """Training loss, validation loss and (right axis) learning rate against the step."""
+    fig = go.Figure()
+    s, v = _series(events, "metric", "loss")
+    fig.add_trace(go.Scatter(x=s, y=v, name="training loss", mode="lines+markers", marker_size=4))
+    s, v = _series(events, "eval", "eval_loss")
+    fig.add_trace(go.Scatter(x=s, y=v, name="validation loss", mode="lines+markers", marker_size=7))
+    s, v = _series(events, "metric", "learning_rate")
+    fig.add_trace(go.Scatter(x=s, y=v, name="learning rate", mode="lines", yaxis="y2",
+                             line=dict(dash="dot", width=1.5)))
+    fig.update_layout(
+        height=360, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="step", yaxis_title="loss",
+        yaxis2=dict(title="learning rate", overlaying="y", side="right", showgrid=False, exponentformat="e"),
+        legend=dict(orientation="h", y=1.12), hovermode="x unified",
+        uirevision="loss")  # keeps the user's zoom across the once-a-second updates
+    return fig
+
+
+def memory_figure(events: list[dict]) -> go.Figure:
+    """A gauge of memory used / total at the last metric, with the run's peak as a red mark.
+
+    GPU memory when the worker trains on CUDA, else system RAM with the worker's peak RSS.
+    """
+    mems = [e["memory"] for e in events if e.get("type") == "metric" and isinstance(e.get("memory"), dict)]
+    if not mems:
+        return _empty_figure("memory: waiting for the first step", height=300)
+    last = mems[-1]
+    on_gpu = last.get("device") == "cuda"
+    peak = max((m.get("peak" if on_gpu else "rss") or 0) for m in mems) / GIB
+    used, total = (last.get("used") or 0) / GIB, (last.get("total") or 0) / GIB
+    what = "GPU memory" if on_gpu else "RAM (no GPU)"
+    peak_what = "run peak" if on_gpu else "worker peak RSS"
+    fig = go.Figure(go.Indicator(
+        mode="gauge+number", value=round(used, 2),
+        number=dict(suffix=f" / {total:.1f} GiB", valueformat=".2f"),
+        title=dict(text=f"{what}<br><span style='font-size:0.75em'>{peak_what} {peak:.2f} GiB</span>"),
+        gauge=dict(axis=dict(range=[0, max(total, 1e-3)]), bar=dict(color="#2a9d8f"),
+                   threshold=dict(line=dict(color="#e63946", width=4), thickness=0.8, value=peak))))
+    fig.update_layout(height=300, margin=dict(l=25, r=25, t=70, b=10))
+    return fig
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def progress_text(events: list[dict], status: str, now: float | None = None) -> str:
+    """HTML progress bar and one line: step/max_steps, epoch, elapsed, ETA, tokens/s."""
+    now = time.time() if now is None else now
+    # A run trains in segments (one per start or resume); each begins with a "running" status event.
+    segments: list[dict] = []
+    for e in events:
+        if e.get("type") == "status" and e.get("status") == "running":
+            segments.append({"start": e, "last": None})
+        elif e.get("type") == "metric" and segments:
+            segments[-1]["last"] = e
+    if not segments:
+        return f"<div class='train-progress'><progress value='0' max='1' style='width:100%'></progress>" \
+               f"<div>{html.escape(status)}: waiting for the first training step</div></div>"
+    seg = segments[-1]
+    m, start = seg["last"], seg["start"]
+    first = int(start.get("step") or 0)  # the checkpoint step a resumed segment starts from
+    max_steps = int((m or start).get("max_steps") or 0)
+    step = int(m["step"]) if m else first
+    live = status in LIVE
+    # Earlier segments count in full; the current one up to now while it is live.
+    done = sum((s["last"] or {}).get("elapsed", 0) or 0 for s in segments[:-1])
+    current = now - start["t"] if live else ((m or {}).get("elapsed") or 0)
+    eta = None
+    if m and step > first and m.get("elapsed"):
+        per_step = m["elapsed"] / (step - first)
+        eta = per_step * max(max_steps - step, 0) if live else (0 if status == "completed" else None)
+    tps = _num((m or {}).get("tokens_per_s"))
+    epoch = _num((m or {}).get("epoch"))
+    pct = 100 * step / max_steps if max_steps else 0
+    parts = [f"step {step} / {max_steps} ({pct:.0f}%)",
+             f"epoch {epoch:.2f}" if epoch is not None else "epoch —",
+             f"elapsed {_clock(done + current)}",
+             f"ETA {_clock(eta)}",
+             f"{tps:,.0f} tokens/s" if tps is not None else "— tokens/s"]
+    return (f"<div class='train-progress'><progress value='{step}' max='{max(max_steps, 1)}' style='width:100%'>"
+            f"</progress><div>{' · '.join(parts)} · <b>{html.escape(status)}</b></div></div>")
+
+
+def status_text(run_id: str, events: list[dict], status: str) -> str:
+    """Markdown: the run, its status, the data it trains on and, at the end, the result or the reason."""
+    lines = [f"**Run `{run_id}`: {status}**"]
+    data = _last(events, "data")
+    if data:
+        lines.append(f"Data: {data.get('train', 0)} training and {data.get('validation', 0)} validation examples"
+                     + (f", {data['skipped']} skipped" if data.get("skipped") else "") + ".")
+    last = _last(events, "status") or {}
+    if status in ("queued", "starting"):
+        lines.append("Starting the worker: loading the model and the data…")
+    elif status == "resuming":
+        lines.append(f"Resuming from {last.get('checkpoint', 'the last checkpoint')}.")
+    elif status == "completed":
+        final = last.get("final") or {}
+        lines.append(f"Completed at step {last.get('step', '?')}: training loss {_fmt(final.get('train_loss'))}, "
+                     f"validation loss {_fmt(final.get('eval_loss'))}. The adapter is in the run folder's adapter/.")
+    elif status == "stopped":
+        ck = last.get("checkpoint")
+        lines.append(f"Stopped at step {last.get('step', '?')}; "
+                     + (f"resume continues from {ck}." if ck else "no checkpoint was saved, so it cannot resume."))
+    elif status in ("failed", "halted"):
+        lines.append(f"Reason: {last.get('message', 'unknown')}")
+        if last.get("remedy"):
+            lines.append(f"What to do: {last['remedy']}")
+    elif status == "interrupted":
+        lines.append("The worker ended without a final status (the app or the machine restarted, or the process "
+                     "was killed). Resume continues from the last complete checkpoint.")
+    return "\n\n".join(lines)
+
+
+def finish_notice(run_id: str, status: str, last: dict) -> tuple[str, str] | None:
+    """(level, text) of the toast for a run that just ended, or None if it has not."""
+    step = last.get("step", "?")
+    if status == "completed":
+        final = last.get("final") or {}
+        return "info", (f"Run {run_id} completed at step {step}: training loss {_fmt(final.get('train_loss'))}, "
+                        f"validation loss {_fmt(final.get('eval_loss'))}.")
+    if status == "stopped":
+        return "info", f"Run {run_id} stopped at step {step}."
+    if status in ("failed", "halted"):
+        text = f"Run {run_id} {status}: {last.get('message', 'unknown reason')}"
+        return "warning", text + (f" What to do: {last['remedy']}" if last.get("remedy") else "")
+    if status == "interrupted":
+        return "warning", f"Run {run_id} was interrupted: its worker ended without a final status. Resume it."
+    return None
+
+
+def sample_rows(events: list[dict]) -> list[list]:
+    """Answers to the fixed validation prompts, newest evaluation first."""
+    rows = []
+    for e in events:
+        if e.get("type") == "sample":
+            prompt = e.get("prompt", "")
+            if e.get("input"):
+                prompt = f"{prompt}\n\n{e['input']}"
+            rows.append([e.get("step"), prompt, e.get("reference", ""), e.get("answer", "")])
+    return sorted(rows, key=lambda r: -(r[0] or 0))  # stable: prompts keep their order within a step
+
+
+def log_tail(run: Run, lines: int = LOG_LINES) -> str:
+    """The last lines of the worker log, tokens redacted (again: the log may predate a token change)."""
+    try:
+        with open(run.log_path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(f.tell() - 64 * 1024, 0))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return redact("\n".join(text.splitlines()[-lines:]))
+
+
+def _msg(e: Exception) -> str:
+    # str(KeyError) wraps the message in quotes; show the message itself.
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def _fmt(v) -> str:
+    f = _num(v)
+    if f is None:
+        return "—" if v is None else str(v)
+    return f"{f:.4f}"
+
+
+# ---- plain functions of the store ---------------------------------------------------------------
+
+def run_ids(store: RunStore) -> list[str]:
+    return [r.id for r in store.list()]
+
+
+def default_run(store: RunStore) -> str | None:
+    """The active run, else the most recent one."""
+    active = store.active()
+    if active is not None:
+        return active.id
+    runs = store.list()
+    return runs[0].id if runs else None
+
+
+def history_rows(store: RunStore) -> list[list]:
+    rows = []
+    for r in store.list():
+        s = r.summary()
+        rows.append([s["id"], s["status"], s["preset"], s["step"], _fmt(s["train_loss"]), _fmt(s["eval_loss"])])
+    return rows
+
+
+def compare_figure(runs: list[Run]) -> go.Figure:
+    """One training-loss line per run (validation loss dotted, same colour), on one step axis."""
+    if not runs:
+        return _empty_figure("choose runs above to compare their loss curves")
+    fig = go.Figure()
+    palette = qualitative.Plotly
+    for i, run in enumerate(runs):
+        evs, color = run.all_events(), palette[i % len(palette)]
+        s, v = _series(evs, "metric", "loss")
+        fig.add_trace(go.Scatter(x=s, y=v, name=f"{run.id} train", mode="lines", line=dict(color=color),
+                                 legendgroup=run.id))
+        s, v = _series(evs, "eval", "eval_loss")
+        if s:
+            fig.add_trace(go.Scatter(x=s, y=v, name=f"{run.id} validation", mode="lines+markers",
+                                     line=dict(color=color, dash="dot"), legendgroup=run.id))
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="step", yaxis_title="loss",
+                      legend=dict(orientation="h", y=1.15))
+    return fig
+
+
+def check_data(cfg: RunConfig) -> None:
+    """Refuse at once a missing or unusable local data file rather than failing a run seconds later."""
+    d = cfg.data
+    if d.path:
+        p = Path(d.path).expanduser()
+        if not p.is_file():
+            raise DataError(f"data.path: {d.path} is not a file; upload or choose the data again.")
+        check_size(p)
+    elif not d.hub_dataset:
+        raise DataError("data.path: no data chosen; upload a file in the Data tab or name a hub dataset.")
+
+
+# ---- actions (the event handlers' engine side) --------------------------------------------------
+
+def start_run(store: RunStore, keys: list[str], base: dict, name: str, values: list) -> tuple[str | None, str]:
+    """Build the config and launch the worker; returns (run id or None, message)."""
+    try:
+        cfg = to_config(RunConfig.from_dict(base), keys, values)
+        check_data(cfg)
+        run = worker.start(store, cfg, (name or "").strip())
+    except (ConfigError, DataError, SecurityError, worker.Busy, ValueError, KeyError) as e:
+        return None, f"⚠️ {_msg(e)}"
+    except OSError as e:  # e.g. the runs folder is not writable or the disk is full
+        return None, f"⚠️ could not create the run: {e}"
+    return run.id, f"Started run `{run.id}`: it trains in the background; closing the browser does not stop it."
+
+
+def stop_run(store: RunStore, grace: float = STOP_GRACE) -> str:
+    run = store.active()
+    if run is None:
+        return "No run is training."
+    status = worker.stop(run, grace=grace)
+    ck = run.last_checkpoint()
+    return f"Run `{run.id}` is {status}" + (f"; its last checkpoint is {ck.name}." if ck else ".")
+
+
+def resume_run(store: RunStore, run_id: str | None) -> tuple[str | None, str]:
+    if not run_id:
+        return None, "⚠️ choose a run to resume."
+    try:
+        run = worker.resume(store, store.get(run_id))
+    except (worker.Busy, SecurityError, ValueError, KeyError) as e:
+        return None, f"⚠️ {_msg(e)}"
+    ck = run.last_checkpoint()
+    return run.id, f"Resuming run `{run.id}` from {ck.name if ck else 'its last checkpoint'}."
+
+
+def run_status(store: RunStore, run_id: str) -> dict:
+    """The status of a run as JSON: status, step, losses and, when it ended badly, message and remedy."""
+    try:
+        run = store.get(run_id)
+    except (SecurityError, KeyError) as e:
+        return {"id": run_id, "status": "unknown", "message": _msg(e)}
+    s, last = run.summary(), run.last_status()
+    metric = _last(run.all_events(), "metric") or {}
+    out = {"id": run.id, "status": s["status"], "step": s["step"], "max_steps": metric.get("max_steps"),
+           "train_loss": s["train_loss"], "eval_loss": s["eval_loss"], "has_adapter": s["has_adapter"]}
+    out.update({k: last[k] for k in ("message", "remedy") if k in last})
+    return out
+
+
+def _session(session: dict | None) -> dict:
+    s = dict(session or {})
+    return {"live": list(s.get("live", [])), "notified": list(s.get("notified", [])), "key": s.get("key"),
+            "ids": list(s.get("ids", []))}
+
+
+def poll(store: RunStore, selected: str | None, session: dict | None) -> tuple[str | None, dict, list, bool]:
+    """One tick's bookkeeping: follow a newly active run, and collect the toasts of runs that ended.
+
+    Returns (selected run id, session, [(level, text)], whether a run started or ended).  ``session``
+    holds the runs seen live in this browser, the run endings already announced, the key of the view
+    drawn last and the run ids listed last.
+    """
+    s = _session(session)
+    active = store.active()
+    changed = False
+    if active is not None and active.id not in s["live"]:
+        s["live"].append(active.id)  # started here, in another browser or from the CLI: show it
+        selected, changed = active.id, True
+    if not selected:
+        selected = default_run(store)
+        changed = changed or selected is not None
+    notices = []
+    for rid in [r for r in s["live"] if active is None or r != active.id]:
+        s["live"].remove(rid)
+        changed = True
+        try:
+            run = store.get(rid)
+        except (SecurityError, KeyError):
+            continue
+        last = run.last_status()
+        tag = f"{rid}@{last.get('t')}"  # one toast per ending, even if two ticks overlap
+        if tag in s["notified"]:
+            continue
+        s["notified"].append(tag)
+        notice = finish_notice(rid, run.status, last)
+        if notice:
+            notices.append(notice)
+    return selected, s, notices, changed
+
+
+def view(ctx, run_id: str | None, unchanged_since: tuple | None = None) -> tuple[tuple, tuple | None]:
+    """The run's view (status, progress, loss figure, memory figure, samples, log) and its change key.
+
+    When the key equals ``unchanged_since`` nothing new reached the folder: only the progress line
+    (its clock runs) is redrawn while the run is live, the rest is skipped.
+    """
+    try:
+        run = ctx.store.get(run_id) if run_id else None
+    except (SecurityError, KeyError) as e:
+        return (f"⚠️ {_msg(e)}", "", _empty_figure(""), _empty_figure(""), _samples_df([]), ""), None
+    if run is None:
+        return ("No runs yet: choose data and a preset, then press Start.", "",
+                _empty_figure("no run yet"), _empty_figure("no run yet", 300), _samples_df([]), ""), None
+    events = ctx.follower.snapshot(run)
+    status = derive_status(events, run.worker_alive())
+    log = log_tail(run)
+    key = (run.id, len(events), status, len(log))
+    if key == unchanged_since:
+        progress = progress_text(events, status) if status in LIVE else gr.skip()
+        return (gr.skip(), progress, gr.skip(), gr.skip(), gr.skip(), gr.skip()), key
+    return (status_text(run.id, events, status), progress_text(events, status), loss_figure(events),
+            memory_figure(events), _samples_df(sample_rows(events)), log), key
+
+
+def refresh(ctx, selected: str | None, session: dict | None, force: bool = False) -> tuple:
+    """Page load (``force``) and timer tick: toasts for runs that ended, then the outputs
+    (run choice, history, compare choices, session, *view); unchanged parts are skipped."""
+    selected, s, notices, changed = poll(ctx.store, selected, session)
+    for level, text in notices:
+        # A failure stays on screen until closed: its remedy is worth reading.
+        (gr.Info if level == "info" else gr.Warning)(text, duration=None if level == "warning" else 10)
+    shown, s["key"] = view(ctx, selected, None if force else s["key"])
+    ids = run_ids(ctx.store)
+    if force or changed or ids != s["ids"]:  # a run started, ended or appeared (another browser, the CLI)
+        listed = (gr.Dropdown(choices=ids, value=selected), _history_df(ctx.store), gr.Dropdown(choices=ids))
+    else:
+        listed = (gr.skip(),) * 3
+    s["ids"] = ids
+    return (*listed, s, *shown)
+
+
+def _samples_df(rows: list[list]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=SAMPLE_HEADERS)
+
+
+def _history_df(store: RunStore) -> pd.DataFrame:
+    return pd.DataFrame(history_rows(store), columns=HISTORY_HEADERS)
+
+
+# ---- the tab ------------------------------------------------------------------------------------
+
+def build(ctx, data_ui, presets_ui) -> TrainUI:
+    store = ctx.store
+    keys = list(presets_ui.keys) + list(data_ui.keys)
+    with gr.Row(equal_height=True):
+        run_name = gr.Textbox(value="", label="Run name (optional)", elem_id="train-run-name", scale=3,
+                              placeholder="letters, digits, . _ -; empty: preset and time")
+        start = gr.Button("Start", variant="primary", elem_id="train-start", scale=1)
+        stop = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
+        resume = gr.Button("Resume", elem_id="train-resume", scale=1)
+    message = gr.Markdown(label="Message", elem_id="train-message")
+    # Custom values allowed: run folders appear after the page is built (another browser, the CLI),
+    # and every id goes through store.get, which validates it.
+    run = gr.Dropdown(label="Run shown", choices=[], value=None, allow_custom_value=True, elem_id="train-run",
+                      info="The active run is shown by default; choose any past run.")
+    status = gr.Markdown(label="Status", elem_id="train-status")
+    progress = gr.HTML(elem_id="train-progress")
+    with gr.Row():
+        loss_plot = gr.Plot(label="Loss and learning rate", elem_id="train-loss-plot", scale=3)
+        memory_plot = gr.Plot(label="Memory", elem_id="train-memory", scale=2)
+    samples = gr.Dataframe(value=_samples_df([]), label="Answers to the validation prompts at each evaluation",
+                           interactive=False, wrap=True, elem_id="train-samples", max_height=360)
+    log = gr.Textbox(label=f"Worker log (last {LOG_LINES} lines)", lines=8, max_lines=14, interactive=False,
+                     autoscroll=True, elem_id="train-log")
+    with gr.Accordion("Run history and comparison", open=True):
+        history = gr.Dataframe(value=pd.DataFrame(columns=HISTORY_HEADERS), label="Runs (select a row to show it)",
+                               interactive=False, elem_id="train-history", max_height=320)
+        compare = gr.Dropdown(label="Compare loss curves of", choices=[], value=[], multiselect=True,
+                              elem_id="train-compare")
+        compare_plot = gr.Plot(label="Loss curves compared", elem_id="train-compare-plot")
+    timer = gr.Timer(ctx.timer_seconds)
+    session = gr.State({})
+    ui = TrainUI(run_name, start, stop, resume, message, run, status, progress, loss_plot, memory_plot, samples,
+                 log, history, compare, compare_plot, timer, session)
+    view_outputs = [status, progress, loss_plot, memory_plot, samples, log]
+
+    tick_outputs = [run, history, compare, session, *view_outputs]
+    gr.on(None, lambda: refresh(ctx, None, None, force=True), inputs=[], outputs=tick_outputs,
+          api_visibility="private")  # page load: the active run, else the most recent
+    timer.tick(lambda sel, s: refresh(ctx, sel, s), inputs=[run, session], outputs=tick_outputs,
+               api_visibility="private", show_progress="hidden")
+
+    def show(selected, session):
+        shown, key = view(ctx, selected)
+        return (*shown, {**_session(session), "key": key})
+
+    run.input(show, inputs=[run, session], outputs=[*view_outputs, session], api_visibility="private")
+
+    def pick_row(session, evt: gr.SelectData):
+        rid = (evt.row_value or [None])[0]
+        return (gr.Dropdown(value=rid), *show(rid, session))
+
+    history.select(pick_row, inputs=[session], outputs=[run, *view_outputs, session], api_visibility="private")
+    compare.change(lambda ids: compare_figure(_runs(store, ids)), inputs=[compare], outputs=[compare_plot],
+                   api_visibility="private")
+
+    # Defaults of None make the run shown optional for API clients (gradio reads them from the signature).
+    def on_start(shown=None, session=None, base=None, name="", *values):
+        rid, msg = start_run(store, keys, base, name, list(values))
+        if rid is None:  # the run shown stays; the message says why nothing started
+            return shown, msg, gr.skip()
+        s = _session(session)
+        s["live"].append(rid)  # so its ending is announced even if it fails before the next tick
+        # A plain value, so API clients get the id; the next tick adds it to the choices and the history.
+        return rid, msg, s
+
+    start.click(on_start, inputs=[run, session, presets_ui.base, run_name, *presets_ui.inputs, *data_ui.inputs],
+                outputs=[run, message, session], api_name="start")
+    stop.click(lambda: stop_run(store), inputs=[], outputs=[message], api_name="stop",
+               concurrency_limit=None)  # never queue a stop behind anything
+
+    def on_resume(run_id, session):
+        rid, msg = resume_run(store, run_id)
+        if rid is None:
+            return msg, gr.skip()
+        s = _session(session)
+        s["live"].append(rid)
+        return msg, s
+
+    resume.click(on_resume, inputs=[run, session], outputs=[message, session], api_name="resume")
+
+    def status_api(run_id: str) -> dict:
+        """Status of a run: status, step, max_steps, train_loss, eval_loss and any message/remedy."""
+        return run_status(store, run_id)
+
+    gr.api(status_api, api_name="status")
+    return ui
+
+
+def _runs(store: RunStore, ids: list[str] | None) -> list[Run]:
+    out = []
+    for rid in ids or []:
+        try:
+            out.append(store.get(rid))
+        except (SecurityError, KeyError):
+            continue  # a run folder removed since the list was drawn
+    return out
