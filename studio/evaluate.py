@@ -62,8 +62,7 @@ def _loss(model, toks, device) -> float:
 
 
 def evaluate_run(run: Run, limit: int = 50, max_new_tokens: int = 64, adapter_path=None) -> Evaluation:
-    from studio.data.pipeline import load_raw, resolve_mapping, split, to_examples, tokenize_examples
-    from studio.data.files import read_records
+    from studio.data.pipeline import tokenize_examples, train_val_examples
     from studio.data.templates import TemplateSpec
     from studio.generate import generate_text
     from studio.modeling import load_for_inference
@@ -72,14 +71,7 @@ def evaluate_run(run: Run, limit: int = 50, max_new_tokens: int = 64, adapter_pa
     path = adapter_path or run.adapter_dir
     model, tok = load_for_inference(cfg, {"tuned": path})
     tok.padding_side = "right"
-    records = load_raw(cfg.data)
-    _, mapping = resolve_mapping(records, cfg.data.mapping)
-    examples, _ = to_examples(records, mapping)
-    given = None
-    if cfg.data.val_path:
-        vrec = read_records(cfg.data.val_path)
-        given = to_examples(vrec, resolve_mapping(vrec, cfg.data.mapping)[1])[0]
-    train, val = split(examples, cfg.data, given)
+    train, val = train_val_examples(cfg.data)
     val = (val or train)[:limit]
     spec = TemplateSpec.from_config(cfg.data)
     toks = tokenize_examples(val, spec, tok, cfg.data.max_length, False)

@@ -25,6 +25,28 @@ class PlaygroundError(RuntimeError):
     pass
 
 
+def gpu_busy(store: RunStore, cfg=None) -> str | None:
+    """Why a second model may not load now: a training worker holds the GPU and memory does not allow it.
+
+    With ``cfg`` the model's inference estimate is compared against free GPU memory; without, any
+    training run on a CUDA GPU counts as busy.  ``None`` when loading is fine (always on a CPU).
+    """
+    import torch
+
+    active = store.active()
+    if active is None or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    if cfg is not None:
+        from studio.estimate import arch_for, estimate
+
+        arch = arch_for(cfg)
+        if arch is not None and estimate(cfg, arch, micro_batch=1, seq_len=512).total < free:
+            return None
+    return (f"run {active.id!r} is training on the GPU and {free / 2**30:.1f} GiB is free; try again when it "
+            "finishes (or stop it).")
+
+
 class ModelHolder:
     def __init__(self):
         self.lock = threading.Lock()
@@ -34,21 +56,6 @@ class ModelHolder:
         self.run: Run | None = None
         self.adapters: list[str] = []
         self.spec = None
-
-    def _check_gpu_free(self, store: RunStore, cfg) -> None:
-        import torch
-
-        active = store.active()
-        if active is None or not torch.cuda.is_available():
-            return
-        from studio.estimate import arch_for, estimate
-
-        arch = arch_for(cfg)
-        free, _ = torch.cuda.mem_get_info()
-        need = estimate(cfg, arch, micro_batch=1, seq_len=512).total if arch else free + 1
-        if need > free:
-            raise PlaygroundError(f"run {active.id!r} is training on the GPU and {free / 2**30:.1f} GiB is free; "
-                                  "the playground will load when it finishes (or stop it).")
 
     def load(self, run: Run, checkpoints: list[str] | None = None, store: RunStore | None = None) -> list[str]:
         from studio.data.templates import TemplateSpec
@@ -67,7 +74,9 @@ class ModelHolder:
             raise PlaygroundError(f"run {run.id!r} has no adapter or checkpoint yet.")
         key = (cfg.model.base_model, cfg.model.quantization, cfg.model.double_quant, cfg.model.compute_dtype)
         with self.lock:
-            self._check_gpu_free(store, cfg)
+            busy = gpu_busy(store, cfg)
+            if busy:
+                raise PlaygroundError(busy)
             self.unload_locked()
             model, tok = load_for_inference(cfg, adapters)
             self.model, self.tokenizer, self.base_key, self.run = model, tok, key, run

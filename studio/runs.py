@@ -19,6 +19,7 @@ flushed, so readers tail them safely; a torn last line is ignored until complete
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -67,6 +68,15 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def status_of(events: list[dict], alive: bool) -> str:
+    """A run's status from its events: a live status without a living worker means it was interrupted."""
+    st = "created"
+    for ev in events:
+        if ev.get("type") == "status":
+            st = ev["status"]
+    return "interrupted" if st in LIVE and not alive else st
 
 
 @dataclass
@@ -151,10 +161,7 @@ class Run:
 
     @property
     def status(self) -> str:
-        st = self.last_status()["status"]
-        if st in LIVE and not self.worker_alive():
-            return "interrupted"
-        return st
+        return status_of(self.all_events(), self.worker_alive())
 
     def config(self):
         from studio.presets import load_preset
@@ -213,8 +220,16 @@ class RunStore:
         path = inside(self.root, run_id)
         path.mkdir(parents=True)
         (path / "logs").mkdir()
-        from studio.presets import to_yaml
+        from studio.presets import REPO_ROOT, to_yaml
 
+        # Absolute data paths: the worker, evaluation and a restarted app may run from another folder.
+        paths = {}
+        for key in ("path", "val_path"):
+            value = getattr(cfg.data, key)
+            if value and not Path(value).is_absolute():
+                here = Path(value).resolve()
+                paths[key] = str(here if here.exists() else (REPO_ROOT / value).resolve())
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))
         (path / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         run = Run(run_id, path)
         run.emit("status", status="created")

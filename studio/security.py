@@ -6,6 +6,7 @@ Contract:
   from user input anywhere in the project; processes are started with argument lists.
 - ``inside(root, *parts)`` resolves a path and raises ``SecurityError`` unless it stays under ``root``
   (symlinks resolved): run ids map to folders under the runs root only through it.
+- ``inside_any(path, roots, base)`` does the same for files a browser names (samples and uploads).
 - ``redact(text)`` removes Hub tokens (``hf_...``) and the current ``HF_TOKEN`` value from any text
   before it reaches a log, an events file, an error message or the UI.
 - ``hub_token(user_value)`` returns the token to use (user input first, then ``HF_TOKEN``) without
@@ -43,6 +44,17 @@ def inside(root: str | Path, *parts: str) -> Path:
     if target != root_r and root_r not in target.parents:
         raise SecurityError(f"path {'/'.join(parts)!r} is outside {root_r}.")
     return target
+
+
+def inside_any(path: str | Path, roots: list[Path], base: Path) -> Path:
+    """Resolve ``path`` (relative ones against ``base``) and refuse it unless it lies under one of ``roots``:
+    the browser may name only files the studio ships or received as uploads."""
+    p = Path(path).expanduser()
+    p = (p if p.is_absolute() else base / p).resolve()
+    if not any(root.resolve() in p.parents for root in roots):
+        raise SecurityError(f"{Path(path).name}: the studio reads only its samples and uploaded files; "
+                            "upload this file.")
+    return p
 
 
 def redact(text: str) -> str:

@@ -69,7 +69,7 @@ from typing import Iterator
 
 # The marker's fingerprint covers the constants below and the sample texts; bump this when
 # the build *code* changes in a way that alters the output, so old checkpoints get rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 MARKER_FILE = "tiny_model.json"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +118,25 @@ MODEL_DIMS = dict(
 )
 
 
+# The short pretraining stage (see _pretrain). Full-parameter, float32, on the CPU, one process,
+# a fixed number of steps (never a time budget) so the result does not depend on machine speed.
+PRETRAIN = dict(
+    steps=90,
+    batch_size=16,
+    seq_len=128,
+    learning_rate=3e-3,
+    warmup_steps=10,
+    min_lr_ratio=0.1,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    # Fixed so the float reduction order (and thus the bytes) does not follow the host's core count.
+    threads=2,
+)
+# Held-out files stay out of the pretraining text so they remain unseen by the base model.
+PRETRAIN_EXCLUDE = ("_val",)
+ROLE_VALUES = {"system", "user", "assistant", "human", "gpt"}
+
+
 def default_tiny_model_dir() -> Path:
     return Path(os.environ.get("STUDIO_TINY_MODEL_DIR", REPO_ROOT / "models" / "tiny-mistral"))
 
@@ -161,6 +180,43 @@ def _corpus(samples_dir: Path) -> list[str]:
     marker_block = "\n".join(TEMPLATE_MARKERS + [f"{r}\n" for r in ("system", "user", "assistant")])
     texts.extend([marker_block] * 50)
     return texts
+
+
+def _records(samples_dir: Path) -> Iterator[list[str]]:
+    """The string fields of every record in the sample files (parquet skipped: it repeats the jsonl)."""
+    if not samples_dir.is_dir():
+        return
+    for path in sorted(samples_dir.iterdir()):
+        if any(x in path.stem for x in PRETRAIN_EXCLUDE):
+            continue
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield list(_strings(json.loads(line)))
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            for rec in data if isinstance(data, list) else [data]:
+                yield list(_strings(rec))
+        elif path.suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as f:
+                rows = list(csv.reader(f))
+            yield from rows[1:]  # skip the header row
+
+
+def _pretrain_docs(samples_dir: Path) -> list[str]:
+    """Plain-text documents for pretraining: one per sample record, its fields joined by newlines.
+
+    Deliberately format-free: no template markers (``###``), no role markers, no ``</s>``. The
+    base model learns the vocabulary and the finance phrasing, but neither a prompt format nor
+    where an answer ends, so a LoRA trained on a template has a visible effect.
+    """
+    docs = []
+    for fields in _records(samples_dir):
+        parts = [f.strip() for f in fields if f.strip() and f.strip() not in ROLE_VALUES]
+        if parts:
+            docs.append("\n".join(parts))
+    return docs
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -232,6 +288,69 @@ def _make_model(tokenizer, seed: int):
     return model
 
 
+def _pretrain(model, tokenizer, docs: list[str], seed: int) -> dict:
+    """Short causal-LM pretraining on ``docs``; returns {"loss_first", "loss_last", "tokens"}.
+
+    Each pass shuffles the documents (seeded), joins them into one token stream with ``<s>`` before
+    every document (never ``</s>``: the base must not learn to stop) and cuts it into
+    ``seq_len`` windows. AdamW, linear warmup then cosine decay, gradient clipping, float32.
+    Same seed, corpus, library versions, thread count and CPU instruction set => the same weights;
+    CPU float kernels may round differently on another instruction set (AVX2 vs AVX-512), so builds
+    on different machines can differ in the last bits, never in behaviour.
+    """
+    import math
+    import random
+
+    import torch
+
+    cfg = PRETRAIN
+    ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    bos = tokenizer.bos_token_id
+    rng = random.Random(seed)
+    seq, bs, steps = cfg["seq_len"], cfg["batch_size"], cfg["steps"]
+
+    def windows():
+        while True:
+            order = list(range(len(ids)))
+            rng.shuffle(order)
+            stream = [t for i in order for t in [bos, *ids[i]]]
+            chunks = [stream[k:k + seq] for k in range(0, len(stream) - seq + 1, seq)]
+            rng.shuffle(chunks)
+            for k in range(0, len(chunks) - bs + 1, bs):
+                yield torch.tensor(chunks[k:k + bs], dtype=torch.long)
+
+    def lr_at(step: int) -> float:
+        if step < cfg["warmup_steps"]:
+            return (step + 1) / cfg["warmup_steps"]
+        frac = (step - cfg["warmup_steps"]) / max(1, steps - cfg["warmup_steps"])
+        return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(seed + 1)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"],
+                            betas=(0.9, 0.95), foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    losses = []
+    try:
+        batches = windows()
+        for _ in range(steps):
+            x = next(batches)
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"], foreach=False)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(old_threads)
+    model.eval()
+    return {"loss_first": round(losses[0], 4), "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4),
+            "tokens": steps * bs * seq}
+
+
 # ---------------------------------------------------------------- build
 
 def _read_marker(out_dir: Path) -> dict | None:
@@ -241,7 +360,7 @@ def _read_marker(out_dir: Path) -> dict | None:
         return None
 
 
-def _fingerprint(texts: list[str]) -> str:
+def _fingerprint(texts: list[str], docs: list[str]) -> str:
     """Hash of everything the checkpoint is derived from, except library versions.
 
     Stored in the marker so ensure_tiny_model() rebuilds by itself after samples/ is
@@ -256,6 +375,8 @@ def _fingerprint(texts: list[str]) -> str:
         "chat_template": CHAT_TEMPLATE,
         "model_dims": MODEL_DIMS,
         "corpus_sha256": hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest(),
+        "pretrain": PRETRAIN,
+        "pretrain_docs_sha256": hashlib.sha256("\x00".join(docs).encode("utf-8")).hexdigest(),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -268,13 +389,17 @@ def _is_current(out_dir: Path, seed: int, fingerprint: str) -> bool:
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0, force: bool = False) -> Path:
     out_dir = Path(out_dir).resolve()
     texts = _corpus(SAMPLES_DIR)
-    fingerprint = _fingerprint(texts)
+    docs = _pretrain_docs(SAMPLES_DIR)
+    fingerprint = _fingerprint(texts, docs)
     if not force and _is_current(out_dir, seed, fingerprint):
         return out_dir
 
     t0 = time.perf_counter()
     tokenizer = _wrap_tokenizer(_train_tokenizer(texts))
     model = _make_model(tokenizer, seed)
+    t1 = time.perf_counter()
+    pretrain = _pretrain(model, tokenizer, docs, seed)
+    pretrain["seconds"] = round(time.perf_counter() - t1, 1)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -282,7 +407,7 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, force: bool = False)
         _save_quietly(model, tmp)
         tokenizer.save_pretrained(tmp)
         n_params = sum(p.numel() for p in model.parameters())
-        (tmp / "README.md").write_text(_readme(seed, n_params, len(tokenizer)), encoding="utf-8")
+        (tmp / "README.md").write_text(_readme(seed, n_params, len(tokenizer), pretrain), encoding="utf-8")
         # The marker is written last: its presence means the directory is complete.
         marker = {
             "recipe_version": RECIPE_VERSION,
@@ -290,6 +415,8 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, force: bool = False)
             "fingerprint": fingerprint,
             "vocab_size": len(tokenizer),
             "num_parameters": n_params,
+            # Informational; "seconds" is the only value here that varies between identical builds.
+            "pretrain": pretrain,
         }
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _make_readable(tmp)
@@ -306,7 +433,8 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, force: bool = False)
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _log(f"built tiny model in {out_dir} ({time.perf_counter() - t0:.1f}s)")
+    _log(f"built tiny model in {out_dir} ({time.perf_counter() - t0:.1f}s; pretraining loss "
+         f"{pretrain['loss_first']:.2f} -> {pretrain['loss_last']:.2f} in {pretrain['seconds']:.1f}s)")
     return out_dir
 
 
@@ -338,15 +466,21 @@ def ensure_tiny_model() -> Path:
     return build_tiny_model(default_tiny_model_dir())
 
 
-def _readme(seed: int, n_params: int, vocab: int) -> str:
-    return f"""# tiny-mistral (random weights)
+def _readme(seed: int, n_params: int, vocab: int, pretrain: dict) -> str:
+    d = MODEL_DIMS
+    return f"""# tiny-mistral (briefly pretrained)
 
 Generated by `studio/tiny_model.py` (recipe {RECIPE_VERSION}, seed {seed}) for offline
-tests and demos of QLoRA Studio. The weights are random: the model produces gibberish
-until fine-tuned. Not for any real use.
+tests and demos of QLoRA Studio. Random weights, then {PRETRAIN['steps']} steps
+({pretrain['tokens']:,} tokens) of plain-text pretraining on the finance texts in
+`samples/` (loss {pretrain['loss_first']:.2f} -> {pretrain['loss_last']:.2f}): it knows the words
+and phrasing, but it has never seen a prompt template (`### Response:`) or `</s>`, so it
+neither follows a format nor stops until fine-tuned. Not for any real use.
 
 - architecture: MistralForCausalLM, {n_params:,} parameters, float32
-- hidden 128, MLP 256, 2 layers, 4 heads, 2 KV heads, 512 positions, untied embeddings
+- hidden {d['hidden_size']}, MLP {d['intermediate_size']}, {d['num_hidden_layers']} layers, \
+{d['num_attention_heads']} heads, {d['num_key_value_heads']} KV heads, {d['max_position_embeddings']} positions, \
+untied embeddings
 - tokenizer: byte-level BPE, {vocab} tokens, trained on `samples/`
 - `<s>` is prepended automatically on encode; `</s>` ends every chat message
 

@@ -16,6 +16,7 @@ import pytest
 from gradio_client import Client
 
 from conftest import CANARY, SAMPLES
+from studio.runs import status_of
 from studio import worker
 from studio.presets import load_preset
 from studio.runs import RunStore
@@ -117,7 +118,7 @@ def test_status_and_notice_for_failed_halted_completed_and_interrupted():
     fail = {"t": T0 + 9, "type": "status", "status": "failed", "step": 4, "message": "out of memory at step 4",
             "remedy": "lower train.batch_size"}
     evs = _events() + [fail]
-    md = train.status_text("r1", evs, train.derive_status(evs, alive=False))
+    md = train.status_text("r1", evs, status_of(evs, alive=False))
     assert "failed" in md and "out of memory at step 4" in md and "lower train.batch_size" in md
     assert "100 training and 10 validation examples" in md
     level, text = train.finish_notice("r1", "failed", fail)
@@ -129,8 +130,8 @@ def test_status_and_notice_for_failed_halted_completed_and_interrupted():
     assert level == "info" and "1.2346" in text and "1.5000" in text
     assert train.finish_notice("r1", "running", {"status": "running"}) is None
     # A live status whose worker is gone reads as interrupted.
-    assert train.derive_status(_events(), alive=False) == "interrupted"
-    assert train.derive_status(_events(), alive=True) == "running"
+    assert status_of(_events(), alive=False) == "interrupted"
+    assert status_of(_events(), alive=True) == "running"
     assert "Resume" in train.status_text("r1", _events(), "interrupted")
 
 
@@ -189,7 +190,9 @@ def test_start_refuses_bad_values_with_messages_and_creates_no_run():
     rid, msg = train.start_run(store, ["train.max_steps"], base, "", [-1])
     assert rid is None and "train.max_steps" in msg
     rid, msg = train.start_run(store, ["data.path"], base, "", [str(SAMPLES / "missing.jsonl")])
-    assert rid is None and "missing.jsonl is not a file" in msg
+    assert rid is None and "missing.jsonl: no such file" in msg
+    rid, msg = train.start_run(store, ["data.path"], base, "", ["/etc/passwd.jsonl"])
+    assert rid is None and "reads only its samples and uploaded files" in msg
     rid, msg = train.start_run(store, ["data.path"], base, "../escape", [str(SAMPLES / "finance_alpaca.jsonl")])
     assert rid is None and "run name" in msg and "not allowed" in msg
     assert store.list() == []

@@ -82,6 +82,17 @@ def split(examples: list[Example], data_cfg, val_examples: list[Example] | None 
     return train, val
 
 
+def train_val_examples(data_cfg, token: str | None = None) -> tuple[list[Example], list[Example]]:
+    """The run's training and held-out examples, exactly as training split them."""
+    records = load_raw(data_cfg, token)
+    examples, _ = to_examples(records, resolve_mapping(records, data_cfg.mapping)[1])
+    given = None
+    if data_cfg.val_path:
+        vrec = read_records(data_cfg.val_path)
+        given = to_examples(vrec, resolve_mapping(vrec, data_cfg.mapping)[1])[0]
+    return split(examples, data_cfg, given)
+
+
 def tokenize_examples(examples: list[Example], spec: TemplateSpec, tokenizer, max_length: int,
                       train_on_inputs: bool) -> list[Tokenized]:
     return [tokenize_pair(*render(ex, spec, tokenizer), tokenizer, max_length, train_on_inputs) for ex in examples]

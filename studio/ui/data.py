@@ -39,7 +39,7 @@ from studio.data.templates import TemplateSpec, check_custom, describe, render
 from studio.modeling import ModelError, load_tokenizer
 from studio.presets import REPO_ROOT, load_preset
 from studio.runs import studio_home
-from studio.security import SecurityError, check_name, hub_token, inside
+from studio.security import SecurityError, check_name, hub_token, inside, inside_any
 from studio.ui.widgets import widget
 
 LOSS, MASKED = "loss", "prompt (masked)"
@@ -115,10 +115,10 @@ def data_roots() -> list[Path]:
 
 def check_data_path(path: str) -> Path:
     """A data file the UI may read: a shipped sample or an upload, never any other file of the server."""
-    p = Path(path).expanduser()
-    p = (p if p.is_absolute() else REPO_ROOT / p).resolve()
-    if not any(root.resolve() in p.parents for root in data_roots()):
-        raise DataError(f"{Path(path).name}: the studio reads only its samples and uploaded files; upload this file.")
+    try:
+        p = inside_any(path, data_roots(), REPO_ROOT)
+    except SecurityError as e:
+        raise DataError(str(e)) from None
     if not p.is_file():
         raise DataError(f"{Path(path).name}: no such file; choose a sample or upload the file again.")
     return p

@@ -19,18 +19,14 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio.evaluate import Evaluation, evaluate_run
+from studio.playground import gpu_busy
 from studio.runs import Run, RunStore
-from studio.security import redact
+from studio.ui.messages import USER_ERRORS, message
 
-USER_ERRORS = (ValueError, KeyError, RuntimeError, OSError)
 TABLE_HEADERS = ["metric", "base", "tuned"]
 EXAMPLE_HEADERS = ["prompt", "reference", "base", "tuned", "ROUGE-L (tuned)"]
 EXAMPLES_SHOWN = 3
 
-
-def message(e: BaseException) -> str:
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return redact(str(text))
 
 
 def has_adapter(run: Run) -> bool:
@@ -86,16 +82,6 @@ def show_saved(store: RunStore, run_id: str | None):
         return (f"Run `{run.id}` has not been evaluated yet.", *empty())
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime((run.dir / "evaluation.json").stat().st_mtime))
     return (f"Saved evaluation of `{run.id}` on {ev.n} held-out examples ({when}).", *tables(ev))
-
-
-def gpu_busy(store: RunStore) -> str | None:
-    """A message when a training worker holds the GPU: evaluation loads a second model beside it."""
-    import torch
-
-    active = store.active()
-    if active is not None and torch.cuda.is_available():
-        return f"run {active.id!r} is training on the GPU; evaluate when it finishes (or stop it)."
-    return None
 
 
 def evaluate(store: RunStore, run_id: str | None, limit, max_new_tokens):

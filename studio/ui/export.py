@@ -19,20 +19,10 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio import export as engine
+from studio.playground import gpu_busy
 from studio.runs import Run, RunStore
-from studio.security import redact
+from studio.ui.messages import USER_ERRORS, message, scrub
 
-USER_ERRORS = (ValueError, KeyError, RuntimeError, OSError)
-
-
-def scrub(text: str, secret: str | None = None) -> str:
-    text = redact(text)
-    # redact() knows hf_* tokens and HF_TOKEN; a typed token of another shape is hidden here.
-    return text.replace(secret, "***") if secret and len(secret) >= 4 else text
-
-
-def message(e: BaseException, secret: str | None = None) -> str:
-    return scrub(str(e.args[0] if isinstance(e, KeyError) and e.args else e), secret)
 
 
 def has_adapter(run: Run) -> bool:
@@ -72,16 +62,6 @@ def make_zip(store: RunStore, run_id: str | None):
     except USER_ERRORS as e:
         return None, f"**Could not zip:** {message(e)}"
     return str(path), f"Adapter zipped: `{path.name}` ({path.stat().st_size / 2**20:.1f} MiB)."
-
-
-def gpu_busy(store: RunStore) -> str | None:
-    """A message when a training worker holds the GPU: merging loads the full 16-bit model beside it."""
-    import torch
-
-    active = store.active()
-    if active is not None and torch.cuda.is_available():
-        return f"run {active.id!r} is training on the GPU; merge when it finishes (or stop it)."
-    return None
 
 
 def merge(store: RunStore, run_id: str | None):

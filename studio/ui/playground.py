@@ -23,20 +23,12 @@ import gradio as gr
 from studio import playground as engine
 from studio.generate import Sampling
 from studio.runs import Run, RunStore
-from studio.security import redact
+from studio.ui.messages import USER_ERRORS, message
 
-# Every engine error type derives from one of these (ConfigError, DataError, SecurityError: ValueError;
-# PlaygroundError, ModelError, Busy, torch OOM: RuntimeError).
-USER_ERRORS = (ValueError, KeyError, RuntimeError, OSError)
 AB_CHOICES = ["A", "B", "tie"]
 COMPARE_MAX_PROMPTS = 20
 DEFAULT_CHECKPOINTS = 3
 
-
-def message(e: BaseException) -> str:
-    # str(KeyError) wraps the text in quotes; the argument reads better.
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return redact(str(text))
 
 
 # ---------------------------------------------------------------- runs and adapters
@@ -57,17 +49,9 @@ def refresh_runs(store: RunStore, current: str | None):
 
 def example_prompts(run: Run, n: int = 3) -> list[str]:
     """The first instructions of the run's validation split (else its training data), one line each."""
-    from studio.data.files import read_records
-    from studio.data.pipeline import load_raw, resolve_mapping, split, to_examples
+    from studio.data.pipeline import train_val_examples
 
-    cfg = run.config()
-    records = load_raw(cfg.data)
-    examples, _ = to_examples(records, resolve_mapping(records, cfg.data.mapping)[1])
-    given = None
-    if cfg.data.val_path:
-        vrec = read_records(cfg.data.val_path)
-        given = to_examples(vrec, resolve_mapping(vrec, cfg.data.mapping)[1])[0]
-    train, val = split(examples, cfg.data, given)
+    train, val = train_val_examples(run.config().data)
     return [" ".join(ex.instruction.split()) for ex in (val or train)[:n]]
 
 

@@ -24,7 +24,6 @@ import html
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -34,8 +33,10 @@ from plotly.colors import qualitative
 from studio import worker
 from studio.config import ConfigError, RunConfig
 from studio.data.files import DataError, check_size
-from studio.runs import LIVE, Run, RunStore
+from studio.runs import LIVE, Run, RunStore, status_of
 from studio.security import SecurityError, redact
+from studio.ui.data import check_data_path
+from studio.ui.messages import message
 from studio.ui.widgets import to_config
 
 SAMPLE_HEADERS = ["step", "prompt", "reference", "answer"]
@@ -96,13 +97,6 @@ def _last(events: list[dict], type_: str, **match) -> dict | None:
         if e.get("type") == type_ and all(e.get(k) == v for k, v in match.items()):
             return e
     return None
-
-
-def derive_status(events: list[dict], alive: bool) -> str:
-    """The same rule as ``Run.status``, from the follower's copy so a tick does not reread the file."""
-    last = _last(events, "status")
-    st = last["status"] if last else "created"
-    return "interrupted" if st in LIVE and not alive else st
 
 
 def _empty_figure(text: str, height: int = 320) -> go.Figure:
@@ -270,11 +264,6 @@ def log_tail(run: Run, lines: int = LOG_LINES) -> str:
     return redact("\n".join(text.splitlines()[-lines:]))
 
 
-def _msg(e: Exception) -> str:
-    # str(KeyError) wraps the message in quotes; show the message itself.
-    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-
-
 def _fmt(v) -> str:
     f = _num(v)
     if f is None:
@@ -328,12 +317,10 @@ def compare_figure(runs: list[Run]) -> go.Figure:
 def check_data(cfg: RunConfig) -> None:
     """Refuse at once a missing or unusable local data file rather than failing a run seconds later."""
     d = cfg.data
-    if d.path:
-        p = Path(d.path).expanduser()
-        if not p.is_file():
-            raise DataError(f"data.path: {d.path} is not a file; upload or choose the data again.")
-        check_size(p)
-    elif not d.hub_dataset:
+    for value in (d.path, d.val_path):
+        if value:
+            check_size(check_data_path(value))  # only samples and uploads: a browser names no other file
+    if not d.path and not d.hub_dataset:
         raise DataError("data.path: no data chosen; upload a file in the Data tab or name a hub dataset.")
 
 
@@ -346,7 +333,7 @@ def start_run(store: RunStore, keys: list[str], base: dict, name: str, values: l
         check_data(cfg)
         run = worker.start(store, cfg, (name or "").strip())
     except (ConfigError, DataError, SecurityError, worker.Busy, ValueError, KeyError) as e:
-        return None, f"⚠️ {_msg(e)}"
+        return None, f"⚠️ {message(e)}"
     except OSError as e:  # e.g. the runs folder is not writable or the disk is full
         return None, f"⚠️ could not create the run: {e}"
     return run.id, f"Started run `{run.id}`: it trains in the background; closing the browser does not stop it."
@@ -367,7 +354,7 @@ def resume_run(store: RunStore, run_id: str | None) -> tuple[str | None, str]:
     try:
         run = worker.resume(store, store.get(run_id))
     except (worker.Busy, SecurityError, ValueError, KeyError) as e:
-        return None, f"⚠️ {_msg(e)}"
+        return None, f"⚠️ {message(e)}"
     ck = run.last_checkpoint()
     return run.id, f"Resuming run `{run.id}` from {ck.name if ck else 'its last checkpoint'}."
 
@@ -377,7 +364,7 @@ def run_status(store: RunStore, run_id: str) -> dict:
     try:
         run = store.get(run_id)
     except (SecurityError, KeyError) as e:
-        return {"id": run_id, "status": "unknown", "message": _msg(e)}
+        return {"id": run_id, "status": "unknown", "message": message(e)}
     s, last = run.summary(), run.last_status()
     metric = _last(run.all_events(), "metric") or {}
     out = {"id": run.id, "status": s["status"], "step": s["step"], "max_steps": metric.get("max_steps"),
@@ -436,12 +423,12 @@ def view(ctx, run_id: str | None, unchanged_since: tuple | None = None) -> tuple
     try:
         run = ctx.store.get(run_id) if run_id else None
     except (SecurityError, KeyError) as e:
-        return (f"⚠️ {_msg(e)}", "", _empty_figure(""), _empty_figure(""), _samples_df([]), ""), None
+        return (f"⚠️ {message(e)}", "", _empty_figure(""), _empty_figure(""), _samples_df([]), ""), None
     if run is None:
         return ("No runs yet: choose data and a preset, then press Start.", "",
                 _empty_figure("no run yet"), _empty_figure("no run yet", 300), _samples_df([]), ""), None
     events = ctx.follower.snapshot(run)
-    status = derive_status(events, run.worker_alive())
+    status = status_of(events, run.worker_alive())
     log = log_tail(run)
     key = (run.id, len(events), status, len(log))
     if key == unchanged_since:

@@ -1,0 +1,44 @@
+# QLoRA Studio. `make demo` starts the studio on the offline demo; `make test` runs the CPU test tier.
+# Both create .venv and install what they need on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-gpu install install-dev browser lint bench clean
+
+demo: install
+	$(BIN)/python app.py
+
+test: install-dev browser
+	$(BIN)/python -m pytest
+
+test-gpu: install
+	$(BIN)/python -m pytest -m gpu -s
+
+install: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/python -m studio build-tiny
+	touch $@
+
+install-dev: $(VENV)/.installed-dev
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+# Headless Chromium for the end-to-end browser test (Debian's package; Playwright drives it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
+
+lint: install-dev
+	$(BIN)/hadolint Dockerfile
+
+bench: install
+	$(BIN)/python -m bench.train_speed
+
+clean:
+	rm -rf $(VENV) models studio_home

@@ -1,0 +1,153 @@
+"""End to end in headless Chromium: a person uploads data, trims the tiny demo to one epoch, trains it,
+compares base and tuned answers, and visits the Evaluate and Export tabs.
+
+The studio runs as ``python app.py`` in a subprocess (its own STUDIO_HOME); Playwright drives Debian's
+Chromium through the elem_ids the tabs declare.  Every step waits on what the user would see (texts,
+plot points), never on a sleep.  Full-page screenshots land in ``artifacts/screenshots/`` for review.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from conftest import SAMPLES
+from e2e_helpers import CHROMIUM_ARGS, VIEWPORT, chromium_path, screenshot, serve_app, tail
+
+pytestmark = pytest.mark.browser
+
+UPLOAD = SAMPLES / "finance_alpaca.jsonl"
+APP_READY_S = 60_000  # ms: first page load builds every tab (tokenizer, presets, fit estimate)
+TRAIN_FIRST_STEP_S = 120_000  # ms: worker start, NF4 quantization of the tiny model, data preparation
+TRAIN_DONE_S = 240_000  # ms: one epoch of the tiny demo on two busy CPU cores, plus final eval and save
+
+
+def first_instruction() -> str:
+    with UPLOAD.open(encoding="utf-8") as f:
+        return json.loads(f.readline())["instruction"]
+
+
+def open_tab(page, label: str) -> None:
+    tab = page.get_by_role("tab", name=label)
+    tab.click()
+    expect(tab).to_have_attribute("aria-selected", "true")
+
+
+def settled(page, elem_id: str, timeout: float = 60_000) -> None:
+    """Wait until the component's pending/streaming spinner is gone (its event chain has finished)."""
+    tracker = page.locator(f"#{elem_id} [data-testid='status-tracker']").first
+    expect(tracker).to_have_class(re.compile(r"\bhide\b"), timeout=timeout)
+
+
+def data_tab(page) -> None:
+    open_tab(page, "1 · Data")
+    page.locator("#data-upload input[type=file]").set_input_files(str(UPLOAD))
+    # The upload is stored under a content-addressed name, so the source line names the copy, not the sample.
+    expect(page.locator("#data-source")).to_contain_text(re.compile(r"finance_alpaca-[0-9a-f]{10}\.jsonl"),
+                                                         timeout=30_000)
+    expect(page.locator("#data-schema")).to_contain_text("400 records")
+    settled(page, "data-preview")
+    expect(page.locator("#data-status")).to_contain_text("examples ready")
+    preview = page.locator("#data-preview")
+    expect(preview).to_contain_text("example 1")
+    # The legend names both categories and response tokens are actually highlighted as loss.
+    expect(preview.get_by_role("button", name="loss", exact=True)).to_be_visible()
+    expect(preview.locator(".token.hl, .token[style*='background']").first).to_be_visible()
+    expect(page.locator("#data-lengths .js-plotly-plot .bars path").first).to_be_visible()
+    expect(page.locator("#data-length-summary")).not_to_be_empty()
+    screenshot(page, "01-data")
+
+
+def presets_tab(page) -> None:
+    open_tab(page, "2 · Presets")
+    expect(page.locator("#presets-choice input")).to_have_value("tiny-demo")
+    expect(page.locator("#presets-changes")).to_contain_text("No changes")
+    epochs = page.locator("#presets-train-epochs input[type=number]")
+    epochs.fill("1")
+    epochs.press("Tab")
+    changes = page.locator("#presets-changes")
+    expect(changes).to_contain_text("train.epochs", timeout=20_000)
+    expect(changes).to_contain_text("1 changed from tiny-demo")
+    expect(page.locator("#presets-fit-verdict")).to_contain_text("Estimated peak")
+    expect(page.locator("#presets-fit")).to_contain_text("T4 16 GB")
+    screenshot(page, "02-presets")
+
+
+def train_tab(page) -> str:
+    open_tab(page, "3 · Train")
+    page.locator("#train-start").click()
+    message = page.locator("#train-message")
+    expect(message).to_contain_text("Started run", timeout=30_000)
+    run_id = re.search(r"Started run (\S+?):", message.inner_text()).group(1)
+    expect(page.locator("#train-progress")).to_contain_text(re.compile(r"step [1-9]\d* / \d+"),
+                                                            timeout=TRAIN_FIRST_STEP_S)
+    expect(page.locator("#train-loss-plot .scatterlayer .trace .point").first).to_be_visible(timeout=15_000)
+    expect(page.locator("#train-status")).to_contain_text("running")
+    screenshot(page, "03-train-running")
+    status = page.locator("#train-status")
+    expect(status).to_contain_text(re.compile(r": (completed|failed|halted|stopped|interrupted)"),
+                                   timeout=TRAIN_DONE_S)
+    expect(status).to_contain_text(f"Run {run_id}: completed")
+    expect(page.locator("#train-progress")).to_contain_text("(100%)")
+    expect(page.locator("#train-history")).to_contain_text(run_id)
+    screenshot(page, "04-train-completed")
+    return run_id
+
+
+def playground_tab(page, run_id: str) -> None:
+    open_tab(page, "4 · Playground")
+    page.locator("#pg-refresh").click()  # the run finished after the page was loaded
+    expect(page.locator("#pg-run input")).to_have_value(re.compile(re.escape(run_id)), timeout=20_000)
+    page.locator("#pg-load").click()
+    expect(page.locator("#pg-status")).to_contain_text("Loaded", timeout=60_000)
+    prompt = first_instruction()
+    page.locator("#pg-prompt textarea").fill(prompt)
+    page.locator("#pg-generate").click()
+    base, tuned = page.locator("#pg-base-out textarea"), page.locator("#pg-tuned-out textarea")
+    expect(tuned).not_to_have_value("", timeout=60_000)
+    settled(page, "pg-tuned-out")
+    base_text, tuned_text = base.input_value(), tuned.input_value()
+    assert base_text.strip() and tuned_text.strip()
+    assert base_text != tuned_text, "the tuned adapter should change the answer to a training prompt"
+    screenshot(page, "05-playground")
+
+
+def evaluate_and_export(page, run_id: str) -> None:
+    open_tab(page, "5 · Evaluate")
+    page.locator("#eval-refresh").click()
+    expect(page.locator("#eval-run input")).to_have_value(re.compile(re.escape(run_id)), timeout=20_000)
+    expect(page.locator("#eval-start")).to_be_enabled()
+    screenshot(page, "06-evaluate")
+    open_tab(page, "6 · Export")
+    page.locator("#export-refresh").click()
+    expect(page.locator("#export-run input")).to_have_value(re.compile(re.escape(run_id)), timeout=20_000)
+    expect(page.locator("#export-snippet")).to_contain_text(run_id, timeout=20_000)
+    screenshot(page, "07-export")
+
+
+def test_person_trains_and_compares_in_the_browser(studio_home, tiny_model_dir, tmp_path):
+    browser_exe = chromium_path()
+    log = tmp_path / "app.log"
+    with serve_app(studio_home, log) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_exe, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=VIEWPORT)
+        page_errors: list[str] = []
+        page.on("pageerror", lambda e: page_errors.append(str(e)))
+        try:
+            page.goto(url)
+            expect(page.get_by_role("tab", name="1 · Data")).to_be_visible(timeout=APP_READY_S)
+            data_tab(page)
+            presets_tab(page)
+            run_id = train_tab(page)
+            playground_tab(page, run_id)
+            evaluate_and_export(page, run_id)
+        except AssertionError as e:
+            screenshot(page, "99-failure")
+            raise AssertionError(f"{e}\n--- app log ---\n{tail(log)}") from None
+        finally:
+            browser.close()
+        # Tracebacks are never shown: no error toast appeared, and the page's own scripts raised nothing.
+        assert not page_errors, page_errors
