@@ -24,7 +24,8 @@ WORDS = ("the rate of return on capital interest loan equity bond yield market p
          "inflation budget investment savings account balance payment principal period annual monthly").split()
 
 
-def random_model(out_dir: str | Path, arch_name: str = "mistralai/Mistral-7B-v0.1", seed: int = 0) -> Path:
+def random_model(out_dir: str | Path, arch_name: str = "mistralai/Mistral-7B-v0.1", seed: int = 0,
+                 layers: int | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
@@ -35,7 +36,7 @@ def random_model(out_dir: str | Path, arch_name: str = "mistralai/Mistral-7B-v0.
     if (out / "model.safetensors.index.json").exists() or (out / "model.safetensors").exists():
         return out
     a = KNOWN[arch_name]
-    cfg = MistralConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
+    cfg = MistralConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=layers or a.layers,
                         num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab,
                         max_position_embeddings=32768, rope_theta=1e6 if a.vocab == 32768 else 1e4,
                         sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)

@@ -132,6 +132,8 @@ class TrainSection:
     tensorboard: bool = _f(False, "Also log to TensorBoard in the run folder.")
     liger: bool = _f(False, "Fused Triton kernels from Liger (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); "
                      "CUDA only, needs the liger-kernel package.")
+    num_gpus: int = _f(1, "GPUs to train on: data parallel with one 4-bit copy per GPU (accelerate launch); "
+                       "batch_size is per GPU.", min=1, max=64)
     padding_free: bool = _f(False, "Concatenate each micro-batch into one row without padding; examples never "
                             "attend to each other (position ids restart per example).")
     auto_batch: bool = _f(False, "Fill the GPU: raise the micro-batch (lowering grad_accum so the effective batch "

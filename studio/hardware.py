@@ -52,7 +52,10 @@ def memory_snapshot() -> dict:
 
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
-        return {"device": "cuda", "allocated": torch.cuda.memory_allocated(),
+        gpus = [{"index": i, "used": torch.cuda.device_memory_used(i),
+                 "total": torch.cuda.get_device_properties(i).total_memory}
+                for i in range(torch.cuda.device_count())]  # through NVML: no context on the other GPUs
+        return {"device": "cuda", "gpus": gpus, "allocated": torch.cuda.memory_allocated(),
                 "reserved": torch.cuda.memory_reserved(), "peak": torch.cuda.max_memory_allocated(),
                 "peak_reserved": torch.cuda.max_memory_reserved(),
                 "used": total - free, "total": total}

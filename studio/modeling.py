@@ -98,6 +98,8 @@ def preflight(cfg: RunConfig, hw: Hardware | None = None, token: str | None = No
         except Exception:  # noqa: BLE001
             raise ConfigError("model.quantization", "bitsandbytes is not installed; install it or choose none.") \
                 from None
+    if t.num_gpus > 1 and t.num_gpus > hw.gpu_count:
+        raise ConfigError("train.num_gpus", f"{t.num_gpus} GPUs asked for but {hw.gpu_count} visible; lower it.")
     if check_model:
         mc = model_config(cfg, token)
         limit = getattr(mc, "max_position_embeddings", None)
@@ -142,7 +144,7 @@ def load_base(cfg: RunConfig, tokenizer, hw: Hardware | None = None, token: str 
     dtype = resolve_dtype(cfg.model.compute_dtype, hw)
     path = resolve_base(cfg.model.base_model)
     kwargs = dict(dtype=dtype, quantization_config=quantization_config(cfg, dtype), token=token,
-                  revision=cfg.model.revision, device_map=device_map or ({"": 0} if hw.device == "cuda" else "cpu"),
+                  revision=cfg.model.revision, device_map=device_map or ({"": local_rank()} if hw.device == "cuda" else "cpu"),
                   **safe_load_kwargs(cfg.model.trust_remote_code))
     if kwargs["quantization_config"] is None:
         kwargs.pop("quantization_config")
@@ -156,6 +158,13 @@ def load_base(cfg: RunConfig, tokenizer, hw: Hardware | None = None, token: str 
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def local_rank() -> int:
+    """This process's GPU under ``accelerate launch`` (0 when training on one GPU)."""
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def target_modules(cfg: RunConfig):

@@ -55,6 +55,10 @@ def _clean(v):
     return v
 
 
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -116,6 +120,8 @@ class Run:
     # ---- events
     def emit(self, type: str, **fields) -> dict:
         ev = _clean({"t": round(time.time(), 3), "type": type, **fields})
+        if not is_main_process():
+            return ev  # with several GPUs only rank 0 writes the run's history
         line = json.dumps(ev, ensure_ascii=False) + "\n"
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(line)

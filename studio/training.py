@@ -53,8 +53,13 @@ def _events_callback_cls():
             self.run.emit("status", status="running", step=state.global_step, max_steps=state.max_steps,
                           epochs=args.num_train_epochs)
 
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            from studio import faults
+
+            faults.before_step(state.global_step + 1, model)
+
         def on_step_end(self, args, state, control, **kw):
-            if self.run.stop_flag.exists() and not self.stopped:
+            if _any_rank(self.run.stop_flag.exists()) and not self.stopped:
                 self.stopped = True
                 control.should_training_stop = True
                 control.should_save = True  # keep the step just finished as a complete checkpoint
@@ -96,6 +101,19 @@ def _events_callback_cls():
                           path=f"checkpoints/checkpoint-{state.global_step}")
 
     return EventsCallback
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every process when it is true on any: all GPUs must stop at the same step or DDP hangs."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    import torch
+
+    t = torch.tensor([1.0 if flag else 0.0], device=f"cuda:{torch.cuda.current_device()}")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 OOM_REMEDY = ("lower train.batch_size (raise train.grad_accum to keep the effective batch), lower "
@@ -190,6 +208,7 @@ class Recipe:
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
             include_num_input_tokens_seen="non_padding",
+            ddp_find_unused_parameters=False if t.num_gpus > 1 else None,
             use_liger_kernel=t.liger,
             dataloader_num_workers=0,
             disable_tqdm=True,
@@ -229,6 +248,8 @@ class Recipe:
     def save(self):
         cfg = self.cfg
         out = self.run.adapter_dir
+        if not self.trainer.is_world_process_zero():
+            return  # with several GPUs rank 0 holds the same adapter and writes it
         tmp = out.with_name("adapter.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         self.trainer.model.save_pretrained(str(tmp), safe_serialization=True)

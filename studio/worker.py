@@ -28,12 +28,29 @@ class Busy(RuntimeError):
     """Another run is training on this machine."""
 
 
+def worker_command(run: Run, resume: bool) -> list[str]:
+    """The worker's argument list; several GPUs go through ``accelerate launch`` (one process per GPU)."""
+    tail = ["studio.worker", str(run.dir)] + (["--resume"] if resume else [])
+    n = run.config().train.num_gpus
+    if n > 1:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", *tail]
+    return [sys.executable, "-m", *tail]
+
+
 def _launch(run: Run, resume: bool, env: dict | None = None) -> int:
-    args = [sys.executable, "-m", "studio.worker", str(run.dir)] + (["--resume"] if resume else [])
+    args = worker_command(run, resume)
     run.stop_flag.unlink(missing_ok=True)
     run.log_path.parent.mkdir(exist_ok=True)
     e = dict(os.environ if env is None else env)
     e["PYTHONUNBUFFERED"] = "1"
+    # Exactly the GPUs the run asked for: with more visible, a single process would fall into
+    # nn.DataParallel, which mis-scales the loss and wastes the other cards.
+    n = run.config().train.num_gpus
+    raw = e.get("CUDA_VISIBLE_DEVICES")
+    if raw is None or raw.strip():  # an empty value means the user hid every GPU: keep it so
+        visible = [d for d in (raw or "").split(",") if d.strip()] or [str(i) for i in range(64)]
+        e["CUDA_VISIBLE_DEVICES"] = ",".join(visible[:n])
     e["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + e.get("PYTHONPATH", "")
     with open(run.log_path, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -139,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout, sys.stderr = _Redacting(sys.stdout), _Redacting(sys.stderr)
     d = Path(a.run_dir).resolve()
     run = Run(d.name, d)
-    run.pid_path.write_text(str(os.getpid()))
+    if "WORLD_SIZE" not in os.environ:  # under accelerate launch the pid file names the launcher (group leader)
+        run.pid_path.write_text(str(os.getpid()))
     status = Recipe(run, token=hub_token()).execute(resume=a.resume)
     return 0 if status in ("completed", "stopped") else 1
 
