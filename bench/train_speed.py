@@ -37,8 +37,13 @@ def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: d
     from studio.training import Recipe
 
     preset = "mistral-7b-instruct-thorough" if variant.startswith("thorough") else "mistral-7b-finance-fast"
+    if variant.endswith("-reentrant"):  # measures the checkpointing mode the seed recipe got from peft's default
+        from studio import modeling
+
+        modeling.GC_KWARGS = {"use_reentrant": True}
     base = {"model.base_model": model_dir, "data.path": data, "data.hub_dataset": "", "data.val_samples": 0,
-            "data.val_fraction": 0.0, "data.train_samples": 0, "train.max_steps": steps, "train.logging_steps": 5,
+            "data.val_fraction": 0.0, "data.train_samples": 0, "train.max_steps": steps,
+            "train.logging_steps": 2 if variant.startswith("thorough") else 5,
             "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0, "train.tensorboard": False,
             "output.adapter_dir": ""}
     cfg = load_preset(preset).replace({**base, **overrides})
@@ -67,6 +72,7 @@ def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: d
 VARIANTS = {
     "seed": {},
     "studio": {},
+    "studio-reentrant": {},
     "studio-fast": {"train.padding_free": True, "train.auto_batch": True},
     "studio-fast-liger": {"train.padding_free": True, "train.auto_batch": True, "train.liger": True},
     "thorough": {},
@@ -99,9 +105,8 @@ def drive(args) -> None:
     gpu = torch.cuda.get_device_name(0)
     results = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "model": "Mistral-7B-v0.1 shape, random weights",
                "model_build_s": build_s, "torch": torch.__version__, "variants": {}}
-    plan = [(v, fast_data, args.steps) for v in ("seed", "studio", "studio-fast", "studio-fast-liger")]
-    if not args.skip_thorough:
-        plan += [(v, long_data, args.thorough_steps) for v in ("thorough", "thorough-fast")]
+    plan = [(v, fast_data, args.steps) for v in args.variants.split(",") if not v.startswith("thorough")]
+    plan += [(v, long_data, args.thorough_steps) for v in args.variants.split(",") if v.startswith("thorough")]
     for variant, data, steps in plan:
         cmd = [sys.executable, "-m", "bench.train_speed", "--one", "--variant", variant, "--model", str(model),
                "--data", str(data), "--steps", str(steps)]
@@ -155,8 +160,9 @@ def main() -> None:
     p.add_argument("--model")
     p.add_argument("--data")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--thorough-steps", type=int, default=11)
-    p.add_argument("--skip-thorough", action="store_true")
+    p.add_argument("--thorough-steps", type=int, default=9)
+    p.add_argument("--variants", default="seed,studio,studio-reentrant,studio-fast,studio-fast-liger,thorough,"
+                   "thorough-fast")
     p.add_argument("--work", default="/tmp/qlora-bench")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args()

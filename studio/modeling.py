@@ -21,6 +21,8 @@ from studio.hardware import Hardware, detect, resolve_dtype
 from studio.security import redact, safe_load_kwargs
 
 TINY = "studio-tiny-mistral"
+# Non-reentrant checkpointing is PyTorch's recommended mode (works with frozen inputs and kwargs).
+GC_KWARGS = {"use_reentrant": False}
 
 
 class ModelError(RuntimeError):
@@ -179,7 +181,7 @@ def add_lora(cfg: RunConfig, model):
     # would attend across examples; training never needs the cache.
     model.config.use_cache = False
     gc = cfg.model.gradient_checkpointing
-    gc_kwargs = {"use_reentrant": False}
+    gc_kwargs = dict(GC_KWARGS)
     if cfg.model.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs=gc_kwargs)

@@ -121,10 +121,10 @@ MODEL_DIMS = dict(
 # The short pretraining stage (see _pretrain). Full-parameter, float32, on the CPU, one process,
 # a fixed number of steps (never a time budget) so the result does not depend on machine speed.
 PRETRAIN = dict(
-    steps=90,
+    steps=70,
     batch_size=16,
     seq_len=128,
-    learning_rate=3e-3,
+    learning_rate=8e-3,
     warmup_steps=10,
     min_lr_ratio=0.1,
     weight_decay=0.0,

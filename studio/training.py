@@ -174,6 +174,8 @@ class Recipe:
         import torch
         from transformers import TrainingArguments
 
+        from studio import modeling
+
         from studio.hardware import resolve_dtype
 
         cfg, t = self.cfg, self.cfg.train
@@ -206,7 +208,7 @@ class Recipe:
             fp16=self.hw.device == "cuda" and dtype == torch.float16,
             use_cpu=self.hw.device == "cpu",
             gradient_checkpointing=cfg.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            gradient_checkpointing_kwargs=dict(modeling.GC_KWARGS),
             include_num_input_tokens_seen="non_padding",
             ddp_find_unused_parameters=False if t.num_gpus > 1 else None,
             use_liger_kernel=t.liger,
