@@ -12,6 +12,7 @@ import json
 import re
 
 import pytest
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
 from conftest import SAMPLES
@@ -20,21 +21,11 @@ from e2e_helpers import CHROMIUM_ARGS, VIEWPORT, chromium_path, screenshot, serv
 pytestmark = pytest.mark.browser
 
 UPLOAD = SAMPLES / "finance_alpaca.jsonl"
-APP_READY_S = 60_000  # ms: first page load builds every tab (tokenizer, presets, fit estimate)
-TRAIN_FIRST_STEP_S = 120_000  # ms: worker start, NF4 quantization of the tiny model, data preparation
-TRAIN_DONE_S = 240_000  # ms: one epoch of the tiny demo on two busy CPU cores, plus final eval and save
-
-
-def first_instruction() -> str:
-    with UPLOAD.open(encoding="utf-8") as f:
-        return json.loads(f.readline())["instruction"]
-
-
-def open_tab(page, label: str) -> None:
-    tab = page.get_by_role("tab", name=label)
-    tab.click()
-    expect(tab).to_have_attribute("aria-selected", "true")
-
+APP_READY_MS = 60_000  # first page load builds every tab (tokenizer, presets, fit estimate)
+TRAIN_FIRST_STEP_MS = 120_000  # worker start, NF4 quantization of the tiny model, data preparation
+TRAIN_DONE_MS = 240_000  # one epoch of the tiny demo on two busy CPU cores, plus final eval and save
+LOSS_TOKEN = ".token.highlighted[style*='22, 163, 74']"  # data.COLORS["loss"], as the browser writes it
+MASKED_TOKEN = ".token.highlighted[style*='156, 163, 175']"  # data.COLORS["prompt (masked)"]
 
 # Gradio shows a status tracker on an output while its event is pending or streaming and hides it after.
 # An observer armed before the action records "shown, then hidden", so a chained event (upload, then
@@ -59,6 +50,17 @@ TOAST_WATCH = """() => {
 }"""
 
 
+def first_instruction() -> str:
+    with UPLOAD.open(encoding="utf-8") as f:
+        return json.loads(f.readline())["instruction"]
+
+
+def open_tab(page, label: str) -> None:
+    tab = page.get_by_role("tab", name=label)
+    tab.click()
+    expect(tab).to_have_attribute("aria-selected", "true")
+
+
 def arm(page, elem_id: str) -> None:
     page.evaluate(ARM, elem_id)
 
@@ -80,9 +82,11 @@ def data_tab(page) -> None:
     expect(page.locator("#data-status")).to_contain_text("examples ready")
     preview = page.locator("#data-preview")
     expect(preview).to_contain_text("example 1")
-    # The legend names both categories and response tokens are actually highlighted as loss.
+    # The legend names both categories; response tokens are green (loss), prompt tokens grey (masked).
     expect(preview.get_by_role("button", name="loss", exact=True)).to_be_visible()
-    expect(preview.locator(".token.hl, .token[style*='background']").first).to_be_visible()
+    expect(preview.get_by_role("button", name="prompt (masked)", exact=True)).to_be_visible()
+    expect(preview.locator(LOSS_TOKEN).first).to_be_visible()
+    expect(preview.locator(MASKED_TOKEN).first).to_be_visible()
     expect(page.locator("#data-lengths .js-plotly-plot .bars path").first).to_be_visible()
     expect(page.locator("#data-length-summary")).not_to_be_empty()
     screenshot(page, "01-data")
@@ -111,14 +115,14 @@ def train_tab(page) -> str:
     run_id = re.search(r"Started run (\S+?):", message.inner_text()).group(1)
     # Mid-run: a few logged steps (logging_steps is 2), so the curve has points, not one dot.
     expect(page.locator("#train-progress")).to_contain_text(re.compile(r"step [1-9]\d+ / \d+"),
-                                                            timeout=TRAIN_FIRST_STEP_S)
+                                                            timeout=TRAIN_FIRST_STEP_MS)
     expect(page.locator("#train-loss-plot .scatterlayer .trace:first-child .point")).not_to_have_count(
         0, timeout=15_000)
     expect(page.locator("#train-status")).to_contain_text("running")
     screenshot(page, "03-train-running")
     status = page.locator("#train-status")
     expect(status).to_contain_text(re.compile(r": (completed|failed|halted|stopped|interrupted)"),
-                                   timeout=TRAIN_DONE_S)
+                                   timeout=TRAIN_DONE_MS)
     expect(status).to_contain_text(f"Run {run_id}: completed")
     expect(status).to_contain_text("The adapter is in the run folder")
     expect(page.locator("#train-history")).to_contain_text(run_id)
@@ -149,6 +153,9 @@ def evaluate_and_export(page, run_id: str) -> None:
     open_tab(page, "5 · Evaluate")
     page.locator("#eval-refresh").click()
     expect(page.locator("#eval-run input")).to_have_value(re.compile(re.escape(run_id)), timeout=20_000)
+    # Choosing the run shows its saved evaluation (none yet); the status and tables come from one event.
+    expect(page.locator("#eval-status")).to_contain_text(run_id, timeout=20_000)
+    expect(page.locator("#eval-table [data-testid='status-tracker']").first).to_have_class(re.compile(r"\bhide\b"))
     expect(page.locator("#eval-start")).to_be_enabled()
     screenshot(page, "06-evaluate")
     open_tab(page, "6 · Export")
@@ -169,13 +176,13 @@ def test_person_trains_and_compares_in_the_browser(studio_home, tiny_model_dir, 
         try:
             page.goto(url)
             page.evaluate(TOAST_WATCH)
-            expect(page.get_by_role("tab", name="1 · Data")).to_be_visible(timeout=APP_READY_S)
+            expect(page.get_by_role("tab", name="1 · Data")).to_be_visible(timeout=APP_READY_MS)
             data_tab(page)
             presets_tab(page)
             run_id = train_tab(page)
             playground_tab(page, run_id)
             evaluate_and_export(page, run_id)
-        except AssertionError as e:
+        except (AssertionError, PlaywrightError) as e:  # PlaywrightError: a wait_for_function timed out
             screenshot(page, "99-failure")
             raise AssertionError(f"{e}\n--- app log ---\n{tail(log)}") from None
         toasts = page.evaluate("window.__toasts")
