@@ -12,6 +12,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -47,7 +48,12 @@ def _gen_kwargs(tokenizer, s: Sampling) -> dict:
     return kw
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _cut(text: str, spec: TemplateSpec) -> str:
+    # Byte-fallback tokens can decode to control characters that a browser shows as boxes.
+    text = _CONTROL.sub("", text)
     for s in stop_strings(spec):
         i = text.find(s)
         if i >= 0:

@@ -1,4 +1,4 @@
-"""End to end in headless Chromium: a person uploads data, trims the tiny demo to one epoch, trains it,
+"""End to end in headless Chromium: a person uploads data, caps the tiny demo at 30 steps, trains it,
 compares base and tuned answers, and visits the Evaluate and Export tabs.
 
 The studio runs as ``python app.py`` in a subprocess (its own STUDIO_HOME); Playwright drives Debian's
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.browser
 UPLOAD = SAMPLES / "finance_alpaca.jsonl"
 APP_READY_MS = 60_000  # first page load builds every tab (tokenizer, presets, fit estimate)
 TRAIN_FIRST_STEP_MS = 120_000  # worker start, NF4 quantization of the tiny model, data preparation
-TRAIN_DONE_MS = 240_000  # one epoch of the tiny demo on two busy CPU cores, plus final eval and save
+TRAIN_DONE_MS = 240_000  # MAX_STEPS of the tiny demo on two busy CPU cores, plus final eval and save
+MAX_STEPS = 30
 LOSS_TOKEN = ".token.highlighted[style*='22, 163, 74']"  # data.COLORS["loss"], as the browser writes it
 MASKED_TOKEN = ".token.highlighted[style*='156, 163, 175']"  # data.COLORS["prompt (masked)"]
 
@@ -96,11 +97,12 @@ def presets_tab(page) -> None:
     open_tab(page, "2 · Presets")
     expect(page.locator("#presets-choice input")).to_have_value("tiny-demo")
     expect(page.locator("#presets-changes")).to_contain_text("No changes")
-    epochs = page.locator("#presets-train-epochs input[type=number]")
-    epochs.fill("1")
-    epochs.press("Tab")
+    # Cap the run at MAX_STEPS (the preset trains 4 epochs, 188 steps) to keep the test short.
+    max_steps = page.locator("#presets-train-max-steps input[type=number]")
+    max_steps.fill(str(MAX_STEPS))
+    max_steps.press("Tab")
     changes = page.locator("#presets-changes")
-    expect(changes).to_contain_text("train.epochs", timeout=20_000)
+    expect(changes).to_contain_text(f"train.max_steps: 0 → {MAX_STEPS}", timeout=20_000)
     expect(changes).to_contain_text("1 changed from tiny-demo")
     expect(page.locator("#presets-fit-verdict")).to_contain_text("Estimated peak")
     expect(page.locator("#presets-fit")).to_contain_text("T4 16 GB")

@@ -3,8 +3,8 @@ second browser.
 
 Faults are injected into real worker processes through ``STUDIO_FAULTS`` (see ``studio.faults``); the
 runs are the tiny-demo preset cut to 8 steps with a checkpoint every 2.  To keep the file fast on two
-cores, the straight run and the three faulty runs train at the same time, each in its own runs root
-(one training at a time holds per root, as on one machine), and the two resumes do too.
+cores, three runs roots train at the same time (one training at a time holds per root, as on one
+machine): a straight run, a NaN run, and an OOM run followed in its root by a killed run and its resume.
 
 Loss comparisons use the last metric event per step (a resumed run logs again the steps after its
 checkpoint) and a tolerance of 1e-4.
@@ -73,10 +73,10 @@ def _load_adapter(path):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def _same_losses(straight, run, after: int):
+def _same_losses(straight, run, after: int, upto: int = STEPS):
     a, b = _losses(straight), _losses(run)
-    steps = [s for s in sorted(a) if s > after]
-    assert steps == list(range(after + 1, STEPS + 1)), (after, sorted(a))
+    steps = [s for s in sorted(a) if after < s <= upto]
+    assert steps == list(range(after + 1, upto + 1)), (after, sorted(a))
     for s in steps:
         assert abs(a[s] - b[s]) <= TOL, (s, a[s], b[s])
 
@@ -95,50 +95,44 @@ def _wait_for(cond, timeout: float, what: str, poll: float = 0.2):
 
 @pytest.fixture(scope="module")
 def fault_runs(tmp_path_factory, tiny_model_dir):
-    stores = {k: RunStore(tmp_path_factory.mktemp(f"faults_{k}")) for k in FAULTS}
-    runs = {k: worker.start(stores[k], _cfg(), k, env=_env(f)) for k, f in FAULTS.items()}
+    """Three roots train at once: a straight run; a NaN run; and, one after another in the same root, an
+    OOM run, a run killed with SIGKILL and that run resumed.  Returns the runs, the statuses each reached,
+    and what a fresh store (an app restarted after the kill) saw before the resume."""
+    roots = {k: RunStore(tmp_path_factory.mktemp(f"faults_{k}")) for k in ("straight", "nan", "main")}
+    runs = {"straight": worker.start(roots["straight"], _cfg(), "straight", env=_env()),
+            "nan": worker.start(roots["nan"], _cfg(), "nan", env=_env(FAULTS["nan"]))}
+    ends, seen = {}, {}
+    main = roots["main"]
     try:
-        ends = {k: worker.wait(r, timeout=400) for k, r in runs.items()}
+        runs["oom"] = worker.start(main, _cfg(), "oom", env=_env(FAULTS["oom"]))
+        ends["oom"] = worker.wait(runs["oom"], timeout=400)
+        # Another run can start right after an OOM: nothing is held, the same root starts the next one.
+        seen["active after oom"] = main.active()
+        runs["crash"] = worker.start(main, _cfg(), "crash", env=_env(FAULTS["crash"]))
+        ends["crash"] = worker.wait(runs["crash"], timeout=400)
+        seen["fresh store"] = {r.id: r.status for r in RunStore(main.root).list()}
+        seen["resumed from"] = runs["crash"].last_checkpoint()
+        worker.resume(main, runs["crash"], env=_env())
+        ends["resumed"] = worker.wait(runs["crash"], timeout=400)
+        for k in ("straight", "nan"):
+            ends[k] = worker.wait(runs[k], timeout=400)
     finally:
         for r in runs.values():
             if r.worker_alive():
                 worker.stop(r, grace=5)
-    return stores, runs, ends
-
-
-@pytest.fixture(scope="module")
-def resumed(fault_runs):
-    """After the OOM and the kill, the same roots start workers again: both runs resume and finish.
-
-    Returns the checkpoint each resumed from, the statuses a fresh store read before the resume (as an
-    app restarted after the fault would) and the final statuses.
-    """
-    stores, runs, _ = fault_runs
-    keys = ("oom", "crash")
-    before = {k: runs[k].last_checkpoint() for k in keys}
-    seen = {k: [(r.id, r.status) for r in RunStore(stores[k].root).list()] for k in keys}
-    for k in keys:
-        assert stores[k].active() is None  # the failed or killed worker holds nothing
-        worker.resume(stores[k], runs[k], env=_env())
-    try:
-        ends = {k: worker.wait(runs[k], timeout=400) for k in keys}
-    finally:
-        for k in keys:
-            if runs[k].worker_alive():
-                worker.stop(runs[k], grace=5)
-    return before, seen, ends
+    return runs, ends, seen
 
 
 def test_straight_run_completes(fault_runs):
-    _, runs, ends = fault_runs
+    runs, ends, _ = fault_runs
     run = runs["straight"]
     assert ends["straight"] == "completed", run.last_status()
     assert sorted(_losses(run)) == list(range(1, STEPS + 1))
     assert (run.adapter_dir / "adapter_model.safetensors").exists()
 
 
-def test_oom_fails_with_step_message_and_remedy_and_keeps_checkpoints(fault_runs, resumed):
-    _, runs, ends = fault_runs
+def test_oom_fails_with_step_message_and_remedy_keeps_checkpoints_and_frees_the_machine(fault_runs):
+    runs, ends, seen = fault_runs
     run = runs["oom"]
     assert ends["oom"] == "failed" and not run.worker_alive()
     last = run.last_status()
@@ -146,20 +140,17 @@ def test_oom_fails_with_step_message_and_remedy_and_keeps_checkpoints(fault_runs
     assert last["message"].startswith(f"out of memory at step {FAULT_STEP - 1}")
     for fix in ("train.batch_size", "data.max_length", "model.gradient_checkpointing"):
         assert fix in last["remedy"]
-    assert _ck_steps(run)[:2] == [2, 4] and [int(p.name.split("-")[1]) for p in run.checkpoints()][:2] == [2, 4]
-    # Another run can start afterwards: the same root starts a worker at once; resumed from checkpoint-4
-    # it completes and matches the straight run.
-    before, seen, ends_after = resumed
-    assert seen["oom"] == [("oom", "failed")]
-    assert before["oom"].name == "checkpoint-4"
-    assert ends_after["oom"] == "completed", run.last_status()
-    _same_losses(runs["straight"], run, after=FAULT_STEP - 1)
+    assert _ck_steps(run) == [2, 4] and [p.name for p in run.checkpoints()] == ["checkpoint-2", "checkpoint-4"]
+    assert _load_adapter(run.last_checkpoint())
+    _same_losses(runs["straight"], run, after=0, upto=FAULT_STEP - 1)
+    # The next run started at once in the same root (it is the killed run below, which later completes).
+    assert seen["active after oom"] is None and ends["resumed"] == "completed"
 
 
 def test_nan_halts_at_that_step_and_overwrites_nothing(fault_runs):
     from studio.ui.train import finish_notice
 
-    _, runs, ends = fault_runs
+    runs, ends, _ = fault_runs
     run = runs["nan"]
     assert ends["nan"] == "halted" and not run.worker_alive()
     last = run.last_status()
@@ -180,19 +171,18 @@ def test_nan_halts_at_that_step_and_overwrites_nothing(fault_runs):
         torch.testing.assert_close(t, ref[name], rtol=0, atol=1e-5)
 
 
-def test_killed_worker_is_interrupted_and_resumes_to_the_straight_losses(fault_runs, resumed):
-    stores, runs, ends = fault_runs
+def test_killed_worker_is_interrupted_and_resumes_to_the_straight_losses(fault_runs):
+    runs, ends, seen = fault_runs
     run = runs["crash"]
-    before, seen, ends_after = resumed
     # SIGKILL left no final status: the run reads as interrupted, also to a fresh store (an app restart).
     assert ends["crash"] == "interrupted"
-    assert seen["crash"] == [("crash", "interrupted")]
-    assert before["crash"].name == "checkpoint-4"
-    assert ends_after["crash"] == "completed", run.last_status()
+    assert seen["fresh store"] == {"oom": "failed", "crash": "interrupted"}
+    assert seen["resumed from"].name == "checkpoint-4"
+    assert ends["resumed"] == "completed", run.last_status()
     assert any(e.get("status") == "resuming" and e.get("checkpoint") == "checkpoints/checkpoint-4"
                for e in run.all_events())
     _same_losses(runs["straight"], run, after=4)
-    assert RunStore(stores["crash"].root).get("crash").status == "completed"
+    assert (run.adapter_dir / "adapter_model.safetensors").exists()
 
 
 # ---- the app killed with kill -9 while a worker trains; a second browser; stop from the new app -------
