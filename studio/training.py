@@ -136,6 +136,8 @@ class Recipe:
         from studio.data.templates import TemplateSpec
         from studio.hardware import detect
 
+        from transformers import set_seed
+
         cfg = self.cfg
         self.hw = modeling.preflight(cfg, detect(), self.token)
         self.run.emit("status", status="starting", device=self.hw.device, gpu=self.hw.name)
@@ -151,6 +153,9 @@ class Recipe:
                       skipped_first=prepared.skipped[:5], dropped=prepared.dropped_fully_truncated,
                       stats=prepared.stats.to_dict())
         base = modeling.load_base(cfg, self.tokenizer, self.hw, self.token)
+        # LoRA's initial weights come from the global RNG: seed it here so a run never depends on what
+        # the process did before (another run, building the tiny model, loading data).
+        set_seed(cfg.train.seed)
         self.model = modeling.add_lora(cfg, base)
         self.trainer = self._trainer()
 
