@@ -216,3 +216,18 @@ def test_fewer_examples_than_batch(tmp_path, tiny_tokenizer):
     cfg = RunConfig.from_dict({"data": {"path": str(p)}, "train": {"batch_size": 8}})
     with pytest.raises(DataError, match="train.batch_size: only 3 training examples"):
         prepare(cfg, tiny_tokenizer)
+
+
+def test_hub_loader_path_through_datasets(tmp_path):
+    """``read_hub`` goes through ``datasets.load_dataset``; offline it reads a local dataset folder the same way."""
+    from studio.data.files import read_hub
+
+    folder = tmp_path / "finance-mini"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"})
+                                                 for i in range(5)))
+    recs = read_hub(str(folder), split="train")
+    assert [r["instruction"] for r in recs] == [f"q{i}" for i in range(5)]
+    with pytest.raises(DataError, match="could not be loaded") as e:
+        read_hub("nobody/no-such-dataset-xyz", split="train")
+    assert "hf_" not in str(e.value)

@@ -168,8 +168,9 @@ def test_stop_mid_run_then_resume_matches_straight_run():
     from transformers import AutoModelForCausalLM
 
     store = RunStore()
-    straight = worker.start(store, _short_cfg(), "straight")
+    straight = worker.start(store, _short_cfg().replace({"train.tensorboard": True}), "straight")
     assert worker.wait(straight, timeout=600) == "completed", straight.last_status()
+    assert list(straight.dir.rglob("events.out.tfevents.*")), "TensorBoard logging writes event files"
 
     run = worker.start(store, _short_cfg(), "stopped-then-resumed")
     _wait_step(run, 5)
