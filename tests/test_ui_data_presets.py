@@ -32,8 +32,8 @@ def run_preview(path: str, roles=None, template="alpaca", prompt="", response="{
 def uploaded(tmp_path, name: str, text: str) -> str:
     f = tmp_path / name
     f.write_text(text)
-    path, _, note = data.on_upload(str(f), ALPACA)
-    assert path != ALPACA, note
+    path, _, note, sample = data.on_upload(str(f), ALPACA)
+    assert path != ALPACA and sample is None, note  # the sample dropdown no longer names the data
     return path
 
 
@@ -73,9 +73,9 @@ def test_histogram_draws_the_max_length_and_truncation_sentence_follows_it(tiny_
 def test_malformed_jsonl_upload_names_the_line(tmp_path, studio_home, tiny_model_dir):
     bad = tmp_path / "my data (1).jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
-    path, hub, note = data.on_upload(str(bad), ALPACA)
+    path, hub, note, sample = data.on_upload(str(bad), ALPACA)
     assert path.startswith(str(studio_home / "uploads")) and path.endswith(".jsonl")
-    assert "my_data_1-" in path and hub == ""
+    assert "my_data_1-" in path and hub == "" and sample is None
     schema, *_ = data.load_source(path)
     assert "line 2" in schema
     *_, status = run_preview(path, roles=["instruction", "", "output", "", ""])
@@ -84,8 +84,9 @@ def test_malformed_jsonl_upload_names_the_line(tmp_path, studio_home, tiny_model
     assert data.on_upload(str(bad), ALPACA)[0] == path
     exe = tmp_path / "model.bin"
     exe.write_bytes(b"\x00\x01")
-    kept, _, note = data.on_upload(str(exe), ALPACA)
+    kept, _, note, sample = data.on_upload(str(exe), ALPACA)
     assert kept == ALPACA and "Upload refused" in note and ".bin" in note
+    assert sample == gr.update()  # the sample still in use stays chosen
 
 
 def test_skipped_records_are_summarised(tmp_path, tiny_model_dir):
@@ -172,6 +173,13 @@ def test_preset_switch_fills_widgets_and_changes_list_the_key():
     values[presets.KEYS.index("lora.target_modules")] = "q_proj,v_proj"  # same list, written differently
     diff = presets.changes(base, *values)
     assert "1 changed" in diff and "`lora.r`: 8 → 16" in diff
+    # Numbers read as people write them: no trailing ".0", small rates in short exponent form.
+    values[presets.KEYS.index("train.epochs")] = 3
+    values[presets.KEYS.index("train.learning_rate")] = 5e-5
+    values[presets.KEYS.index("model.compute_dtype")] = "bf16"
+    diff = presets.changes(base, *values)
+    assert "`train.epochs`: 1 → 3" in diff and "`train.learning_rate`: 0.0002 → 5e-05" in diff
+    assert "`model.compute_dtype`: 'fp16' → 'bf16'" in diff and ".0 →" not in diff
     values[presets.KEYS.index("output.run_name")] = "../escape"
     assert presets.changes(base, *values).startswith("⚠️ output.run_name")
     assert presets.choose_preset("no-such-preset")[-1].startswith("⚠️")
@@ -244,6 +252,10 @@ def test_default_values_make_the_tiny_demo_config_with_the_sample_path(tiny_mode
     assert data_ui.status.value.startswith("✅") and data_ui.histogram.value is not None
     assert "Fits on every GPU" in presets_ui.fit_verdict.value
     assert presets_ui.changes.value.startswith("No changes")
+    # Compact file pickers: buttons, not drop zones hundreds of pixels tall.
+    assert isinstance(presets_ui.yaml_upload, gr.UploadButton)
+    assert presets_ui.yaml_upload.file_types == [".yaml", ".yml"]
+    assert isinstance(data_ui.val_upload, gr.UploadButton)
 
 
 def free_port() -> int:

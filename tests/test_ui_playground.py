@@ -142,8 +142,10 @@ def test_blind_ab_vote_saves_pair_and_counts(ctx, loaded, home):
 
 def test_evaluate_shows_base_and_tuned(ctx):
     assert evaluate.show_saved(ctx.store, RUN)[0].endswith("has not been evaluated yet.")
+    assert evaluate.results_visible(evaluate.show_saved(ctx.store, RUN)[1]) == "hidden"  # no empty tables
     status, table, best, worst = evaluate.evaluate(ctx.store, RUN, 4, 12)
     assert status.startswith("Evaluated"), status
+    assert evaluate.results_visible(table) is True
     assert table["headers"] == ["metric", "base", "tuned"]
     assert [r[0] for r in table["data"]] == ["loss", "perplexity", "exact match", "ROUGE-L F1"]
     assert all(isinstance(r[1], float) and isinstance(r[2], float) for r in table["data"])
@@ -220,6 +222,10 @@ def test_served_tabs_through_gradio_client(ctx, home, caplog):
         zip_file, zip_status = client.predict(RUN, api_name="/zip")
         with zipfile.ZipFile(zip_file) as z:
             assert any(n.endswith("adapter_model.safetensors") for n in z.namelist())
+
+        # The results column shown or hidden beside the tables is not part of the API's answer.
+        ev_status, ev_table, _, _ = client.predict(None, 4, 12, api_name="/evaluate")
+        assert ev_status == "Choose a finished run." and ev_table["data"] == []
 
         push_status, token_box = client.predict(RUN, "me/demo", True, False, "", api_name="/push")
         assert push_status.startswith("**Could not push:**") and token_box == ""

@@ -81,7 +81,9 @@ def test_loss_figure_keeps_last_value_per_step_and_skips_nan():
 def test_progress_text_has_step_epoch_elapsed_eta_and_tokens_per_s():
     text = train.progress_text(_events(), "running", now=T0 + 8)
     assert "<progress value='4' max='10'" in text
-    for part in ("step 4 / 10 (40%)", "epoch 0.40", "elapsed 0:00:08", "ETA 0:00:12", "1,500 tokens/s", "running"):
+    # tokens/s is the run's average (400 tokens in 8 s), not the last interval's 1,500.
+    for part in ("step 4 / 10 (40%)", "epoch 0.40", "elapsed 0:00:08", "ETA 0:00:12", "50 tokens/s average",
+                 "running"):
         assert part in text, (part, text)
 
 
@@ -91,14 +93,28 @@ def test_progress_text_counts_earlier_segments_and_ends_with_zero_eta():
     evs.append({"t": T0 + 120, "type": "status", "status": "completed", "step": 10})
     text = train.progress_text(evs, "completed")
     assert "step 10 / 10 (100%)" in text and "elapsed 0:00:26" in text and "ETA 0:00:00" in text
+    assert "38 tokens/s average" in text  # 1,000 tokens over both segments' 26 s
     waiting = train.progress_text(_events()[:3], "starting")
     assert "waiting for the first training step" in waiting
+
+
+def test_completed_run_reads_100_percent_though_its_last_metric_was_earlier():
+    # logging_steps=2 over 47 steps: the last metric is at step 46, the final status at step 47.
+    evs = [{"t": T0, "type": "status", "status": "running", "step": 0, "max_steps": 47}]
+    evs += [_metric(s, T0 + s, max_steps=47, elapsed=float(s)) for s in range(2, 47, 2)]
+    assert "step 46 / 47 (98%)" in train.progress_text(evs, "running", now=T0 + 46.5)
+    evs.append({"t": T0 + 48, "type": "status", "status": "completed", "step": 47, "final": {}})
+    text = train.progress_text(evs, "completed")
+    assert "step 47 / 47 (100%)" in text and "<progress value='47' max='47'" in text and "ETA 0:00:00" in text
+    # A run stopped between two metrics shows the step it stopped at, short of the end.
+    stopped = evs[:-2] + [{"t": T0 + 45, "type": "status", "status": "stopped", "step": 45}]
+    assert "step 45 / 47 (96%)" in train.progress_text(stopped, "stopped")
 
 
 def test_memory_gauge_says_ram_on_cpu_and_gpu_on_cuda():
     fig = train.memory_figure(_events("cpu"))
     ind = fig.data[0]
-    assert ind.type == "indicator" and "RAM" in ind.title.text and "GPU memory" not in ind.title.text
+    assert ind.type == "indicator" and "system RAM in use" in ind.title.text and "GPU memory" not in ind.title.text
     assert ind.value == pytest.approx(6.0) and ind.gauge.axis.range[1] == pytest.approx(16.0)
     assert ind.gauge.threshold.value == pytest.approx(1.4)  # the worker's peak RSS over the run
     ind = train.memory_figure(_events("cuda")).data[0]
@@ -106,6 +122,20 @@ def test_memory_gauge_says_ram_on_cpu_and_gpu_on_cuda():
     assert ind.gauge.threshold.value == pytest.approx(4.4)
     empty = train.memory_figure(_events()[:4])
     assert "waiting for the first step" in empty.layout.annotations[0].text
+
+
+def test_memory_shows_one_bar_per_gpu_when_a_run_spans_several():
+    gpus = [{"index": i, "used": (10 + i) * GIB, "total": 80 * GIB} for i in range(4)]
+    evs = _events("cuda") + [_metric(5, T0 + 10, "cuda")]
+    evs[-1]["memory"]["gpus"] = gpus
+    fig = train.memory_figure(evs)
+    track, used = fig.data
+    assert list(used.y) == ["GPU 0", "GPU 1", "GPU 2", "GPU 3"] and list(track.y) == list(used.y)
+    assert list(used.x) == pytest.approx([10, 11, 12, 13]) and list(track.x) == pytest.approx([80] * 4)
+    assert used.text[1] == "11.0 / 80 GiB" and "per GPU" in fig.layout.title.text
+    # One GPU listed: the single gauge stays.
+    evs[-1]["memory"]["gpus"] = gpus[:1]
+    assert train.memory_figure(evs).data[0].type == "indicator"
 
 
 def test_sample_rows_newest_step_first():
@@ -167,13 +197,14 @@ def test_history_compare_status_and_log_tail_from_run_folders():
 
     b.log_path.write_text("".join(f"line {i}\n" for i in range(100)) + f"token {CANARY}\n")
     tail = train.log_tail(b)
-    assert tail.splitlines()[0] == "line 71" and len(tail.splitlines()) == train.LOG_LINES
+    assert tail.splitlines()[0] == f"line {101 - train.LOG_LINES}" and len(tail.splitlines()) == train.LOG_LINES
     assert CANARY not in tail and "hf_***" in tail
 
 
 def test_poll_selects_a_run_and_announces_each_ending_once():
     store = RunStore()
-    assert train.poll(store, None, None) == (None, {"live": [], "notified": [], "key": None, "ids": []}, [], False)
+    assert train.poll(store, None, None) == (None, {"live": [], "notified": [], "key": None, "ids": [],
+                                                    "listed_at": 0.0, "training": None}, [], False)
     _finished_run(store, "run-b", "failed", [2.0], message="bad file", remedy="fix data.path")
     selected, s, notices, changed = train.poll(store, None, {"live": ["run-b"]})
     assert selected == "run-b" and changed
@@ -302,16 +333,17 @@ def _is_skip(x):
 def test_page_load_and_ticks_show_the_run_and_toast_its_end_once(served, short_run, capsys):
     ctx, _, _ = served
     # Page load in a fresh browser: the most recent run, the lists and the full view.
-    choice, history, compare, session, status_md, *_ = train.refresh(ctx, None, None, force=True)
+    choice, history, compare, stop, session, status_md, *_ = train.refresh(ctx, None, None, force=True)
     assert choice.value == "short" and ("short", "short") in choice.choices
+    assert stop.interactive is False  # nothing trains: Stop is disabled
     assert dict(zip(history["run"], history["status"]))["short"] == "completed"
     assert session["live"] == [] and "completed" in status_md
     # A browser that watched the run live gets one toast when it ends, then nothing new is redrawn.
     out = train.refresh(ctx, "short", {**session, "live": ["short"]})
     assert "Run short completed at step 6" in capsys.readouterr().out
-    out = train.refresh(ctx, "short", out[3])
+    out = train.refresh(ctx, "short", out[4])
     assert "completed" not in capsys.readouterr().out
-    assert all(_is_skip(x) for i, x in enumerate(out) if i != 3)
+    assert all(_is_skip(x) for i, x in enumerate(out) if i != 4)
 
 
 def test_api_stop_ends_a_long_run_as_stopped(served, capsys):
@@ -321,8 +353,13 @@ def test_api_stop_ends_a_long_run_as_stopped(served, capsys):
     assert rid == "long", msg
     _wait_status(client, "long", lambda s: s["status"] == "running" and (s["step"] or 0) >= 1)
     # A browser showing an old run follows the run that became active.
-    choice, _, _, session, *_ = train.refresh(ctx, "short", {"live": []})
-    assert choice.value == "long" and session["live"] == ["long"]
+    choice, _, _, stop, session, *_ = train.refresh(ctx, "short", {"live": []})
+    assert choice.value == "long" and session["live"] == ["long"] and stop.interactive is True
+    # While it trains, the history row follows it every few seconds, not only when a run starts or ends.
+    _, history, _, stop, session, *_ = train.refresh(ctx, "long", {**session, "key": None, "listed_at": 0.0})
+    assert dict(zip(history["run"], history["status"]))["long"] == "running" and _is_skip(stop)
+    _, history, *_ = train.refresh(ctx, "long", {**session, "key": None})
+    assert _is_skip(history)  # drawn less than HISTORY_EVERY_S ago
     # The browser that pressed Start already counts the run as live; its next tick still lists it.
     choice, history, *_ = train.refresh(ctx, "long", {"live": ["long"], "ids": ["short"]})
     assert ("long", "long") in choice.choices and "long" in list(history["run"])
@@ -333,5 +370,6 @@ def test_api_stop_ends_a_long_run_as_stopped(served, capsys):
     assert st["status"] == "stopped" and 1 <= st["step"] < 300
     assert ctx.store.active() is None
     assert client.predict(api_name="/stop") == "No run is training."
-    train.refresh(ctx, "long", session)
+    stop = train.refresh(ctx, "long", session)[3]
     assert f"Run long stopped at step {st['step']}" in capsys.readouterr().out
+    assert stop.interactive is False

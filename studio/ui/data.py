@@ -13,6 +13,10 @@ lets the Presets tab drive it).  Every failure (unreadable file, bad mapping, mi
 visible sentence in the status, never a traceback.  Only files under ``samples/`` and the uploads folder are
 read (``check_data_path``): the preview endpoint never shows another file of the server.
 
+Layout: source and column mapping, then the preview controls (template, tokenizer, examples shown), the
+preview itself, its counts and length histogram; length, validation and sampling settings sit in a closed
+accordion below.
+
 Handlers are plain functions, tested directly: ``store_upload``, ``load_source``, ``refresh``
 (served as ``api_name="preview"`` with simple values) and ``mapping_state``.
 """
@@ -59,6 +63,7 @@ class DataUI:
     path: gr.Textbox
     sample: gr.Dropdown
     upload: gr.File
+    val_upload: gr.UploadButton
     hub_load: gr.Button
     mapping: gr.State
     role_dropdowns: dict
@@ -315,14 +320,15 @@ def pick_sample(path: str):
 
 
 def on_upload(file, current_path: str):
-    """-> (data.path, hub cleared, source line); a refused upload keeps the current data and says why."""
+    """-> (data.path, hub cleared, source line, sample cleared); a refused upload keeps the current data
+    (and the sample shown) and says why."""
     if not file:
-        return current_path, gr.update(), source_label(current_path)
+        return current_path, gr.update(), source_label(current_path), gr.update()
     try:
         dest = str(store_upload(file))
     except (DataError, SecurityError, OSError) as e:
-        return current_path, gr.update(), f"⚠️ Upload refused: {e}"
-    return dest, "", source_label(dest)
+        return current_path, gr.update(), f"⚠️ Upload refused: {e}", gr.update()
+    return dest, "", source_label(dest), None
 
 
 def use_hub(hub_dataset: str, hub_config: str, split: str):
@@ -381,7 +387,7 @@ def build(ctx, base_model=None) -> DataUI:
                                  label="Sample file", info="Shipped finance samples in several formats.",
                                  elem_id="data-sample")
             upload = gr.File(label="…or upload a file (JSONL, JSON, CSV, Parquet)", file_types=list(SUFFIXES),
-                             type="filepath", elem_id="data-upload")
+                             type="filepath", elem_id="data-upload", height=140)
             with gr.Accordion("…or a Hugging Face dataset (needs internet)", open=bool(d.hub_dataset)):
                 hub = widget("data.hub_dataset", d.hub_dataset, label="dataset id", elem_id="data-hub-dataset")
                 hub_config = widget("data.hub_config", d.hub_config, label="config", elem_id="data-hub-config")
@@ -392,43 +398,19 @@ def build(ctx, base_model=None) -> DataUI:
         with gr.Column(scale=1):
             schema = gr.Markdown(schema0, elem_id="data-schema")
             role_dds = {}
-            with gr.Row():
-                for role, upd, value in zip(ROLE_ORDER, rest[:5], roles0):
-                    role_dds[role] = gr.Dropdown(choices=upd["choices"], value=value, label=f"{role} column",
-                                                 elem_id=f"data-map-{role}", min_width=120)
+            # Short labels with room for a column name: the three common roles, then the chat ones.
+            for group in (ROLE_ORDER[:3], ROLE_ORDER[3:]):
+                with gr.Row():
+                    for role in group:
+                        upd, value = rest[ROLE_ORDER.index(role)], roles0[ROLE_ORDER.index(role)]
+                        role_dds[role] = gr.Dropdown(choices=upd["choices"], value=value, label=role,
+                                                     elem_id=f"data-map-{role}", min_width=160)
             mapping = gr.State(dict(d.mapping))
             detected = gr.State(rest[5])
 
+    # The preview is the point of the tab: it comes right after the choices that shape it.
     with gr.Row():
-        with gr.Column(scale=1):
-            template = widget("data.template", d.template, elem_id="data-template")
-            custom_prompt = widget("data.custom_prompt", d.custom_prompt, lines=4, visible=d.template == "custom",
-                                   elem_id="data-custom-prompt")
-            custom_response = widget("data.custom_response", d.custom_response, lines=2,
-                                     visible=d.template == "custom", elem_id="data-custom-response")
-        template_text = gr.Textbox(describe(TemplateSpec.from_config(d)), label="template text", lines=7,
-                                   interactive=False, elem_id="data-template-text", scale=1)
-
-    with gr.Accordion("Length, validation split and sampling", open=True):
-        with gr.Row():
-            max_length = widget("data.max_length", d.max_length, elem_id="data-max-length")
-            train_on_inputs = widget("data.train_on_inputs", d.train_on_inputs, elem_id="data-train-on-inputs")
-            seed = widget("data.seed", d.seed, elem_id="data-seed")
-        with gr.Row():
-            train_samples = widget("data.train_samples", d.train_samples, elem_id="data-train-samples")
-            val_samples = widget("data.val_samples", d.val_samples, elem_id="data-val-samples")
-            val_fraction = widget("data.val_fraction", d.val_fraction, elem_id="data-val-fraction")
-        with gr.Row():
-            val_path = gr.Dropdown(choices=[("none: hold out from the data", "")] + list(samples.items()),
-                                   value=d.val_path, allow_custom_value=True, label="validation file",
-                                   info="A separate validation file overrides val samples and val fraction.",
-                                   elem_id="data-val-path")
-            with gr.Column():
-                val_upload = gr.File(label="upload a validation file", file_types=list(SUFFIXES), type="filepath",
-                                     elem_id="data-val-upload")
-                val_note = gr.Markdown(elem_id="data-val-note")
-
-    with gr.Row():
+        template = widget("data.template", d.template, elem_id="data-template")
         base_box = base_model if base_model is not None else gr.Textbox(
             model0, label="tokenizer of", info="Base model whose tokenizer counts the tokens.",
             elem_id="data-base-model")
@@ -437,11 +419,38 @@ def build(ctx, base_model=None) -> DataUI:
     highlighted = gr.HighlightedText(pieces0, label="preview: what the model sees", color_map=COLORS,
                                      show_legend=True, combine_adjacent=False, elem_id="data-preview")
     with gr.Row():
-        counts = gr.Dataframe(value=rows0 or None, headers=COUNT_HEADERS, label="tokens per example",
-                              interactive=False, elem_id="data-counts", scale=1)
+        with gr.Column(scale=1):
+            counts = gr.Dataframe(value=rows0 or None, headers=COUNT_HEADERS, label="tokens per example",
+                                  interactive=False, elem_id="data-counts")
+            template_text = gr.Textbox(describe(TemplateSpec.from_config(d)), label="template text", lines=7,
+                                       interactive=False, elem_id="data-template-text")
+            # Shown only for the custom template, under the text it produces.
+            custom_prompt = widget("data.custom_prompt", d.custom_prompt, lines=4, visible=d.template == "custom",
+                                   elem_id="data-custom-prompt")
+            custom_response = widget("data.custom_response", d.custom_response, lines=2,
+                                     visible=d.template == "custom", elem_id="data-custom-response")
         with gr.Column(scale=2):
             histogram = gr.Plot(fig0, label="example lengths", elem_id="data-lengths")
             length_summary = gr.Markdown(summary0, elem_id="data-length-summary")
+
+    with gr.Accordion("Length, validation split and sampling", open=False):
+        with gr.Row():
+            max_length = widget("data.max_length", d.max_length, elem_id="data-max-length")
+            seed = widget("data.seed", d.seed, elem_id="data-seed")
+            with gr.Column(min_width=220):  # Gradio ignores a Checkbox's own min_width
+                train_on_inputs = widget("data.train_on_inputs", d.train_on_inputs, elem_id="data-train-on-inputs")
+        with gr.Row():
+            train_samples = widget("data.train_samples", d.train_samples, elem_id="data-train-samples")
+            val_samples = widget("data.val_samples", d.val_samples, elem_id="data-val-samples")
+            val_fraction = widget("data.val_fraction", d.val_fraction, elem_id="data-val-fraction")
+        with gr.Row(equal_height=True):
+            val_path = gr.Dropdown(choices=[("none: hold out from the data", "")] + list(samples.items()),
+                                   value=d.val_path, allow_custom_value=True, label="validation file",
+                                   info="A separate validation file overrides val samples and val fraction.",
+                                   elem_id="data-val-path", scale=3)
+            val_upload = gr.UploadButton("Upload a validation file…", file_types=list(SUFFIXES), type="filepath",
+                                         elem_id="data-val-upload", scale=1, min_width=160)
+        val_note = gr.Markdown(elem_id="data-val-note")
 
     role_list = list(role_dds.values())
     preview_inputs = [path, hub, hub_config, split, *role_list, template, custom_prompt, custom_response,
@@ -455,7 +464,7 @@ def build(ctx, base_model=None) -> DataUI:
             .then(refresh, preview_inputs, preview_outputs, api_visibility="private")
 
     reload(sample.input(pick_sample, sample, [path, hub, source], api_visibility="private"))
-    reload(upload.upload(on_upload, [upload, path], [path, hub, source], api_visibility="private"))
+    reload(upload.upload(on_upload, [upload, path], [path, hub, source, sample], api_visibility="private"))
     reload(hub_load.click(use_hub, [hub, hub_config, split], [path, sample, source], api_visibility="private"))
     val_upload.upload(on_val_upload, [val_upload, val_path], [val_path, val_note], api_visibility="private")
     template.input(template_changed, [template, custom_prompt, custom_response],
@@ -478,6 +487,6 @@ def build(ctx, base_model=None) -> DataUI:
             "data.custom_response", "data.mapping", "data.max_length", "data.train_on_inputs", "data.seed"]
     inputs = [path, hub, hub_config, split, train_samples, val_samples, val_fraction, val_path, template,
               custom_prompt, custom_response, mapping, max_length, train_on_inputs, seed]
-    return DataUI(keys, inputs, path, sample, upload, hub_load, mapping, role_dds, schema, template_text,
+    return DataUI(keys, inputs, path, sample, upload, val_upload, hub_load, mapping, role_dds, schema, template_text,
                   highlighted, counts, histogram, length_summary, status, source, base_box, preview_inputs,
                   preview_outputs)

@@ -5,6 +5,7 @@ Contract:
   (those with a final adapter), scores from ``studio.evaluate.evaluate_run``.
 - Choosing a run shows its saved ``<run>/evaluation.json`` when there is one, so a reload or an app
   restart shows the same numbers.
+- The result tables stay hidden (in the page, taking no room) until there are scores to show.
 - Named endpoint ``evaluate`` (run id, limit, max new tokens -> status, table [metric, base, tuned],
   best examples, worst examples); examples have columns prompt, reference, base, tuned, ROUGE-L.
 - Errors become the status line, never a traceback.
@@ -26,7 +27,6 @@ from studio.ui.messages import USER_ERRORS, message
 TABLE_HEADERS = ["metric", "base", "tuned"]
 EXAMPLE_HEADERS = ["prompt", "reference", "base", "tuned", "ROUGE-L (tuned)"]
 EXAMPLES_SHOWN = 3
-
 
 
 def has_adapter(run: Run) -> bool:
@@ -57,6 +57,11 @@ def tables(ev: Evaluation) -> tuple[dict, dict, dict]:
     best, worst = ev.best_worst(EXAMPLES_SHOWN)
     return ({"headers": TABLE_HEADERS, "data": ev.table()}, {"headers": EXAMPLE_HEADERS, "data": rows(best)},
             {"headers": EXAMPLE_HEADERS, "data": rows(worst)})
+
+
+def results_visible(table: dict) -> bool | str:
+    """Visibility of the results: shown once there are scores, else hidden but kept in the page."""
+    return True if table["data"] else "hidden"
 
 
 def saved(run: Run) -> Evaluation | None:
@@ -120,10 +125,10 @@ def build(ctx) -> EvaluateUI:
     first = run_choices(store)
     first_id = first[0][1] if first else None
     status0, table0, best0, worst0 = show_saved(store, first_id)
-    with gr.Row():
+    with gr.Row(equal_height=True):  # the refresh button right beside the list it refreshes
         run = gr.Dropdown(choices=first, value=first_id, label="Run", info="Runs with a final adapter.",
                           elem_id="eval-run", scale=3)
-        refresh = gr.Button("↻ Refresh", elem_id="eval-refresh", scale=0, size="sm")
+        refresh = gr.Button("↻ Refresh", elem_id="eval-refresh", scale=0, min_width=110)
     with gr.Row():
         limit = gr.Slider(1, 500, value=50, step=1, label="examples",
                           info="How many held-out examples to score.", elem_id="eval-limit")
@@ -131,24 +136,31 @@ def build(ctx) -> EvaluateUI:
                             info="Answer length for exact match and ROUGE-L.", elem_id="eval-max-new-tokens")
     eval_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
     status = gr.Markdown(status0, elem_id="eval-status")
-    table = gr.Dataframe(table0, label="Base vs tuned", interactive=False, elem_id="eval-table")
-    best = gr.Dataframe(best0, label="Best examples (tuned ROUGE-L)", interactive=False, wrap=True,
-                        elem_id="eval-best")
-    worst = gr.Dataframe(worst0, label="Worst examples (tuned ROUGE-L)", interactive=False, wrap=True,
-                         elem_id="eval-worst")
+    # Empty tables say nothing: they appear with the first scores.  "hidden" keeps them in the page
+    # (without taking room), so their progress shows while an evaluation runs.
+    with gr.Column(visible=results_visible(table0), elem_id="eval-results") as results:
+        table = gr.Dataframe(table0, label="Base vs tuned", interactive=False, elem_id="eval-table")
+        best = gr.Dataframe(best0, label="Best examples (tuned ROUGE-L)", interactive=False, wrap=True,
+                            elem_id="eval-best")
+        worst = gr.Dataframe(worst0, label="Worst examples (tuned ROUGE-L)", interactive=False, wrap=True,
+                             elem_id="eval-worst")
 
     def on_refresh(current):
         return refresh_runs(store, current)
 
+    def with_results(out):
+        return (*out, gr.Column(visible=results_visible(out[1])))
+
     def on_select(run_id):
-        return show_saved(store, run_id)
+        return with_results(show_saved(store, run_id))
 
     def on_evaluate(run_id, n, max_new_tokens):
-        return evaluate(store, run_id, n, max_new_tokens)
+        return with_results(evaluate(store, run_id, n, max_new_tokens))
 
     refresh.click(on_refresh, run, run, api_visibility="private")
     # On page load: pick up runs that finished since the app started (the newest first).
     gr.on(None, lambda: refresh_runs(store, None), outputs=run, api_visibility="private")
-    run.change(on_select, run, [status, table, best, worst], api_visibility="private")
-    eval_btn.click(on_evaluate, [run, limit, max_new], [status, table, best, worst], api_name="evaluate")
+    # The column is a layout block: API clients still get (status, table, best, worst).
+    run.change(on_select, run, [status, table, best, worst, results], api_visibility="private")
+    eval_btn.click(on_evaluate, [run, limit, max_new], [status, table, best, worst, results], api_name="evaluate")
     return EvaluateUI(run, refresh, limit, max_new, eval_btn, status, table, best, worst)

@@ -24,7 +24,6 @@ from studio.runs import Run, RunStore
 from studio.ui.messages import USER_ERRORS, message, scrub
 
 
-
 def has_adapter(run: Run) -> bool:
     return (run.adapter_dir / "adapter_model.safetensors").exists()
 
@@ -108,15 +107,16 @@ def build(ctx) -> ExportUI:
     store = ctx.store
     first = run_choices(store)
     first_id = first[0][1] if first else None
-    with gr.Row():
+    with gr.Row(equal_height=True):  # the refresh button right beside the list it refreshes
         run = gr.Dropdown(choices=first, value=first_id, label="Run", info="Runs with a final adapter.",
                           elem_id="export-run", scale=3)
-        refresh = gr.Button("↻ Refresh", elem_id="export-refresh", scale=0, size="sm")
+        refresh = gr.Button("↻ Refresh", elem_id="export-refresh", scale=0, min_width=110)
     status = gr.Markdown(elem_id="export-status")
     with gr.Row():
         with gr.Column():
             zip_btn = gr.Button("Zip the adapter", elem_id="export-zip")
-            file = gr.File(label="Adapter zip", interactive=False, elem_id="export-file")
+            # Shown once a zip exists: empty, the file box is a tall blank panel.
+            file = gr.File(label="Adapter zip", interactive=False, elem_id="export-file", visible=False)
         with gr.Column():
             merge_btn = gr.Button("Merge into a 16-bit model", elem_id="export-merge")
             gr.Markdown("Loads the base unquantized, merges the adapter and saves a standalone model "
@@ -153,7 +153,8 @@ def build(ctx) -> ExportUI:
     # On page load: pick up runs that finished since the app started (the newest first).
     gr.on(None, lambda: refresh_runs(store, None), outputs=run, api_visibility="private")
     gr.on([run.change, merged.change], on_snippet, [run, merged], code, api_visibility="private")
-    zip_btn.click(on_zip, run, [file, status], api_name="zip")
+    zip_btn.click(on_zip, run, [file, status], api_name="zip") \
+        .then(lambda path: gr.File(visible=bool(path)), file, file, api_visibility="private")
     merge_btn.click(on_merge, run, [status, code], api_name="merge")
     push_btn.click(on_push, [run, repo, private, merged, token], [status, token], api_name="push")
     return ExportUI(run, refresh, status, zip_btn, file, merge_btn, repo, private, merged, token, push_btn, code)

@@ -235,10 +235,10 @@ def build(ctx) -> PlaygroundUI:
         ck_names, ck_chosen, first_prompts = run_defaults(store, first[0][1] if first else None)
     except USER_ERRORS:
         ck_names, ck_chosen, first_prompts = [], [], None
-    with gr.Row():
+    with gr.Row(equal_height=True):  # the refresh button right beside the list it refreshes
         run = gr.Dropdown(choices=first, value=first[0][1] if first else None, label="Run",
                           info="Runs with a final adapter or checkpoints.", elem_id="pg-run", scale=3)
-        refresh = gr.Button("↻ Refresh", elem_id="pg-refresh", scale=0, size="sm")
+        refresh = gr.Button("↻ Refresh", elem_id="pg-refresh", scale=0, min_width=110)
     checkpoints = gr.CheckboxGroup(choices=ck_names, value=ck_chosen, label="Checkpoints to load",
                                    info="Loaded beside the final adapter (always loaded when the run has one).",
                                    elem_id="pg-checkpoints")

@@ -50,13 +50,22 @@ class PresetsUI:
     fit_verdict: gr.Markdown
     save_name: gr.Textbox
     save_button: gr.Button
-    yaml_upload: gr.File
+    yaml_upload: gr.UploadButton
     status: gr.Markdown
 
 
 def display(key: str, value):
     """A config value as its widget shows it (lists as comma-separated text)."""
     return ", ".join(value) if isinstance(value, list) else value
+
+
+def shown(value) -> str:
+    """A value in the changes list: numbers as people write them (4 not 4.0, 2e-05), text quoted."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    return repr(value)
 
 
 def values_of(cfg: RunConfig) -> list:
@@ -116,7 +125,7 @@ def changes(base: dict, *values) -> str:
     except (ConfigError, SecurityError) as e:
         return f"⚠️ {e}"
     diff = [(k, get_value(before, k), get_value(after, k)) for k in KEYS]
-    lines = [f"- `{k}`: {display(k, a)!r} → {display(k, b)!r}" for k, a, b in diff if a != b]
+    lines = [f"- `{k}`: {shown(display(k, a))} → {shown(display(k, b))}" for k, a, b in diff if a != b]
     if not lines:
         return f"No changes from **{before.name}**."
     return f"**{len(lines)} changed from {before.name}:**\n" + "\n".join(lines)
@@ -232,15 +241,34 @@ def _triggers(components: dict) -> list:
     return out
 
 
+def _section(cfg0: RunConfig, section: str, components: dict) -> None:
+    """One section's widgets in a wrapping row, its checkboxes in a row of their own after them: Gradio
+    ignores a Checkbox's min_width, so beside sliders a checkbox would be squeezed to a sliver."""
+    keys = [k for k in KEYS if k.startswith(section + ".")]
+    flags = [k for k in keys if field_type(k) is bool]
+
+    def make(key):
+        components[key] = widget(key, get_value(cfg0, key), min_width=220,
+                                 elem_id="presets-" + key.replace(".", "-").replace("_", "-"))
+
+    with gr.Row():
+        for key in keys:
+            if key not in flags:
+                make(key)
+    if flags:
+        with gr.Row():
+            for key in flags:
+                with gr.Column(min_width=220):
+                    make(key)
+
+
 def build(ctx) -> PresetsUI:
     cfg0, status0 = _initial(ctx)
     names = list(list_presets())
-    with gr.Row():
+    with gr.Row(equal_height=True):
         preset = gr.Dropdown(choices=names, value=cfg0.name if cfg0.name in names else None, label="Preset",
-                             info="Shipped presets and the ones you saved.", elem_id="presets-choice", scale=2)
-        yaml_upload = gr.File(label="load a preset YAML", file_types=[".yaml", ".yml"], type="filepath",
-                              elem_id="presets-yaml", scale=1)
-    description = gr.Markdown(describe_preset(cfg0), elem_id="presets-description")
+                             info="Shipped presets and the ones you saved.", elem_id="presets-choice", scale=1)
+        description = gr.Markdown(describe_preset(cfg0), elem_id="presets-description")
     status = gr.Markdown(status0, elem_id="presets-status")
     base = gr.State(cfg0.to_dict())
 
@@ -249,12 +277,15 @@ def build(ctx) -> PresetsUI:
         with gr.Column(scale=3):
             for title, section in SECTIONS:
                 with gr.Accordion(title, open=section != "output"):
-                    with gr.Row():
-                        for key in (k for k in KEYS if k.startswith(section + ".")):
-                            components[key] = widget(key, get_value(cfg0, key),
-                                                     elem_id="presets-" + key.replace(".", "-").replace("_", "-"),
-                                                     min_width=220)
+                    _section(cfg0, section, components)
         with gr.Column(scale=2):
+            with gr.Row(equal_height=True):
+                save_name = gr.Textbox(label="save as preset", show_label=False, container=False,
+                                       placeholder="name to save as, e.g. my-preset", elem_id="presets-save-name",
+                                       scale=1, min_width=140)
+                save_button = gr.Button("Save preset", elem_id="presets-save", scale=0, min_width=130, size="md")
+                yaml_upload = gr.UploadButton("Load YAML…", file_types=[".yaml", ".yml"], type="filepath",
+                                              elem_id="presets-yaml", scale=0, min_width=130, size="md")
             gr.Markdown("### Changes from the preset")
             values0 = values_of(cfg0)
             changed = gr.Markdown(changes(cfg0.to_dict(), *values0), elem_id="presets-changes")
@@ -263,9 +294,6 @@ def build(ctx) -> PresetsUI:
             fit_verdict = gr.Markdown(verdict0, elem_id="presets-fit-verdict")
             fit_table = gr.Dataframe(value=rows0 or None, headers=FIT_HEADERS, label="estimated peak GPU memory",
                                      interactive=False, wrap=True, elem_id="presets-fit")
-            with gr.Row():
-                save_name = gr.Textbox(label="save as preset", placeholder="my-preset", elem_id="presets-save-name")
-                save_button = gr.Button("Save preset", elem_id="presets-save")
 
     inputs = [components[k] for k in KEYS]
     state_in = [base, *inputs]

@@ -33,7 +33,7 @@ from plotly.colors import qualitative
 from studio import worker
 from studio.config import ConfigError, RunConfig
 from studio.data.files import DataError, check_size
-from studio.runs import LIVE, Run, RunStore, status_of
+from studio.runs import LIVE, TERMINAL, Run, RunStore, status_of
 from studio.security import SecurityError, redact
 from studio.ui.data import check_data_path
 from studio.ui.messages import message
@@ -41,11 +41,16 @@ from studio.ui.widgets import to_config
 
 SAMPLE_HEADERS = ["step", "prompt", "reference", "answer"]
 HISTORY_HEADERS = ["run", "status", "preset", "step", "train loss", "eval loss"]
-LOG_LINES = 30
+LOG_LINES = 12
 # A cooperative stop lets the worker finish its step and write a checkpoint; a 7B step plus a
 # checkpoint save can take a minute on a busy GPU, so wait this long before ending the process group.
 STOP_GRACE = 120.0
 GIB = 2**30
+# Gradio draws the plot's label as a badge over the top-left corner: the legend goes above the plot,
+# right-aligned, in a top margin tall enough to clear it.
+TOP_MARGIN = 60
+LEGEND = dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1)
+HISTORY_EVERY_S = 5.0  # while a run trains, the history table (a summary of every run) is redrawn this often
 
 
 @dataclass
@@ -102,7 +107,8 @@ def _last(events: list[dict], type_: str, **match) -> dict | None:
 def _empty_figure(text: str, height: int = 320) -> go.Figure:
     fig = go.Figure()
     fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_layout(height=height, xaxis_visible=False, yaxis_visible=False, margin=dict(l=10, r=10, t=30, b=10))
+    fig.update_layout(height=height, xaxis_visible=False, yaxis_visible=False, margin=dict(l=10, r=10, t=30, b=10),
+                      plot_bgcolor="rgba(0,0,0,0)")
     return fig
 
 
@@ -117,9 +123,9 @@ def loss_figure(events: list[dict]) -> go.Figure:
     fig.add_trace(go.Scatter(x=s, y=v, name="learning rate", mode="lines", yaxis="y2",
                              line=dict(dash="dot", width=1.5)))
     fig.update_layout(
-        height=360, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="step", yaxis_title="loss",
+        height=360, margin=dict(l=10, r=10, t=TOP_MARGIN, b=10), xaxis_title="step", yaxis_title="loss",
         yaxis2=dict(title="learning rate", overlaying="y", side="right", showgrid=False, exponentformat="e"),
-        legend=dict(orientation="h", y=1.12), hovermode="x unified",
+        legend=LEGEND, hovermode="x unified",
         uirevision="loss")  # keeps the user's zoom across the once-a-second updates
     return fig
 
@@ -127,7 +133,8 @@ def loss_figure(events: list[dict]) -> go.Figure:
 def memory_figure(events: list[dict]) -> go.Figure:
     """A gauge of memory used / total at the last metric, with the run's peak as a red mark.
 
-    GPU memory when the worker trains on CUDA, else system RAM with the worker's peak RSS.
+    GPU memory when the worker trains on CUDA, else system RAM with the worker's peak RSS.  When the
+    metric carries several GPUs (``memory.gpus``, a run spread over them), one bar per GPU instead.
     """
     mems = [e["memory"] for e in events if e.get("type") == "metric" and isinstance(e.get("memory"), dict)]
     if not mems:
@@ -135,16 +142,37 @@ def memory_figure(events: list[dict]) -> go.Figure:
     last = mems[-1]
     on_gpu = last.get("device") == "cuda"
     peak = max((m.get("peak" if on_gpu else "rss") or 0) for m in mems) / GIB
+    gpus = [g for g in last.get("gpus") or [] if isinstance(g, dict)]
+    if on_gpu and len(gpus) > 1:
+        return _gpu_bars(gpus, peak)
     used, total = (last.get("used") or 0) / GIB, (last.get("total") or 0) / GIB
-    what = "GPU memory" if on_gpu else "RAM (no GPU)"
-    peak_what = "run peak" if on_gpu else "worker peak RSS"
+    what = "GPU memory in use" if on_gpu else "system RAM in use (no GPU)"
+    peak_what = "run peak allocated" if on_gpu else "training worker peak"
     fig = go.Figure(go.Indicator(
         mode="gauge+number", value=round(used, 2),
-        number=dict(suffix=f" / {total:.1f} GiB", valueformat=".2f"),
-        title=dict(text=f"{what}<br><span style='font-size:0.75em'>{peak_what} {peak:.2f} GiB</span>"),
+        number=dict(suffix=f" / {total:.1f} GiB", valueformat=".2f", font_size=40),
+        title=dict(text=f"{what}<br><span style='font-size:0.8em'>{peak_what} {peak:.2f} GiB</span>", font_size=18),
         gauge=dict(axis=dict(range=[0, max(total, 1e-3)]), bar=dict(color="#2a9d8f"),
                    threshold=dict(line=dict(color="#e63946", width=4), thickness=0.8, value=peak))))
     fig.update_layout(height=300, margin=dict(l=25, r=25, t=70, b=10))
+    return fig
+
+
+def _gpu_bars(gpus: list[dict], peak: float) -> go.Figure:
+    """One horizontal bar per GPU: used of total GiB, the total drawn as a pale track behind it."""
+    names = [f"GPU {g.get('index', i)}" for i, g in enumerate(gpus)]
+    used = [(g.get("used") or 0) / GIB for g in gpus]
+    total = [(g.get("total") or 0) / GIB for g in gpus]
+    fig = go.Figure([
+        go.Bar(y=names, x=total, orientation="h", marker_color="#e5e7eb", hoverinfo="skip", showlegend=False),
+        go.Bar(y=names, x=used, orientation="h", marker_color="#2a9d8f", showlegend=False,
+               text=[f"{u:.1f} / {t:.0f} GiB" for u, t in zip(used, total)], textposition="outside",
+               hovertemplate="%{y}: %{x:.2f} GiB<extra></extra>")])
+    fig.update_layout(
+        barmode="overlay", height=300, margin=dict(l=10, r=10, t=70, b=10), plot_bgcolor="rgba(0,0,0,0)",
+        title=dict(text=f"GPU memory in use, per GPU<br><span style='font-size:0.8em'>run peak allocated "
+                        f"{peak:.2f} GiB (rank 0)</span>", x=0.5, font_size=18),
+        xaxis=dict(title="GiB", range=[0, max(total + [1e-3]) * 1.25]), yaxis=dict(autorange="reversed"))
     return fig
 
 
@@ -156,7 +184,7 @@ def _clock(seconds: float | None) -> str:
 
 
 def progress_text(events: list[dict], status: str, now: float | None = None) -> str:
-    """HTML progress bar and one line: step/max_steps, epoch, elapsed, ETA, tokens/s."""
+    """HTML progress bar and one line: step/max_steps, epoch, elapsed, ETA, average tokens/s."""
     now = time.time() if now is None else now
     # A run trains in segments (one per start or resume); each begins with a "running" status event.
     segments: list[dict] = []
@@ -173,24 +201,40 @@ def progress_text(events: list[dict], status: str, now: float | None = None) -> 
     first = int(start.get("step") or 0)  # the checkpoint step a resumed segment starts from
     max_steps = int((m or start).get("max_steps") or 0)
     step = int(m["step"]) if m else first
+    if status in TERMINAL:
+        # Metrics come every logging_steps; the final status names the step training really ended at.
+        final = _last(events, "status", status=status) or {}
+        step = int(final.get("step") or (max_steps if status == "completed" else step))
+        max_steps = max(max_steps, step)
     live = status in LIVE
     # Earlier segments count in full; the current one up to now while it is live.
     done = sum((s["last"] or {}).get("elapsed", 0) or 0 for s in segments[:-1])
     current = now - start["t"] if live else ((m or {}).get("elapsed") or 0)
     eta = None
-    if m and step > first and m.get("elapsed"):
-        per_step = m["elapsed"] / (step - first)
+    if m and int(m["step"]) > first and m.get("elapsed"):
+        per_step = m["elapsed"] / (int(m["step"]) - first)
         eta = per_step * max(max_steps - step, 0) if live else (0 if status == "completed" else None)
-    tps = _num((m or {}).get("tokens_per_s"))
+    tps = average_tokens_per_s(segments)
     epoch = _num((m or {}).get("epoch"))
     pct = 100 * step / max_steps if max_steps else 0
     parts = [f"step {step} / {max_steps} ({pct:.0f}%)",
              f"epoch {epoch:.2f}" if epoch is not None else "epoch —",
              f"elapsed {_clock(done + current)}",
              f"ETA {_clock(eta)}",
-             f"{tps:,.0f} tokens/s" if tps is not None else "— tokens/s"]
+             f"{tps:,.0f} tokens/s average" if tps is not None else "— tokens/s"]
     return (f"<div class='train-progress'><progress value='{step}' max='{max(max_steps, 1)}' style='width:100%'>"
             f"</progress><div>{' · '.join(parts)} · <b>{html.escape(status)}</b></div></div>")
+
+
+def average_tokens_per_s(segments: list[dict]) -> float | None:
+    """Tokens seen over the training time of every segment, up to the last metric: steadier than one
+    logging interval, which swings with example lengths and evaluation pauses."""
+    last = next((s["last"] for s in reversed(segments) if s["last"]), None)
+    seconds = sum(_num((s["last"] or {}).get("elapsed")) or 0 for s in segments)
+    seen = _num((last or {}).get("tokens_seen"))
+    if not seen or seconds <= 0:
+        return _num((last or {}).get("tokens_per_s"))  # events written before tokens_seen existed
+    return seen / seconds
 
 
 def status_text(run_id: str, events: list[dict], status: str) -> str:
@@ -297,7 +341,7 @@ def history_rows(store: RunStore) -> list[list]:
 def compare_figure(runs: list[Run]) -> go.Figure:
     """One training-loss line per run (validation loss dotted, same colour), on one step axis."""
     if not runs:
-        return _empty_figure("choose runs above to compare their loss curves")
+        return _empty_figure("choose runs above to compare their loss curves", height=160)
     fig = go.Figure()
     palette = qualitative.Plotly
     for i, run in enumerate(runs):
@@ -309,8 +353,8 @@ def compare_figure(runs: list[Run]) -> go.Figure:
         if s:
             fig.add_trace(go.Scatter(x=s, y=v, name=f"{run.id} validation", mode="lines+markers",
                                      line=dict(color=color, dash="dot"), legendgroup=run.id))
-    fig.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="step", yaxis_title="loss",
-                      legend=dict(orientation="h", y=1.15))
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=TOP_MARGIN, b=10), xaxis_title="step",
+                      yaxis_title="loss", legend=LEGEND)
     return fig
 
 
@@ -376,7 +420,7 @@ def run_status(store: RunStore, run_id: str) -> dict:
 def _session(session: dict | None) -> dict:
     s = dict(session or {})
     return {"live": list(s.get("live", [])), "notified": list(s.get("notified", [])), "key": s.get("key"),
-            "ids": list(s.get("ids", []))}
+            "ids": list(s.get("ids", [])), "listed_at": s.get("listed_at", 0.0), "training": s.get("training")}
 
 
 def poll(store: RunStore, selected: str | None, session: dict | None) -> tuple[str | None, dict, list, bool]:
@@ -384,7 +428,7 @@ def poll(store: RunStore, selected: str | None, session: dict | None) -> tuple[s
 
     Returns (selected run id, session, [(level, text)], whether a run started or ended).  ``session``
     holds the runs seen live in this browser, the run endings already announced, the key of the view
-    drawn last and the run ids listed last.
+    drawn last, the run ids listed last, when the history was drawn and whether Stop was enabled.
     """
     s = _session(session)
     active = store.active()
@@ -440,19 +484,29 @@ def view(ctx, run_id: str | None, unchanged_since: tuple | None = None) -> tuple
 
 def refresh(ctx, selected: str | None, session: dict | None, force: bool = False) -> tuple:
     """Page load (``force``) and timer tick: toasts for runs that ended, then the outputs
-    (run choice, history, compare choices, session, *view); unchanged parts are skipped."""
+    (run choice, history, compare choices, Stop button, session, *view); unchanged parts are skipped."""
     selected, s, notices, changed = poll(ctx.store, selected, session)
     for level, text in notices:
         # A failure stays on screen until closed: its remedy is worth reading.
         (gr.Info if level == "info" else gr.Warning)(text, duration=None if level == "warning" else 10)
-    shown, s["key"] = view(ctx, selected, None if force else s["key"])
+    before = s["key"]
+    shown, s["key"] = view(ctx, selected, None if force else before)
     ids = run_ids(ctx.store)
+    now = time.monotonic()
     if force or changed or ids != s["ids"]:  # a run started, ended or appeared (another browser, the CLI)
         listed = (gr.Dropdown(choices=ids, value=selected), _history_df(ctx.store), gr.Dropdown(choices=ids))
+        s["listed_at"] = now
+    elif s["key"] != before and now - s["listed_at"] >= HISTORY_EVERY_S:
+        # The run shown moved on (status, step, losses): its history row follows, a few times a minute.
+        listed = (gr.skip(), _history_df(ctx.store), gr.skip())
+        s["listed_at"] = now
     else:
         listed = (gr.skip(),) * 3
     s["ids"] = ids
-    return (*listed, s, *shown)
+    training = ctx.store.active() is not None
+    stop = gr.skip() if training == s["training"] and not force else gr.Button(interactive=training)
+    s["training"] = training
+    return (*listed, stop, s, *shown)
 
 
 def _samples_df(rows: list[list]) -> pd.DataFrame:
@@ -468,12 +522,15 @@ def _history_df(store: RunStore) -> pd.DataFrame:
 def build(ctx, data_ui, presets_ui) -> TrainUI:
     store = ctx.store
     keys = list(presets_ui.keys) + list(data_ui.keys)
+    # No label box over the name: the textbox is then as tall as the buttons beside it.
     with gr.Row(equal_height=True):
-        run_name = gr.Textbox(value="", label="Run name (optional)", elem_id="train-run-name", scale=3,
-                              placeholder="letters, digits, . _ -; empty: preset and time")
-        start = gr.Button("Start", variant="primary", elem_id="train-start", scale=1)
-        stop = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
-        resume = gr.Button("Resume", elem_id="train-resume", scale=1)
+        run_name = gr.Textbox(value="", label="Run name (optional)", show_label=False, container=False,
+                              elem_id="train-run-name", scale=3,
+                              placeholder="Run name (optional): letters, digits, . _ -; empty: preset and time")
+        start = gr.Button("Start", variant="primary", elem_id="train-start", scale=1, min_width=100)
+        stop = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1, min_width=100,
+                         interactive=store.active() is not None)
+        resume = gr.Button("Resume", elem_id="train-resume", scale=1, min_width=100)
     message = gr.Markdown(label="Message", elem_id="train-message")
     # Custom values allowed: run folders appear after the page is built (another browser, the CLI),
     # and every id goes through store.get, which validates it.
@@ -486,21 +543,22 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
         memory_plot = gr.Plot(label="Memory", elem_id="train-memory", scale=2)
     samples = gr.Dataframe(value=_samples_df([]), label="Answers to the validation prompts at each evaluation",
                            interactive=False, wrap=True, elem_id="train-samples", max_height=360)
-    log = gr.Textbox(label=f"Worker log (last {LOG_LINES} lines)", lines=8, max_lines=14, interactive=False,
-                     autoscroll=True, elem_id="train-log")
+    # Tall enough for every line kept, so the newest line is always in view without scrolling.
+    log = gr.Textbox(label=f"Worker log (last {LOG_LINES} lines, newest at the bottom)", lines=LOG_LINES,
+                     max_lines=2 * LOG_LINES, interactive=False, autoscroll=True, elem_id="train-log")
     with gr.Accordion("Run history and comparison", open=True):
         history = gr.Dataframe(value=pd.DataFrame(columns=HISTORY_HEADERS), label="Runs (select a row to show it)",
                                interactive=False, elem_id="train-history", max_height=320)
         compare = gr.Dropdown(label="Compare loss curves of", choices=[], value=[], multiselect=True,
                               elem_id="train-compare")
-        compare_plot = gr.Plot(label="Loss curves compared", elem_id="train-compare-plot")
+        compare_plot = gr.Plot(compare_figure([]), label="Loss curves compared", elem_id="train-compare-plot")
     timer = gr.Timer(ctx.timer_seconds)
     session = gr.State({})
     ui = TrainUI(run_name, start, stop, resume, message, run, status, progress, loss_plot, memory_plot, samples,
                  log, history, compare, compare_plot, timer, session)
     view_outputs = [status, progress, loss_plot, memory_plot, samples, log]
 
-    tick_outputs = [run, history, compare, session, *view_outputs]
+    tick_outputs = [run, history, compare, stop, session, *view_outputs]
     gr.on(None, lambda: refresh(ctx, None, None, force=True), inputs=[], outputs=tick_outputs,
           api_visibility="private")  # page load: the active run, else the most recent
     timer.tick(lambda sel, s: refresh(ctx, sel, s), inputs=[run, session], outputs=tick_outputs,
