@@ -72,7 +72,7 @@ def last(gen):
 
 
 def test_run_choices_and_defaults(ctx):
-    assert [v for _, v in playground.run_choices(ctx.store)] == [RUN]
+    assert [v for _, v in playground.run_choices(ctx.store, playground.has_weights)] == [RUN]
     names, chosen, prompts = playground.run_defaults(ctx.store, RUN)
     assert names == ["checkpoint-4", "checkpoint-8"] and chosen == names
     lines = prompts.splitlines()

@@ -22,25 +22,12 @@ import gradio as gr
 from studio.evaluate import Evaluation, evaluate_run
 from studio.playground import gpu_busy
 from studio.runs import Run, RunStore
+from studio.ui.run_picker import has_adapter, refresh_runs, run_choices
 from studio.ui.messages import USER_ERRORS, message
 
 TABLE_HEADERS = ["metric", "base", "tuned"]
 EXAMPLE_HEADERS = ["prompt", "reference", "base", "tuned", "ROUGE-L (tuned)"]
 EXAMPLES_SHOWN = 3
-
-
-def has_adapter(run: Run) -> bool:
-    return (run.adapter_dir / "adapter_model.safetensors").exists()
-
-
-def run_choices(store: RunStore) -> list[tuple[str, str]]:
-    return [(f"{r.id} · {r.status}", r.id) for r in store.list() if has_adapter(r)]
-
-
-def refresh_runs(store: RunStore, current: str | None):
-    choices = run_choices(store)
-    ids = [v for _, v in choices]
-    return gr.Dropdown(choices=choices, value=current if current in ids else (ids[0] if ids else None))
 
 
 def empty() -> tuple[dict, dict, dict]:

@@ -23,6 +23,7 @@ import gradio as gr
 from studio import playground as engine
 from studio.generate import Sampling
 from studio.runs import Run, RunStore
+from studio.ui.run_picker import has_weights, refresh_runs, run_choices
 from studio.ui.messages import USER_ERRORS, message
 
 AB_CHOICES = ["A", "B", "tie"]
@@ -32,20 +33,6 @@ DEFAULT_CHECKPOINTS = 3
 
 
 # ---------------------------------------------------------------- runs and adapters
-
-def loadable(run: Run) -> bool:
-    return (run.adapter_dir / "adapter_model.safetensors").exists() or bool(run.checkpoints())
-
-
-def run_choices(store: RunStore) -> list[tuple[str, str]]:
-    return [(f"{r.id} · {r.status}", r.id) for r in store.list() if loadable(r)]
-
-
-def refresh_runs(store: RunStore, current: str | None):
-    choices = run_choices(store)
-    ids = [v for _, v in choices]
-    return gr.Dropdown(choices=choices, value=current if current in ids else (ids[0] if ids else None))
-
 
 def example_prompts(run: Run, n: int = 3) -> list[str]:
     """The first instructions of the run's validation split (else its training data), one line each."""
@@ -230,7 +217,7 @@ class PlaygroundUI:
 
 def build(ctx) -> PlaygroundUI:
     holder, store = ctx.holder, ctx.store
-    first = run_choices(store)
+    first = run_choices(store, has_weights)
     try:
         ck_names, ck_chosen, first_prompts = run_defaults(store, first[0][1] if first else None)
     except USER_ERRORS:
@@ -287,7 +274,7 @@ def build(ctx) -> PlaygroundUI:
     session_tally = gr.State(session0)
 
     def on_refresh(current):
-        return refresh_runs(store, current)
+        return refresh_runs(store, current, has_weights)
 
     def on_select(run_id):
         return select_run(store, run_id)
@@ -306,7 +293,7 @@ def build(ctx) -> PlaygroundUI:
 
     refresh.click(on_refresh, run, run, api_visibility="private")
     # On page load: pick up runs that finished since the app started (the newest first).
-    gr.on(None, lambda: refresh_runs(store, None), outputs=run, api_visibility="private")
+    gr.on(None, lambda: refresh_runs(store, None, has_weights), outputs=run, api_visibility="private")
     run.change(on_select, run, [checkpoints, prompts], api_visibility="private")
     load_btn.click(on_load, [run, checkpoints], [status, adapter], api_name="load")
     gen_btn.click(on_generate, [prompt, adapter, *settings], [base_out, tuned_out], api_name="generate")
