@@ -31,7 +31,7 @@ _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise SecurityError(
             f"{what}: {name!r} is not allowed; use 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit.")

@@ -116,6 +116,22 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def _disk_full(e: BaseException | None) -> bool:
+    """ENOSPC arrives as OSError, as safetensors' SafetensorError ("os error 28") or as torch.save's
+    RuntimeError ("file write failed"), possibly chained: recognise each."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if any(s in str(e) for s in ("No space left on device", "os error 28", "file write failed")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+DISK_FULL_REMEDY = "free disk space; earlier checkpoints are kept and the run can be resumed."
+
 OOM_REMEDY = ("lower train.batch_size (raise train.grad_accum to keep the effective batch), lower "
               "data.max_length, or turn on model.gradient_checkpointing.")
 
@@ -342,16 +358,18 @@ class Recipe:
                           remedy="fix the named field or file and start again.")
             return "failed"
         except OSError as e:
-            import errno
-
-            full = e.errno == errno.ENOSPC
+            full = _disk_full(e)
             self.run.emit("status", status="failed", step=step(), reason="disk_full" if full else "os_error",
                           message=f"{'disk full' if full else 'file error'} at step {step()}: {e}",
-                          remedy="free disk space; earlier checkpoints are kept and the run can be resumed."
-                          if full else "check the file paths and permissions.")
+                          remedy=DISK_FULL_REMEDY if full else "check the file paths and permissions.")
             return "failed"
         except Exception as e:  # noqa: BLE001 - the worker must always leave a terminal status
             import traceback
+
+            if _disk_full(e):
+                self.run.emit("status", status="failed", step=step(), reason="disk_full",
+                              message=f"disk full at step {step()}: {str(e)[:300]}", remedy=DISK_FULL_REMEDY)
+                return "failed"
 
             traceback.print_exc()
             self.run.emit("status", status="failed", step=step(), reason=type(e).__name__,

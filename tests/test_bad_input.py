@@ -14,13 +14,19 @@ import shutil
 import tracemalloc
 
 import pytest
-
 from conftest import CANARY, SAMPLES
+
 from studio.config import ConfigError, RunConfig
 from studio.data.files import DataError, read_records
 from studio.data.pipeline import prepare
 from studio.hardware import Hardware
-from studio.modeling import ModelError, load_base, load_tokenizer, preflight, resolve_base
+from studio.modeling import (
+    ModelError,
+    load_base,
+    load_tokenizer,
+    preflight,
+    resolve_base,
+)
 from studio.presets import load_preset
 from studio.runs import RunStore
 from studio.training import Recipe
@@ -151,7 +157,7 @@ def test_data_tab_upload_and_train_start_refuse_a_two_gigabyte_file(tmp_path, st
     current = str(SAMPLES / "finance_alpaca.jsonl")
     tracemalloc.start()
     try:
-        path, _, note = data.on_upload(str(big), current)
+        path, _, note, *_ = data.on_upload(str(big), current)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

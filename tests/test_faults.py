@@ -3,8 +3,8 @@ second browser.
 
 Faults are injected into real worker processes through ``STUDIO_FAULTS`` (see ``studio.faults``); the
 runs are the tiny-demo preset cut to 8 steps with a checkpoint every 2.  To keep the file fast on two
-cores, three runs roots train at the same time (one training at a time holds per root, as on one
-machine): a straight run, a NaN run, and an OOM run followed in its root by a killed run and its resume.
+cores, one fixture trains four runs roots at the same time (see ``fault_runs``); the app-kill case serves
+the real app twice.  The disk-full case mounts a small tmpfs, so the file runs as root (as CI does).
 
 Loss comparisons use the last metric event per step (a resumed run logs again the steps after its
 checkpoint) and a tolerance of 1e-4.
@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -91,40 +92,85 @@ def _wait_for(cond, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-# ---- OOM, NaN and a killed worker, beside a straight run ------------------------------------------
+# ---- OOM, NaN, a killed worker and a full disk, beside a straight run ---------------------------------
+
+@contextlib.contextmanager
+def _small_disk(path: Path, size: str = "16m"):
+    assert os.geteuid() == 0, "the disk-full case mounts a small tmpfs and needs root (CI runs as root)"
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(disk: Path, leave: int = 64 * 1024) -> None:
+    """Fill the disk but ``leave`` bytes: event lines still fit, a checkpoint does not."""
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - leave))
+
 
 @pytest.fixture(scope="module")
 def fault_runs(tmp_path_factory, tiny_model_dir):
-    """Three roots train at once: a straight run; a NaN run; and, one after another in the same root, an
-    OOM run, a run killed with SIGKILL and that run resumed.  Returns the runs, the statuses each reached,
-    and what a fresh store (an app restarted after the kill) saw before the resume."""
-    roots = {k: RunStore(tmp_path_factory.mktemp(f"faults_{k}")) for k in ("straight", "nan", "main")}
-    runs = {"straight": worker.start(roots["straight"], _cfg(), "straight", env=_env()),
-            "nan": worker.start(roots["nan"], _cfg(), "nan", env=_env(FAULTS["nan"]))}
-    ends, seen = {}, {}
-    main = roots["main"]
-    try:
-        runs["oom"] = worker.start(main, _cfg(), "oom", env=_env(FAULTS["oom"]))
-        ends["oom"] = worker.wait(runs["oom"], timeout=400)
-        # Another run can start right after an OOM: nothing is held, the same root starts the next one.
-        seen["active after oom"] = main.active()
-        runs["crash"] = worker.start(main, _cfg(), "crash", env=_env(FAULTS["crash"]))
-        ends["crash"] = worker.wait(runs["crash"], timeout=400)
-        seen["fresh store"] = {r.id: r.status for r in RunStore(main.root).list()}
-        seen["resumed from"] = runs["crash"].last_checkpoint()
-        worker.resume(main, runs["crash"], env=_env())
-        ends["resumed"] = worker.wait(runs["crash"], timeout=400)
-        for k in ("straight", "nan"):
-            ends[k] = worker.wait(runs[k], timeout=400)
-    finally:
-        for r in runs.values():
-            if r.worker_alive():
-                worker.stop(r, grace=5)
-    return runs, ends, seen
+    """Four runs roots train at once (one training at a time holds per root, as on one machine):
+    ``straight`` (the reference), ``nan`` (NaN at step 5), ``crash`` (SIGKILL at step 5, then resumed), and
+    a 16 MB disk where an OOM run (at step 5) is followed at once by a run whose disk fills after its first
+    checkpoint.  Yields the runs, the statuses each reached, what was seen between the steps, and the disk."""
+    with _small_disk(tmp_path_factory.mktemp("disk") / "mnt") as disk:
+        roots = {k: RunStore(tmp_path_factory.mktemp(f"faults_{k}")) for k in ("straight", "nan", "crash")}
+        roots["disk"] = RunStore(disk / "runs")
+        runs = {k: worker.start(roots[k], _cfg(), k, env=_env(FAULTS[k])) for k in ("straight", "nan", "crash")}
+        runs["oom"] = worker.start(roots["disk"], _cfg(), "oom", env=_env(FAULTS["oom"]))
+        ends, seen, errors = {}, {}, []
+
+        def crash_then_resume():
+            ends["crash"] = worker.wait(runs["crash"], timeout=400)
+            # As after an app restart: a fresh store over the same folder.
+            seen["fresh store"] = {r.id: r.status for r in RunStore(roots["crash"].root).list()}
+            seen["resumed from"] = runs["crash"].last_checkpoint()
+            worker.resume(roots["crash"], runs["crash"], env=_env())
+            ends["resumed"] = worker.wait(runs["crash"], timeout=400)
+
+        def oom_then_full_disk():
+            ends["oom"] = worker.wait(runs["oom"], timeout=400)
+            # Another run can start right after an OOM: nothing is held, the same root starts the next one.
+            seen["active after oom"] = roots["disk"].active()
+            full = runs["full"] = worker.start(roots["disk"], _cfg(**{"train.max_steps": 9, "train.save_steps": 3}),
+                                               "full", env=_env())
+            _wait_for(lambda: any(e["type"] == "checkpoint" for e in full.all_events()) or not full.worker_alive(),
+                      400, "checkpoint-3", poll=0.05)
+            _fill(disk)
+            ends["full"] = worker.wait(full, timeout=300)  # neither dies silently nor hangs
+
+        def catching(fn):
+            def run():
+                try:
+                    fn()
+                except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread below
+                    errors.append(e)
+            return run
+
+        chains = [threading.Thread(target=catching(f)) for f in (crash_then_resume, oom_then_full_disk)]
+        try:
+            for t in chains:
+                t.start()
+            for k in ("straight", "nan"):
+                ends[k] = worker.wait(runs[k], timeout=400)
+            for t in chains:
+                t.join(timeout=900)
+        finally:
+            for r in runs.values():
+                if r.worker_alive():
+                    worker.stop(r, grace=5)
+        if errors:
+            raise errors[0]
+        yield runs, ends, seen, disk
 
 
 def test_straight_run_completes(fault_runs):
-    runs, ends, _ = fault_runs
+    runs, ends, *_ = fault_runs
     run = runs["straight"]
     assert ends["straight"] == "completed", run.last_status()
     assert sorted(_losses(run)) == list(range(1, STEPS + 1))
@@ -132,7 +178,7 @@ def test_straight_run_completes(fault_runs):
 
 
 def test_oom_fails_with_step_message_and_remedy_keeps_checkpoints_and_frees_the_machine(fault_runs):
-    runs, ends, seen = fault_runs
+    runs, ends, seen, _ = fault_runs
     run = runs["oom"]
     assert ends["oom"] == "failed" and not run.worker_alive()
     last = run.last_status()
@@ -143,14 +189,14 @@ def test_oom_fails_with_step_message_and_remedy_keeps_checkpoints_and_frees_the_
     assert _ck_steps(run) == [2, 4] and [p.name for p in run.checkpoints()] == ["checkpoint-2", "checkpoint-4"]
     assert _load_adapter(run.last_checkpoint())
     _same_losses(runs["straight"], run, after=0, upto=FAULT_STEP - 1)
-    # The next run started at once in the same root (it is the killed run below, which later completes).
-    assert seen["active after oom"] is None and ends["resumed"] == "completed"
+    # The next run started at once in the same root (the disk-full run below, which trained to its checkpoints).
+    assert seen["active after oom"] is None and runs["full"].checkpoints()
 
 
 def test_nan_halts_at_that_step_and_overwrites_nothing(fault_runs):
     from studio.ui.train import finish_notice
 
-    runs, ends, _ = fault_runs
+    runs, ends, *_ = fault_runs
     run = runs["nan"]
     assert ends["nan"] == "halted" and not run.worker_alive()
     last = run.last_status()
@@ -163,26 +209,45 @@ def test_nan_halts_at_that_step_and_overwrites_nothing(fault_runs):
     # Nothing at or after the NaN step was written, and no adapter built from NaN weights.
     assert _ck_steps(run) == [2, 4]
     assert not run.adapter_dir.exists() and not run.adapter_dir.with_name("adapter.partial").exists()
-    # The last good checkpoint is intact: finite, and equal to the straight run's at the same step.
-    good = _load_adapter(run.last_checkpoint())
-    ref = _load_adapter(runs["straight"].checkpoints_dir / "checkpoint-4")
-    assert all(torch.isfinite(t).all() for t in good.values())
+    # The last good checkpoint is intact: it loads, its weights are finite and equal the straight run's.
+    from safetensors.torch import load_file
+
+    assert _load_adapter(run.last_checkpoint())
+    good = load_file(run.last_checkpoint() / "adapter_model.safetensors")
+    ref = load_file(runs["straight"].checkpoints_dir / "checkpoint-4" / "adapter_model.safetensors")
+    assert good.keys() == ref.keys() and all(torch.isfinite(t).all() for t in good.values())
     for name, t in good.items():
         torch.testing.assert_close(t, ref[name], rtol=0, atol=1e-5)
 
 
 def test_killed_worker_is_interrupted_and_resumes_to_the_straight_losses(fault_runs):
-    runs, ends, seen = fault_runs
+    runs, ends, seen, _ = fault_runs
     run = runs["crash"]
     # SIGKILL left no final status: the run reads as interrupted, also to a fresh store (an app restart).
     assert ends["crash"] == "interrupted"
-    assert seen["fresh store"] == {"oom": "failed", "crash": "interrupted"}
+    assert seen["fresh store"] == {"crash": "interrupted"}
     assert seen["resumed from"].name == "checkpoint-4"
     assert ends["resumed"] == "completed", run.last_status()
     assert any(e.get("status") == "resuming" and e.get("checkpoint") == "checkpoints/checkpoint-4"
                for e in run.all_events())
     _same_losses(runs["straight"], run, after=4)
     assert (run.adapter_dir / "adapter_model.safetensors").exists()
+
+
+# ---- disk full while writing a checkpoint --------------------------------------------------------------
+
+def test_disk_full_during_a_checkpoint_fails_cleanly_and_keeps_the_previous_one(fault_runs):
+    runs, ends, _, disk = fault_runs
+    run = runs["full"]
+    assert not run.worker_alive(), "the worker hangs on a full disk"
+    last = run.last_status()
+    assert ends["full"] == "failed", last
+    assert last.get("reason") == "disk_full", last
+    assert last["message"].startswith("disk full at step 6") and "free disk space" in last["remedy"]
+    # The previous checkpoint is complete and loadable; the torn one is not listed.
+    assert _ck_steps(run) == [3, 6] and [p.name for p in run.checkpoints()] == ["checkpoint-3"]
+    (disk / "filler").unlink()
+    assert _load_adapter(run.last_checkpoint())
 
 
 # ---- the app killed with kill -9 while a worker trains; a second browser; stop from the new app -------
@@ -289,46 +354,3 @@ def test_app_killed_mid_run_training_survives_and_the_restarted_app_shows_and_st
             r = store.get("survivor")
             if r.worker_alive():
                 worker.stop(r, grace=5)
-
-
-# ---- disk full while writing a checkpoint --------------------------------------------------------------
-
-@contextlib.contextmanager
-def _small_disk(path: Path, size: str = "16m"):
-    assert os.geteuid() == 0, "this test mounts a small tmpfs and needs root (CI runs as root)"
-    path.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill(disk: Path, leave: int = 64 * 1024) -> None:
-    """Fill the disk but ``leave`` bytes: event lines still fit, a checkpoint does not."""
-    st = os.statvfs(disk)
-    with open(disk / "filler", "wb") as f:
-        f.write(b"\0" * (st.f_bavail * st.f_frsize - leave))
-
-
-def test_disk_full_during_a_checkpoint_fails_cleanly_and_keeps_the_previous_one(tmp_path, tiny_model_dir):
-    with _small_disk(tmp_path / "disk") as disk:
-        store = RunStore(disk / "runs")
-        run = worker.start(store, _cfg(**{"train.max_steps": 9, "train.save_steps": 3}), "full", env=_env())
-        try:
-            _wait_for(lambda: any(e["type"] == "checkpoint" for e in run.all_events()), 240, "checkpoint-3",
-                      poll=0.05)
-            _fill(disk)
-            status = worker.wait(run, timeout=240)  # neither dies silently nor hangs
-            assert not run.worker_alive(), "the worker hangs on a full disk"
-            last = run.last_status()
-            assert status == "failed", last
-            assert last.get("reason") == "disk_full", last
-            assert last["message"].startswith("disk full at step 6") and "free disk space" in last["remedy"]
-            # The previous checkpoint is complete and loadable; the torn one is not listed.
-            assert [p.name for p in run.checkpoints()] == ["checkpoint-3"]
-            (disk / "filler").unlink()
-            assert _load_adapter(run.last_checkpoint())
-        finally:
-            if run.worker_alive():
-                worker.stop(run, grace=5)

@@ -114,6 +114,7 @@ def build(ctx) -> EvaluateUI:
     status0, table0, best0, worst0 = show_saved(store, first_id)
     with gr.Row(equal_height=True):  # the refresh button right beside the list it refreshes
         run = gr.Dropdown(choices=first, value=first_id, label="Run", info="Runs with a final adapter.",
+                          allow_custom_value=True,
                           elem_id="eval-run", scale=3)
         refresh = gr.Button("↻ Refresh", elem_id="eval-refresh", scale=0, min_width=110)
     with gr.Row():

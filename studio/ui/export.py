@@ -96,6 +96,7 @@ def build(ctx) -> ExportUI:
     first_id = first[0][1] if first else None
     with gr.Row(equal_height=True):  # the refresh button right beside the list it refreshes
         run = gr.Dropdown(choices=first, value=first_id, label="Run", info="Runs with a final adapter.",
+                          allow_custom_value=True,
                           elem_id="export-run", scale=3)
         refresh = gr.Button("↻ Refresh", elem_id="export-refresh", scale=0, min_width=110)
     status = gr.Markdown(elem_id="export-status")

@@ -224,7 +224,8 @@ def build(ctx) -> PlaygroundUI:
         ck_names, ck_chosen, first_prompts = [], [], None
     with gr.Row(equal_height=True):  # the refresh button right beside the list it refreshes
         run = gr.Dropdown(choices=first, value=first[0][1] if first else None, label="Run",
-                          info="Runs with a final adapter or checkpoints.", elem_id="pg-run", scale=3)
+                          info="Runs with a final adapter or checkpoints.", allow_custom_value=True,
+                          elem_id="pg-run", scale=3)
         refresh = gr.Button("↻ Refresh", elem_id="pg-refresh", scale=0, min_width=110)
     checkpoints = gr.CheckboxGroup(choices=ck_names, value=ck_chosen, label="Checkpoints to load",
                                    info="Loaded beside the final adapter (always loaded when the run has one).",
