@@ -44,7 +44,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answers(port: int) -> bool:
+def answers(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         return True
     return False
@@ -83,7 +83,7 @@ def serve_app(home: Path, log_path: Path):
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers(port):
+        while not answers(port):
             if proc.poll() is not None:
                 pytest.fail(f"app.py exited with {proc.returncode} before serving:\n{tail(log_path)}",
                             pytrace=False)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from e2e_helpers import answers, free_port
 import torch
 
 from studio import worker
@@ -252,27 +253,15 @@ def test_disk_full_during_a_checkpoint_fails_cleanly_and_keeps_the_previous_one(
 
 # ---- the app killed with kill -9 while a worker trains; a second browser; stop from the new app -------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-    return False
-
-
 def _serve(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """``python app.py --port P`` with ``STUDIO_HOME=home``, as a user starts it; returns once it answers."""
-    port = _free_port()
+    port = free_port()
     env = dict(_env(), STUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
     with open(log, "ab") as f:
         proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=f,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     end = time.time() + 180
-    while not _answers(port):
+    while not answers(port):
         assert proc.poll() is None, f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
         assert time.time() < end, f"app.py did not answer:\n{log.read_text()[-3000:]}"
         time.sleep(0.5)

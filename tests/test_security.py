@@ -18,13 +18,14 @@ import pickle
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from e2e_helpers import answers, free_port
 from conftest import CANARY, ROOT, SAMPLES
 
 from studio import worker
@@ -92,24 +93,12 @@ def test_auth_comes_from_the_flag_or_the_environment(monkeypatch):
 ])
 def test_the_command_line_refuses_exposure_before_serving(args, env, match):
     clean = {k: v for k, v in os.environ.items() if k not in ("STUDIO_PASSWORD", "STUDIO_USERNAME", "SPACE_ID")}
-    out = subprocess.run([sys.executable, "app.py", "--port", str(_free_port()), *args], cwd=ROOT,
+    out = subprocess.run([sys.executable, "app.py", "--port", str(free_port()), *args], cwd=ROOT,
                          env={**clean, **env}, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2 and match in out.stderr, (out.returncode, out.stderr[-2000:])
 
 
 # ---- the served app -------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-    return False
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model_dir):
@@ -122,14 +111,14 @@ def served(tmp_path_factory, tiny_model_dir):
         "train.max_steps": 4, "train.save_steps": 2, "train.eval_steps": 0, "train.logging_steps": 1,
         "train.sample_prompts": 1, "train.sample_max_new_tokens": 8, "train.batch_size": 4})
     run = worker.start(store, cfg, "canary-run")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, STUDIO_HOME=str(home), STUDIO_MAX_UPLOAD_MB="1", PYTHONUNBUFFERED="1")
     with open(log, "wb") as f:
         proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=f,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         end = time.time() + 180
-        while not _answers(port):
+        while not answers(port):
             assert proc.poll() is None and time.time() < end, log.read_text()[-3000:]
             time.sleep(0.5)
         assert worker.wait(run, timeout=400) == "completed", run.last_status()
