@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--fsdp", action="store_true", help="also run QLoRA + FSDP on the GPUs")
     p.add_argument("--work", default="/tmp/qlora-mgpu")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args()
@@ -65,10 +66,12 @@ def main() -> None:
     store = RunStore()
     res = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "layers": a.layers,
            "effective_batch": eff, "runs": {}}
-    for n in (1, a.gpus):
-        cfg = base.replace({"train.num_gpus": n, "train.batch_size": eff // n})
-        res["runs"][f"{n}gpu"] = one_run(store, cfg, f"mgpu-{n}")
-        print(n, {k: v for k, v in res["runs"][f"{n}gpu"].items() if k != "losses"}, flush=True)
+    variants = [(1, False), (a.gpus, False)] + ([(a.gpus, True)] if a.fsdp else [])
+    for n, fsdp in variants:
+        key = f"{n}gpu" + ("-fsdp" if fsdp else "")
+        cfg = base.replace({"train.num_gpus": n, "train.batch_size": eff // n, "train.fsdp": fsdp})
+        res["runs"][key] = one_run(store, cfg, f"mgpu-{key}")
+        print(key, {k: v for k, v in res["runs"][key].items() if k != "losses"}, flush=True)
     r1, rn = res["runs"]["1gpu"], res["runs"][f"{a.gpus}gpu"]
     if "losses" in r1 and "losses" in rn:
         steps = sorted(set(r1["losses"]) & set(rn["losses"]))
@@ -80,6 +83,12 @@ def main() -> None:
             "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
             "speedup": rn["tokens_per_s"] / r1["tokens_per_s"]}
         print(json.dumps(res["agreement"]), flush=True)
+    rf = res["runs"].get(f"{a.gpus}gpu-fsdp", {})
+    if "losses" in r1 and "losses" in rf:
+        steps = sorted(set(r1["losses"]) & set(rf["losses"]))
+        res["fsdp_agreement"] = {"max_abs_diff": max(abs(r1["losses"][s] - rf["losses"][s]) for s in steps),
+                                 "speedup": rf["tokens_per_s"] / r1["tokens_per_s"]}
+        print("fsdp", json.dumps(res["fsdp_agreement"]), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"multi_gpu-{res['date']}-{a.gpus}x{res['gpu'].replace(' ', '_')}.json"

@@ -134,6 +134,8 @@ class TrainSection:
                      "CUDA only, needs the liger-kernel package.")
     num_gpus: int = _f(1, "GPUs to train on: data parallel with one 4-bit copy per GPU (accelerate launch); "
                        "batch_size is per GPU.", min=1, max=64)
+    fsdp: bool = _f(False, "Shard the 4-bit model across the GPUs with FSDP (QLoRA + FSDP) for models that do not "
+                    "fit one GPU; needs num_gpus > 1 and bf16.")
     padding_free: bool = _f(False, "Concatenate each micro-batch into one row without padding; examples never "
                             "attend to each other (position ids restart per example).")
     auto_batch: bool = _f(False, "Fill the GPU: raise the micro-batch (lowering grad_accum so the effective batch "
@@ -207,6 +209,11 @@ class RunConfig:
             raise ConfigError("data.val_samples", "and data.val_fraction are both set; choose one.")
         if t.max_steps == 0 and t.epochs <= 0:
             raise ConfigError("train.epochs", "must be positive when max_steps is 0.")
+        if t.fsdp and t.num_gpus < 2:
+            raise ConfigError("train.fsdp", "shards across GPUs: set train.num_gpus to 2 or more, or turn it off.")
+        if t.fsdp and m.compute_dtype not in ("bf16", "auto"):
+            raise ConfigError("train.fsdp", "FSDP with 4-bit weights needs bf16 compute; set model.compute_dtype "
+                              "to bf16.")
         if o.run_name:
             from studio.security import check_name  # local: security imports nothing of ours at module level
 

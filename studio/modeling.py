@@ -133,8 +133,10 @@ def quantization_config(cfg: RunConfig, dtype):
 
     q = cfg.model.quantization
     if q in ("nf4", "fp4"):
+        # FSDP flattens parameters of one dtype: the packed 4-bit weights must be stored as the compute dtype.
+        storage = {"bnb_4bit_quant_storage": dtype} if cfg.train.fsdp else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q, bnb_4bit_compute_dtype=dtype,
-                                  bnb_4bit_use_double_quant=cfg.model.double_quant)
+                                  bnb_4bit_use_double_quant=cfg.model.double_quant, **storage)
     if q == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -184,7 +186,12 @@ def add_lora(cfg: RunConfig, model):
     model.config.use_cache = False
     gc = cfg.model.gradient_checkpointing
     gc_kwargs = dict(GC_KWARGS)
-    if cfg.model.quantization != "none":
+    if cfg.train.fsdp:
+        # k-bit preparation upcasts some weights to fp32, which FSDP's flat parameters cannot mix.
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    elif cfg.model.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     elif gc:

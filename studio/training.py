@@ -90,7 +90,8 @@ def _events_callback_cls():
                               perplexity=math.exp(el) if el < 50 else float("inf"))
 
         def on_evaluate(self, args, state, control, model=None, **kw):
-            if model is not None and self.halted_at is None:
+            # Generation under FSDP would need every rank's shards gathered: samples are skipped there.
+            if model is not None and self.halted_at is None and not self.r.cfg.train.fsdp:
                 self.r.emit_samples(model, state.global_step)
             self._t = time.time()  # tokens/s measures training, not evaluation
 
@@ -252,9 +253,14 @@ class Recipe:
         from transformers import Trainer
 
         self.callback = _events_callback_cls()(self)
-        return Trainer(model=self.model, args=self._args(), train_dataset=self.prepared.train,
-                       eval_dataset=self.prepared.validation, data_collator=self.collator(),
-                       processing_class=self.tokenizer, callbacks=[self.callback])
+        trainer = Trainer(model=self.model, args=self._args(), train_dataset=self.prepared.train,
+                          eval_dataset=self.prepared.validation, data_collator=self.collator(),
+                          processing_class=self.tokenizer, callbacks=[self.callback])
+        if trainer.is_fsdp_enabled:
+            from peft.utils.other import fsdp_auto_wrap_policy
+
+            trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+        return trainer
 
     def train(self, resume: bool = False):
         ckpt = self.run.last_checkpoint() if resume else None
@@ -271,11 +277,16 @@ class Recipe:
     def save(self):
         cfg = self.cfg
         out = self.run.adapter_dir
+        tmp = out.with_name("adapter.partial")
+        if self.trainer.is_fsdp_enabled:
+            # Every rank takes part in gathering the sharded adapter; rank 0 writes it.
+            self.trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+            self.trainer.save_model(str(tmp))
         if not self.trainer.is_world_process_zero():
             return  # with several GPUs rank 0 holds the same adapter and writes it
-        tmp = out.with_name("adapter.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        if not self.trainer.is_fsdp_enabled:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.trainer.model.save_pretrained(str(tmp), safe_serialization=True)
         self.tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # the adapter folder appears whole or not at all

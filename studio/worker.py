@@ -31,9 +31,19 @@ class Busy(RuntimeError):
 def worker_command(run: Run, resume: bool) -> list[str]:
     """The worker's argument list; several GPUs go through ``accelerate launch`` (one process per GPU)."""
     tail = ["studio.worker", str(run.dir)] + (["--resume"] if resume else [])
-    n = run.config().train.num_gpus
+    t = run.config().train
+    n = t.num_gpus
     if n > 1:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+        mode = ["--multi_gpu"]
+        if t.fsdp:
+            # QLoRA + FSDP as peft documents it: full sharding per decoder layer, weights loaded once on
+            # the CPU and synced, LoRA wrapped on its own (studio.training sets the peft wrap policy).
+            mode = ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
+                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_backward_prefetch", "BACKWARD_PRE",
+                    "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "true",
+                    "--fsdp_sync_module_states", "true", "--fsdp_use_orig_params", "false",
+                    "--fsdp_offload_params", "false", "--fsdp_forward_prefetch", "false"]
+        return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(n),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", *tail]
     return [sys.executable, "-m", *tail]
 
@@ -156,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout, sys.stderr = _Redacting(sys.stdout), _Redacting(sys.stderr)
     d = Path(a.run_dir).resolve()
     run = Run(d.name, d)
+    if "LOCAL_RANK" in os.environ:  # one GPU per process: default allocations go to this process's GPU
+        import torch
+
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if "WORLD_SIZE" not in os.environ:  # under accelerate launch the pid file names the launcher (group leader)
         run.pid_path.write_text(str(os.getpid()))
     status = Recipe(run, token=hub_token()).execute(resume=a.resume)
