@@ -20,7 +20,7 @@ from studio.generate import Sampling
 from studio.presets import load_preset
 from studio.runs import RunStore
 from studio.training import Recipe
-from studio.ui import evaluate, export, playground
+from studio.ui import evaluate, export, playground, run_picker
 from studio.ui.context import UIContext
 
 CANARY = "hf_CanaryTokenDoNotLeak1234567890"
@@ -72,7 +72,7 @@ def last(gen):
 
 
 def test_run_choices_and_defaults(ctx):
-    assert [v for _, v in playground.run_choices(ctx.store, playground.has_weights)] == [RUN]
+    assert [v for _, v in run_picker.run_choices(ctx.store, run_picker.has_weights)] == [RUN]
     names, chosen, prompts = playground.run_defaults(ctx.store, RUN)
     assert names == ["checkpoint-4", "checkpoint-8"] and chosen == names
     lines = prompts.splitlines()

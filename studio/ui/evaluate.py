@@ -22,7 +22,7 @@ import gradio as gr
 from studio.evaluate import Evaluation, evaluate_run
 from studio.playground import gpu_busy
 from studio.runs import Run, RunStore
-from studio.ui.run_picker import has_adapter, refresh_runs, run_choices
+from studio.ui.run_picker import has_adapter, picker, refresh_runs
 from studio.ui.messages import USER_ERRORS, message
 
 TABLE_HEADERS = ["metric", "base", "tuned"]
@@ -109,14 +109,8 @@ class EvaluateUI:
 
 def build(ctx) -> EvaluateUI:
     store = ctx.store
-    first = run_choices(store)
-    first_id = first[0][1] if first else None
+    run, refresh, first_id = picker(store, "eval", "Runs with a final adapter.")
     status0, table0, best0, worst0 = show_saved(store, first_id)
-    with gr.Row(equal_height=True):  # the refresh button right beside the list it refreshes
-        run = gr.Dropdown(choices=first, value=first_id, label="Run", info="Runs with a final adapter.",
-                          allow_custom_value=True,
-                          elem_id="eval-run", scale=3)
-        refresh = gr.Button("↻ Refresh", elem_id="eval-refresh", scale=0, min_width=110)
     with gr.Row():
         limit = gr.Slider(1, 500, value=50, step=1, label="examples",
                           info="How many held-out examples to score.", elem_id="eval-limit")

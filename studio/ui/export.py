@@ -21,7 +21,7 @@ import gradio as gr
 from studio import export as engine
 from studio.playground import gpu_busy
 from studio.runs import Run, RunStore
-from studio.ui.run_picker import refresh_runs, run_choices
+from studio.ui.run_picker import picker, refresh_runs
 from studio.ui.messages import USER_ERRORS, message, scrub
 
 
@@ -92,13 +92,7 @@ class ExportUI:
 
 def build(ctx) -> ExportUI:
     store = ctx.store
-    first = run_choices(store)
-    first_id = first[0][1] if first else None
-    with gr.Row(equal_height=True):  # the refresh button right beside the list it refreshes
-        run = gr.Dropdown(choices=first, value=first_id, label="Run", info="Runs with a final adapter.",
-                          allow_custom_value=True,
-                          elem_id="export-run", scale=3)
-        refresh = gr.Button("↻ Refresh", elem_id="export-refresh", scale=0, min_width=110)
+    run, refresh, first_id = picker(store, "export", "Runs with a final adapter.")
     status = gr.Markdown(elem_id="export-status")
     with gr.Row():
         with gr.Column():

@@ -23,7 +23,7 @@ import gradio as gr
 from studio import playground as engine
 from studio.generate import Sampling
 from studio.runs import Run, RunStore
-from studio.ui.run_picker import has_weights, refresh_runs, run_choices
+from studio.ui.run_picker import has_weights, picker, refresh_runs
 from studio.ui.messages import USER_ERRORS, message
 
 AB_CHOICES = ["A", "B", "tie"]
@@ -217,16 +217,11 @@ class PlaygroundUI:
 
 def build(ctx) -> PlaygroundUI:
     holder, store = ctx.holder, ctx.store
-    first = run_choices(store, has_weights)
+    run, refresh, first_id = picker(store, "pg", "Runs with a final adapter or checkpoints.", has_weights)
     try:
-        ck_names, ck_chosen, first_prompts = run_defaults(store, first[0][1] if first else None)
+        ck_names, ck_chosen, first_prompts = run_defaults(store, first_id)
     except USER_ERRORS:
         ck_names, ck_chosen, first_prompts = [], [], None
-    with gr.Row(equal_height=True):  # the refresh button right beside the list it refreshes
-        run = gr.Dropdown(choices=first, value=first[0][1] if first else None, label="Run",
-                          info="Runs with a final adapter or checkpoints.", allow_custom_value=True,
-                          elem_id="pg-run", scale=3)
-        refresh = gr.Button("↻ Refresh", elem_id="pg-refresh", scale=0, min_width=110)
     checkpoints = gr.CheckboxGroup(choices=ck_names, value=ck_chosen, label="Checkpoints to load",
                                    info="Loaded beside the final adapter (always loaded when the run has one).",
                                    elem_id="pg-checkpoints")

@@ -26,3 +26,15 @@ def refresh_runs(store: RunStore, current: str | None, keep: Callable[[Run], boo
     choices = run_choices(store, keep)
     ids = [v for _, v in choices]
     return gr.Dropdown(choices=choices, value=current if current in ids else (ids[0] if ids else None))
+
+
+def picker(store: RunStore, prefix: str, info: str, keep: Callable[[Run], bool] = has_adapter):
+    """The Run dropdown with its refresh button beside it; returns (dropdown, button, first run id)."""
+    choices = run_choices(store, keep)
+    first = choices[0][1] if choices else None
+    with gr.Row(equal_height=True):  # the refresh button right beside the list it refreshes
+        # Custom values: a run that finished after the page loaded can still be named (ids are checked).
+        run = gr.Dropdown(choices=choices, value=first, label="Run", info=info, allow_custom_value=True,
+                          elem_id=f"{prefix}-run", scale=3)
+        refresh = gr.Button("↻ Refresh", elem_id=f"{prefix}-refresh", scale=0, min_width=110)
+    return run, refresh, first
