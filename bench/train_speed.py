@@ -10,7 +10,11 @@ peak memory is measured cleanly:
 - ``studio``: the studio's engine with the preset unchanged (dynamic padding per batch).
 - ``studio-fast``: the same preset with ``train.padding_free`` and ``train.auto_batch``
   (same examples, epochs, learning rate and effective batch in examples).
-- ``thorough`` / ``thorough-fast``: the thorough preset's shape on full-length 4096-token rows.
+- ``studio-graphs``: the fast path plus ``train.cuda_graphs`` (decoder layers replayed as CUDA graphs).
+- ``hf@SHAPE`` / ``unsloth@SHAPE`` / ``studio@SHAPE``: the speed issue's three shapes (``bench.shapes``)
+  on full-length rows: hand-written HF, Unsloth (where its wheels are installed), and the studio's
+  engine with its speed options (padding-free, auto micro-batch, Liger, CUDA graphs where the planner
+  drops checkpointing).
 
 Prints a table (tokens/s, peak allocated/reserved, time to adapter, ratio to the seed recipe) and
 writes JSON with the date and the GPU.  Time to adapter = load time + optimizer steps of the whole
@@ -31,19 +35,30 @@ from pathlib import Path
 FAST_JOB_EXAMPLES = 20_000
 
 
+def studio_shape_overrides(shape: str) -> dict:
+    from bench.shapes import SHAPES
+
+    s = SHAPES[shape]
+    return {"model.compute_dtype": "bf16", "model.double_quant": s["nested"], "model.gradient_checkpointing": True,
+            "lora.r": s["r"], "lora.alpha": s["alpha"], "lora.dropout": 0.0, "lora.target_modules": s["targets"],
+            "train.batch_size": s["batch"], "train.grad_accum": s["accum"], "data.max_length": s["seq"],
+            "train.padding_free": True, "train.auto_batch": True, "train.liger": True, "train.cuda_graphs": True,
+            "data.train_on_inputs": True}
+
+
 def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: dict) -> dict:
     from studio.presets import load_preset
     from studio.runs import RunStore
     from studio.training import Recipe
 
-    preset = "mistral-7b-instruct-thorough" if variant.startswith("thorough") else "mistral-7b-finance-fast"
+    preset = "mistral-7b-instruct-thorough" if "thorough" in variant else "mistral-7b-finance-fast"
     if variant.endswith("-nonreentrant"):  # the other checkpointing mode, for comparison
         from studio import modeling
 
         modeling.GC_KWARGS = {"use_reentrant": False}
     base = {"model.base_model": model_dir, "data.path": data, "data.hub_dataset": "", "data.val_samples": 0,
             "data.val_fraction": 0.0, "data.train_samples": 0, "train.max_steps": steps,
-            "train.logging_steps": 2 if variant.startswith("thorough") else 5,
+            "train.logging_steps": 1 if "@" in variant else 5,
             "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0, "train.tensorboard": False,
             "output.adapter_dir": ""}
     cfg = load_preset(preset).replace({**base, **overrides})
@@ -58,7 +73,7 @@ def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: d
     plan = next((e for e in evs if e["type"] == "plan"), None)
     running = next(e for e in evs if e["type"] == "status" and e["status"] == "running")
     load_s = running["t"] - next(e for e in evs if e["type"] == "status" and e["status"] == "starting")["t"]
-    w = 1  # the first logged window holds the warm-up steps
+    w = 2 if "@" in variant else 1  # the first logged windows hold the warm-up steps
     a, b = metrics[w], metrics[-1]
     sps = (b["elapsed"] - a["elapsed"]) / (b["step"] - a["step"])
     tps = (b["tokens_seen"] - a["tokens_seen"]) / (b["elapsed"] - a["elapsed"])
@@ -75,8 +90,9 @@ VARIANTS = {
     "studio-nonreentrant": {},
     "studio-fast": {"train.padding_free": True, "train.auto_batch": True},
     "studio-fast-liger": {"train.padding_free": True, "train.auto_batch": True, "train.liger": True},
-    "thorough": {},
-    "thorough-fast": {"train.auto_batch": True, "train.liger": True},
+    "studio-graphs": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True},
+    "studio-graphs-liger": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True,
+                            "train.liger": True},
 }
 
 
@@ -85,6 +101,17 @@ def one(args) -> None:
         from bench.seed_recipe import run
 
         res = run(args.model, args.data, args.steps)
+    elif "@" in args.variant:
+        backend, shape = args.variant.split("@")
+        if backend == "studio":
+            from bench.shapes import SHAPES, WARMUP
+
+            res = run_studio(args.variant, args.model, args.data, SHAPES[shape]["steps"] + WARMUP[shape],
+                             studio_shape_overrides(shape))
+        else:
+            from bench.shapes import run
+
+            res = run(backend, shape, args.model)
     else:
         res = run_studio(args.variant, args.model, args.data, args.steps, VARIANTS[args.variant])
     print("RESULT " + json.dumps(res, default=str), flush=True)
@@ -105,13 +132,18 @@ def drive(args) -> None:
     gpu = torch.cuda.get_device_name(0)
     results = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "model": "Mistral-7B-v0.1 shape, random weights",
                "model_build_s": build_s, "torch": torch.__version__, "variants": {}}
-    plan = [(v, fast_data, args.steps) for v in args.variants.split(",") if not v.startswith("thorough")]
-    plan += [(v, long_data, args.thorough_steps) for v in args.variants.split(",") if v.startswith("thorough")]
+    plan = [(v, long_data if "@" in v else fast_data, args.steps) for v in args.variants.split(",")]
     for variant, data, steps in plan:
         cmd = [sys.executable, "-m", "bench.train_speed", "--one", "--variant", variant, "--model", str(model),
                "--data", str(data), "--steps", str(steps)]
         print(f"--- {variant}", flush=True)
-        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STUDIO_HOME": str(work / "home")})
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                               env={**os.environ, "STUDIO_HOME": str(work / "home")})
+        except subprocess.TimeoutExpired:
+            print(f"{variant}: over {args.timeout}s, skipped", flush=True)
+            results["variants"][variant] = {"error": "timeout"}
+            continue
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(p.stdout[-3000:], p.stderr[-3000:], flush=True)
@@ -122,7 +154,7 @@ def drive(args) -> None:
             results["variants"][variant] = res
             print(res, flush=True)
             continue
-        if not variant.startswith("thorough"):
+        if "@" not in variant:
             steps_total = math.ceil(FAST_JOB_EXAMPLES / 8)
             res["time_to_adapter_s"] = res["load_s"] + steps_total * res["s_per_step"]
         results["variants"][variant] = res
@@ -137,18 +169,24 @@ def drive(args) -> None:
 
 
 def table(results: dict) -> None:
+    """Fast-job variants against the seed recipe (time to adapter); shape variants against hf@shape."""
     v = results["variants"]
     seed = v.get("seed", {})
     print(f"\n{results['gpu']}, {results['date']}")
-    print(f"{'variant':14s} {'tokens/s':>9s} {'s/step':>7s} {'peak alloc':>10s} {'peak resv':>9s} "
-          f"{'to adapter':>10s} {'vs seed':>7s}")
+    print(f"{'variant':20s} {'tokens/s':>9s} {'s/step':>7s} {'peak alloc':>10s} {'peak resv':>9s} "
+          f"{'to adapter':>10s} {'ratio':>7s}")
     for name, r in v.items():
         if "error" in r:
-            print(f"{name:14s} error")
+            print(f"{name:20s} error: {str(r['error'])[-60:]}")
             continue
         tta = r.get("time_to_adapter_s")
-        ratio = (seed["time_to_adapter_s"] / tta) if tta and seed.get("time_to_adapter_s") else None
-        print(f"{name:14s} {r['tokens_per_s']:9.0f} {r['s_per_step']:7.3f} {r['peak_alloc_gib']:8.2f}Gi "
+        if "@" in name:
+            ref = v.get("hf@" + name.split("@")[1], {})
+            ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref.get("tokens_per_s") else None
+        else:
+            ratio = (seed["time_to_adapter_s"] / tta) if tta and seed.get("time_to_adapter_s") else None
+        r["ratio"] = ratio
+        print(f"{name:20s} {r['tokens_per_s']:9.0f} {r['s_per_step']:7.3f} {r['peak_alloc_gib']:8.2f}Gi "
               f"{r['peak_reserved_gib']:7.2f}Gi {(f'{tta / 60:7.1f}min' if tta else '-'):>10s} "
               f"{(f'{ratio:6.2f}x' if ratio else '-'):>7s}")
 
@@ -160,9 +198,10 @@ def main() -> None:
     p.add_argument("--model")
     p.add_argument("--data")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--thorough-steps", type=int, default=9)
-    p.add_argument("--variants", default="seed,studio,studio-nonreentrant,studio-fast,studio-fast-liger,thorough,"
-                   "thorough-fast")
+    p.add_argument("--timeout", type=int, default=400, help="seconds allowed to one variant")
+    p.add_argument("--variants", default="seed,studio,studio-fast,studio-graphs,studio-graphs-liger,"
+                   "hf@fast,unsloth@fast,studio@fast,hf@alllinear,unsloth@alllinear,studio@alllinear,"
+                   "hf@thorough,unsloth@thorough,studio@thorough")
     p.add_argument("--work", default="/tmp/qlora-bench")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args()

@@ -141,6 +141,10 @@ class TrainSection:
     auto_batch: bool = _f(False, "Fill the GPU: raise the micro-batch (lowering grad_accum so the effective batch "
                           "in examples stays the same) and drop gradient checkpointing when the memory estimate "
                           "allows.")
+    cuda_graphs: bool = _f(False, "Capture each decoder layer's forward and backward as CUDA graphs and replay them: "
+                           "removes the per-kernel host overhead that dominates short rows. Micro-batches are "
+                           "packed padding-free to a fixed batch_size x max_length tokens. One CUDA GPU, "
+                           "gradient checkpointing off (auto_batch turns it off when memory allows).")
 
 
 @dataclass

@@ -96,6 +96,14 @@ def preflight(cfg: RunConfig, hw: Hardware | None = None, token: str | None = No
         except Exception:  # noqa: BLE001
             raise ConfigError("train.liger", "liger-kernel is not installed; pip install liger-kernel or turn it "
                               "off.") from None
+    if t.cuda_graphs:
+        if hw.device != "cuda":
+            raise ConfigError("train.cuda_graphs", "CUDA graphs need a CUDA GPU; turn it off on the CPU.")
+        if t.num_gpus > 1 or t.fsdp:
+            raise ConfigError("train.cuda_graphs", "CUDA graphs run on one GPU; set num_gpus to 1 or turn it off.")
+        if m.gradient_checkpointing and not t.auto_batch:
+            raise ConfigError("train.cuda_graphs", "CUDA graphs cannot capture checkpointed layers; turn "
+                              "model.gradient_checkpointing off (or turn on train.auto_batch to decide by memory).")
     if m.quantization != "none":
         try:
             import bitsandbytes  # noqa: F401

@@ -50,6 +50,8 @@ def _events_callback_cls():
             self._t = time.time()
             self._tokens = state.num_input_tokens_seen or 0
             self.t0 = self._t
+            if self.r.cfg.train.cuda_graphs and kw.get("model") is not None:
+                self.r.capture_graphs(kw["model"])  # after the Trainer patched the model (Liger), before step 1
             self.run.emit("status", status="running", step=state.global_step, max_steps=state.max_steps,
                           epochs=args.num_train_epochs)
 
@@ -186,10 +188,11 @@ class Recipe:
         if not cfg.train.auto_batch or self.hw.device != "cuda":
             return
         micro, accum, gc, est = plan_batch(cfg, arch_for(cfg), self.hw.total_bytes)
+        graphs = cfg.train.cuda_graphs and not gc  # graphs cannot capture checkpointed layers
         self.cfg = dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, batch_size=micro, grad_accum=accum),
+            cfg, train=dataclasses.replace(cfg.train, batch_size=micro, grad_accum=accum, cuda_graphs=graphs),
             model=dataclasses.replace(cfg.model, gradient_checkpointing=gc))
-        self.run.emit("plan", batch_size=micro, grad_accum=accum, gradient_checkpointing=gc,
+        self.run.emit("plan", batch_size=micro, grad_accum=accum, gradient_checkpointing=gc, cuda_graphs=graphs,
                       estimate_gib=round(est.total_gib, 2) if est else None)
 
     def _args(self):
@@ -243,9 +246,26 @@ class Recipe:
         """Padded batches, or one flattened row per micro-batch with position ids restarting per example."""
         from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+        if self.cfg.train.cuda_graphs:
+            from studio.graphs import StaticPackCollator
+
+            return StaticPackCollator(self.capacity, self.tokenizer.pad_token_id)
         if self.cfg.train.padding_free:
             return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
         return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+
+    @property
+    def capacity(self) -> int:
+        """Tokens in every micro-batch when CUDA graphs replay fixed shapes."""
+        return self.cfg.train.batch_size * self.cfg.data.max_length
+
+    def capture_graphs(self, model):
+        from studio.graphs import graph_layers
+        from studio.hardware import resolve_dtype
+
+        t = time.time()
+        n = graph_layers(model, self.capacity, resolve_dtype(self.cfg.model.compute_dtype, self.hw))
+        self.run.emit("graphs", layers=n, tokens=self.capacity, seconds=round(time.time() - t, 2))
 
     def _trainer(self):
         # transformers' Trainer and collators: we tokenize and mask ourselves (the UI shows those masks),
