@@ -62,7 +62,7 @@ def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: d
             "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0, "train.tensorboard": False,
             "output.adapter_dir": ""}
     cfg = load_preset(preset).replace({**base, **overrides})
-    run = RunStore().create(cfg, f"bench-{variant}")
+    run = RunStore().create(cfg, "bench-" + variant.replace("@", "-at-"))
     t0 = time.perf_counter()
     status = Recipe(run).execute()
     evs = run.all_events()
