@@ -35,15 +35,20 @@ from pathlib import Path
 FAST_JOB_EXAMPLES = 20_000
 
 
-def studio_shape_overrides(shape: str) -> dict:
+def studio_shape_overrides(shape: str, lean: bool = False) -> dict:
+    """``studio@``: the shape with every speed option (fills the GPU); ``lean@``: the shape's own batch and
+    checkpointing with the options that save memory (Liger's fused loss, compute-dtype frozen weights)."""
     from bench.shapes import SHAPES
 
     s = SHAPES[shape]
-    return {"model.compute_dtype": "bf16", "model.double_quant": s["nested"], "model.gradient_checkpointing": True,
-            "lora.r": s["r"], "lora.alpha": s["alpha"], "lora.dropout": 0.0, "lora.target_modules": s["targets"],
-            "train.batch_size": s["batch"], "train.grad_accum": s["accum"], "data.max_length": s["seq"],
-            "train.padding_free": True, "train.auto_batch": True, "train.liger": True, "train.cuda_graphs": True,
-            "data.train_on_inputs": True}
+    shape_cfg = {"model.compute_dtype": "bf16", "model.double_quant": s["nested"],
+                 "model.gradient_checkpointing": True, "lora.r": s["r"], "lora.alpha": s["alpha"], "lora.dropout": 0.0,
+                 "lora.target_modules": s["targets"], "train.batch_size": s["batch"], "train.grad_accum": s["accum"],
+                 "data.max_length": s["seq"], "data.train_on_inputs": True, "train.liger": True,
+                 "train.padding_free": True, "model.fp32_frozen": False}
+    if lean:
+        return shape_cfg
+    return {**shape_cfg, "train.auto_batch": True, "train.cuda_graphs": True, "model.dequantized_cache": True}
 
 
 def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: dict) -> dict:
@@ -93,6 +98,9 @@ VARIANTS = {
     "studio-graphs": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True},
     "studio-graphs-liger": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True,
                             "train.liger": True},
+    # Everything: + frozen weights in the compute dtype + the 16-bit weight cache (where memory allows).
+    "studio-max": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True,
+                   "train.liger": True, "model.fp32_frozen": False, "model.dequantized_cache": True},
 }
 
 
@@ -103,11 +111,11 @@ def one(args) -> None:
         res = run(args.model, args.data, args.steps)
     elif "@" in args.variant:
         backend, shape = args.variant.split("@")
-        if backend == "studio":
+        if backend in ("studio", "lean"):
             from bench.shapes import SHAPES, WARMUP
 
             res = run_studio(args.variant, args.model, args.data, SHAPES[shape]["steps"] + WARMUP[shape],
-                             studio_shape_overrides(shape))
+                             studio_shape_overrides(shape, lean=backend == "lean"))
         else:
             from bench.shapes import run
 
@@ -199,9 +207,9 @@ def main() -> None:
     p.add_argument("--data")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--timeout", type=int, default=400, help="seconds allowed to one variant")
-    p.add_argument("--variants", default="seed,studio,studio-fast,studio-graphs,studio-graphs-liger,"
-                   "hf@fast,unsloth@fast,studio@fast,hf@alllinear,unsloth@alllinear,studio@alllinear,"
-                   "hf@thorough,unsloth@thorough,studio@thorough")
+    p.add_argument("--variants", default="seed,studio,studio-fast,studio-graphs-liger,studio-max,"
+                   "hf@fast,unsloth@fast,studio@fast,lean@fast,hf@alllinear,unsloth@alllinear,studio@alllinear,"
+                   "lean@alllinear,hf@thorough,unsloth@thorough,studio@thorough,lean@thorough")
     p.add_argument("--work", default="/tmp/qlora-bench")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args()

@@ -61,6 +61,13 @@ class ModelSection:
     compute_dtype: str = _f("auto", "Compute dtype; auto picks bf16 where the GPU supports it, else fp16.",
                             choices=DTYPES)
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.")
+    fp32_frozen: bool = _f(True, "Upcast the frozen embeddings, LM head and norms to fp32 for 4-bit training (peft's "
+                           "k-bit preparation). Off keeps them in the compute dtype, as Unsloth does: less memory "
+                           "and fewer casts per step; the residual stream then runs in the compute dtype.")
+    dequantized_cache: bool = _f(False, "Keep a 16-bit copy of the 4-bit base weights on the GPU while training "
+                                 "(2 bytes per parameter more, ~14 GB for 7B) so no step dequantizes them again; "
+                                 "the values are exactly the dequantized 4-bit ones, so training is unchanged. "
+                                 "auto_batch drops it when memory is short.")
     attn_implementation: str = _f("auto", "Attention kernel; auto lets transformers choose (SDPA).",
                                   choices=ATTENTION)
     trust_remote_code: bool = _f(False, "Run custom model code shipped with the model. Off unless you trust it.")
@@ -213,6 +220,9 @@ class RunConfig:
             raise ConfigError("data.val_samples", "and data.val_fraction are both set; choose one.")
         if t.max_steps == 0 and t.epochs <= 0:
             raise ConfigError("train.epochs", "must be positive when max_steps is 0.")
+        if m.dequantized_cache and m.quantization not in ("nf4", "fp4"):
+            raise ConfigError("model.dequantized_cache", "applies only to 4-bit quantization (nf4 or fp4); "
+                              "turn it off or choose nf4.")
         if t.fsdp and t.num_gpus < 2:
             raise ConfigError("train.fsdp", "shards across GPUs: set train.num_gpus to 2 or more, or turn it off.")
         if t.fsdp and m.compute_dtype not in ("bf16", "auto"):

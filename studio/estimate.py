@@ -131,7 +131,7 @@ def estimate(cfg, arch: Arch, micro_batch: int | None = None, seq_len: int | Non
     act_bytes = 4 if cfg.model.compute_dtype == "fp32" else 2
     if q in ("nf4", "fp4"):
         per_param = 0.5 + ((1 / 64 + 4 / (64 * 256)) if cfg.model.double_quant else 4 / 64)
-        embed_bytes = 4  # upcast to fp32 by peft's k-bit preparation
+        embed_bytes = 4 if cfg.model.fp32_frozen else act_bytes  # peft's k-bit preparation upcasts to fp32
     elif q == "int8":
         per_param, embed_bytes = 1.0 + 4 / 4096, 4
     else:
@@ -153,7 +153,9 @@ def estimate(cfg, arch: Arch, micro_batch: int | None = None, seq_len: int | Non
     if cfg.train.padding_free and cfg.model.attn_implementation != "flash_attention_2":
         # SDPA gets the example boundaries as a dense (tokens x tokens) mask, materialised as a bias.
         e.parts["packed attention mask"] = int(tokens * tokens * 3)
-    if q != "none":
+    if q in ("nf4", "fp4") and cfg.model.dequantized_cache:
+        e.parts["16-bit weight cache"] = int(arch.block_params * act_bytes)
+    elif q != "none":
         big = max(a * c for a, c in shapes.values())
         e.parts["dequantized weight buffer"] = int(big * act_bytes * 2)
     return e

@@ -199,6 +199,11 @@ def add_lora(cfg: RunConfig, model):
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
+    elif cfg.model.quantization != "none" and not cfg.model.fp32_frozen:
+        # Unsloth-style: frozen weights stay in the compute dtype; only the input needs grads for checkpointing.
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
     elif cfg.model.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
@@ -208,6 +213,31 @@ def add_lora(cfg: RunConfig, model):
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=target_modules(cfg), bias=cfg.lora.bias, task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
+
+
+def cache_dequantized(model, dtype) -> int:
+    """Give every 4-bit linear layer a 16-bit copy of its dequantized weight and use it; returns bytes added.
+
+    The copy holds exactly the values bitsandbytes dequantizes on every call, so outputs and gradients are
+    those of the 4-bit layer; the packed 4-bit weight stays (adapters, merging and saving use it).
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    added = 0
+    for m in model.modules():
+        if not isinstance(m, bnb.nn.Linear4bit) or m.weight.device.type != "cuda":
+            continue
+        w = bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).to(dtype)
+        m.register_buffer("weight16", w, persistent=False)  # never saved: checkpoints stay 4-bit
+
+        def forward(x, _m=m):
+            return torch.nn.functional.linear(x.to(_m.weight16.dtype), _m.weight16, _m.bias).to(x.dtype)
+
+        m.forward = forward
+        added += w.numel() * w.element_size()
+    return added
 
 
 def load_for_inference(cfg: RunConfig, adapters: dict[str, str | Path] | None = None, token: str | None = None,

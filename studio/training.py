@@ -176,6 +176,11 @@ class Recipe:
         # the process did before (another run, building the tiny model, loading data).
         set_seed(cfg.train.seed)
         self.model = modeling.add_lora(cfg, base)
+        if cfg.model.dequantized_cache and self.hw.device == "cuda":
+            from studio.hardware import resolve_dtype
+
+            added = modeling.cache_dequantized(self.model, resolve_dtype(cfg.model.compute_dtype, self.hw))
+            self.run.emit("weight_cache", gib=round(added / 2**30, 2))
         self.trainer = self._trainer()
 
     def _plan_batch(self):
@@ -187,13 +192,19 @@ class Recipe:
         cfg = self.cfg
         if not cfg.train.auto_batch or self.hw.device != "cuda":
             return
-        micro, accum, gc, est = plan_batch(cfg, arch_for(cfg), self.hw.total_bytes)
+        arch = arch_for(cfg)
+        micro, accum, gc, est = plan_batch(cfg, arch, self.hw.total_bytes)
+        cache = cfg.model.dequantized_cache
+        if cache and gc:  # the weight cache only pays while activations fit without checkpointing
+            cache = False
+            micro, accum, gc, est = plan_batch(dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, dequantized_cache=False)), arch, self.hw.total_bytes)
         graphs = cfg.train.cuda_graphs and not gc  # graphs cannot capture checkpointed layers
         self.cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, batch_size=micro, grad_accum=accum, cuda_graphs=graphs),
-            model=dataclasses.replace(cfg.model, gradient_checkpointing=gc))
+            model=dataclasses.replace(cfg.model, gradient_checkpointing=gc, dequantized_cache=cache))
         self.run.emit("plan", batch_size=micro, grad_accum=accum, gradient_checkpointing=gc, cuda_graphs=graphs,
-                      estimate_gib=round(est.total_gib, 2) if est else None)
+                      dequantized_cache=cache, estimate_gib=round(est.total_gib, 2) if est else None)
 
     def _args(self):
         import torch

@@ -88,3 +88,46 @@ def test_cuda_graphs_on_cpu_is_refused_by_name():
     with pytest.raises(ConfigError) as e:
         preflight(cfg, detect(), check_model=False)
     assert e.value.key == "train.cuda_graphs"
+
+
+@pytest.mark.parametrize("fp32_frozen", [True, False])
+def test_frozen_weights_dtype_follows_fp32_frozen(tiny_model_dir, fp32_frozen):
+    """peft's k-bit preparation upcasts embeddings and norms to fp32; fp32_frozen off keeps the compute dtype."""
+    from studio import modeling
+    from studio.presets import load_preset
+
+    cfg = load_preset("tiny-demo").replace({"model.base_model": str(tiny_model_dir), "model.compute_dtype": "bf16",
+                                            "model.fp32_frozen": fp32_frozen})
+    base = modeling.load_base(cfg, modeling.load_tokenizer(cfg))
+    model = modeling.add_lora(cfg, base)
+    want = torch.float32 if fp32_frozen else torch.bfloat16
+    assert model.get_input_embeddings().weight.dtype == want
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == want for p in norms)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # LoRA stays fp32
+
+
+def test_weight_cache_is_in_the_estimate_and_the_planner_drops_it_when_short(tmp_path):
+    from types import SimpleNamespace
+
+    from studio.estimate import KNOWN, GiB, estimate
+    from studio.presets import load_preset
+    from studio.runs import RunStore
+    from studio.training import Recipe
+
+    arch = KNOWN["mistralai/Mistral-7B-v0.1"]
+    cfg = load_preset("mistral-7b-finance-fast").replace({"model.dequantized_cache": True, "train.auto_batch": True,
+                                                          "train.cuda_graphs": True})
+    added = estimate(cfg, arch).total - estimate(cfg.replace({"model.dequantized_cache": False}), arch).total
+    assert 12 < added / GiB < 13.5  # 7.0e9 params x 2 bytes, less the two dequantization buffers it replaces
+    plans = {}
+    for gib in (80, 16):
+        recipe = Recipe(RunStore(tmp_path / str(gib)).create(cfg))
+        recipe.hw = SimpleNamespace(device="cuda", total_bytes=gib * GiB)
+        recipe._plan_batch()
+        plans[gib] = recipe.cfg
+    big, small = plans[80], plans[16]
+    assert big.model.dequantized_cache and big.train.cuda_graphs and not big.model.gradient_checkpointing
+    assert big.train.batch_size * big.train.grad_accum == 8
+    assert not small.model.dequantized_cache  # a 16 GB card keeps the memory for activations
+    assert small.train.batch_size * small.train.grad_accum == 8
