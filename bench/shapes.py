@@ -17,7 +17,7 @@ import time
 SHAPES = {
     "fast": dict(r=8, alpha=32, targets=["q_proj", "v_proj"], batch=4, seq=128, accum=2, nested=False, steps=30),
     "thorough": dict(r=32, alpha=64, targets=["q_proj", "k_proj", "v_proj", "o_proj"], batch=4, seq=4096, accum=4,
-                     nested=True, steps=6),
+                     nested=True, steps=4),
     "alllinear": dict(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"], batch=8, seq=2048, accum=1, nested=False, steps=8),
 }

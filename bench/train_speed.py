@@ -45,7 +45,7 @@ def studio_shape_overrides(shape: str, lean: bool = False) -> dict:
                  "model.gradient_checkpointing": True, "lora.r": s["r"], "lora.alpha": s["alpha"], "lora.dropout": 0.0,
                  "lora.target_modules": s["targets"], "train.batch_size": s["batch"], "train.grad_accum": s["accum"],
                  "data.max_length": s["seq"], "data.train_on_inputs": True, "train.liger": True,
-                 "train.padding_free": True, "model.fp32_frozen": False}
+                 "model.fp32_frozen": False}  # full-length rows: nothing for padding-free packing to remove
     if lean:
         return shape_cfg
     return {**shape_cfg, "train.auto_batch": True, "train.cuda_graphs": True, "model.dequantized_cache": True}

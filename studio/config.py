@@ -150,7 +150,8 @@ class TrainSection:
                           "allows.")
     cuda_graphs: bool = _f(False, "Capture each decoder layer's forward and backward as CUDA graphs and replay them: "
                            "removes the per-kernel host overhead that dominates short rows. Micro-batches are "
-                           "packed padding-free to a fixed batch_size x max_length tokens. One CUDA GPU, "
+                           "padded to a fixed batch_size x max_length (causal attention: padding changes nothing "
+                           "learned). One CUDA GPU, "
                            "gradient checkpointing off (auto_batch turns it off when memory allows).")
 
 

@@ -150,7 +150,7 @@ def estimate(cfg, arch: Arch, micro_batch: int | None = None, seq_len: int | Non
     else:
         e.parts["activations"] = int(L * full_layer)
     e.parts["logits (fp32) + grad"] = int(tokens * arch.vocab * (4 if cfg.train.liger else 14))
-    if cfg.train.padding_free and cfg.model.attn_implementation != "flash_attention_2":
+    if cfg.train.padding_free and not cfg.train.cuda_graphs and cfg.model.attn_implementation != "flash_attention_2":
         # SDPA gets the example boundaries as a dense (tokens x tokens) mask, materialised as a bias.
         e.parts["packed attention mask"] = int(tokens * tokens * 3)
     if q in ("nf4", "fp4") and cfg.model.dequantized_cache:

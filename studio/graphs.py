@@ -4,21 +4,18 @@ A QLoRA step on short rows (the fast preset: 8 examples of at most 128 tokens) l
 small kernels (4-bit dequantisation, LoRA, norms, rotary) and the GPU mostly waits for Python between
 them.  Capturing each decoder layer's forward and backward once with
 ``torch.cuda.make_graphed_callables`` and replaying them removes that wait.  Replay needs identical
-shapes, so training micro-batches are packed padding-free and then padded to a fixed token count
-(``StaticPackCollator``).  The padding is its own segment with labels -100, and every segment attends
-only to itself through a block-diagonal causal mask built from the position ids, so what is learned is
-what the padding-free path learns.
+shapes, so every training micro-batch is exactly [batch_size, max_length] (``StaticRowsCollator``):
+one example per row, right-padded, labels -100 on the padding, and no attention mask.  Attention is
+causal, so a real token never sees the padding that follows it: the loss and gradients are those of
+the same examples padded with a mask, and the causal flash kernel runs instead of a masked one.
 
 Contract:
-- ``StaticPackCollator(capacity)`` turns examples (input_ids, labels) into ``input_ids``, ``labels``,
-  ``position_ids`` of shape [1, capacity]; the first token of each example gets label -100.
-- ``block_causal_mask(position_ids)`` -> bool [B, 1, T, T], True where attention is allowed.
-- ``use_block_mask(model)`` makes every decoder layer attend with that mask (eager, any device): the
-  CPU-testable half of what ``graph_layers`` does.
-- ``graph_layers(model, capacity, dtype)`` captures every decoder layer (CUDA, training mode,
-  gradient checkpointing off, no hooks on the layers).  A layer replays its graph only in training
-  mode with gradients on and the captured shape; anything else (evaluation, sample answers,
-  generation) runs the layer eagerly.
+- ``StaticRowsCollator(batch_size, length, pad_token_id)`` -> ``input_ids`` and ``labels`` of shape
+  [batch_size, length] (missing rows are all padding, labels -100).
+- ``graph_layers(model, batch_size, length, dtype)`` captures every decoder layer (CUDA, training mode,
+  gradient checkpointing off) and counts replays in ``base_model.graph_replays[0]``.  A layer replays its graph only in training mode with gradients on, no
+  attention mask and the captured shapes; anything else (evaluation, sample answers, generation) runs
+  the layer eagerly.
 """
 
 from __future__ import annotations
@@ -37,70 +34,25 @@ def decoder_layers(model):
     return list(layers)
 
 
-def block_causal_mask(position_ids):
-    """True where token i may attend token j: same example (position ids restart at 0) and j <= i."""
-    import torch
-
-    seg = (position_ids == 0).cumsum(-1)
-    t = position_ids.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
-
-
 @dataclass
-class StaticPackCollator:
-    """Padding-free packing to exactly ``capacity`` tokens (examples longer than it are cut)."""
+class StaticRowsCollator:
+    """One example per row, right-padded to ``length``; always ``batch_size`` rows."""
 
-    capacity: int
+    batch_size: int
+    length: int
     pad_token_id: int = 0
 
     def __call__(self, features):
         import torch
 
-        ids, labels, pos = [], [], []
-        for f in features:
-            x = list(f["input_ids"])[: self.capacity - len(ids)]
-            if not x:
-                break
+        ids = torch.full((self.batch_size, self.length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((self.batch_size, self.length), -100, dtype=torch.long)
+        for i, f in enumerate(features[: self.batch_size]):
+            x = list(f["input_ids"])[: self.length]
             y = list(f.get("labels", x))[: len(x)]
-            ids += x
-            labels += [-100] + y[1:]  # the first token is never predicted from the previous example
-            pos += range(len(x))
-        n = self.capacity - len(ids)
-        ids += [self.pad_token_id] * n
-        labels += [-100] * n
-        pos += range(n)  # the padding is one more segment: nothing attends to it, it predicts nothing
-        t = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
-        return {"input_ids": t(ids), "labels": t(labels), "position_ids": t(pos)}
-
-
-class _MaskCache:
-    """One mask per step: every layer receives the same position_ids tensor."""
-
-    def __init__(self):
-        self.key = None
-        self.mask = None
-
-    def __call__(self, position_ids):
-        key = (position_ids.data_ptr(), position_ids._version, tuple(position_ids.shape))
-        if key != self.key:
-            self.key, self.mask = key, block_causal_mask(position_ids)
-        return self.mask
-
-
-def use_block_mask(model):
-    """Make every decoder layer use ``block_causal_mask`` of its position ids (eager)."""
-    cache = _MaskCache()
-    for layer in decoder_layers(model):
-        eager = layer.forward
-
-        def forward(hidden_states, attention_mask=None, position_ids=None, _eager=eager, **kw):
-            if position_ids is not None:
-                attention_mask = cache(position_ids)
-            return _eager(hidden_states, attention_mask=attention_mask, position_ids=position_ids, **kw)
-
-        layer.forward = forward
-    return model
+            ids[i, : len(x)] = torch.tensor(x)
+            labels[i, : len(y)] = torch.tensor(y)
+        return {"input_ids": ids, "labels": labels}
 
 
 def _layer_call_cls():
@@ -114,14 +66,14 @@ def _layer_call_cls():
             self.layer = layer  # registered so its parameters (the LoRA weights) get gradients
             self.eager = eager
 
-        def forward(self, hidden, mask, cos, sin):
-            return self.eager(hidden, attention_mask=mask, position_embeddings=(cos, sin))
+        def forward(self, hidden, cos, sin):
+            return self.eager(hidden, attention_mask=None, position_embeddings=(cos, sin))
 
     return LayerCall
 
 
-def _record_layer_inputs(model, capacity: int, dtype):
-    """Run one eager step on a packed sample and note what each layer receives (dtype, requires_grad)."""
+def _record_layer_inputs(model, batch_size: int, length: int):
+    """Run one eager step on a sample batch and note what each layer receives (dtypes, requires_grad)."""
     import torch
 
     layers = decoder_layers(model)
@@ -130,26 +82,16 @@ def _record_layer_inputs(model, capacity: int, dtype):
     for i, layer in enumerate(layers):
         def pre(mod, args, kwargs, i=i):
             h = args[0] if args else kwargs["hidden_states"]
-            cos, sin = kwargs["position_embeddings"]
-            seen[i] = (h.dtype, h.requires_grad, cos.dtype)
+            cos, _ = kwargs["position_embeddings"]
+            seen[i] = (h.dtype, h.requires_grad, cos.dtype, tuple(cos.shape))
         hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
     device = next(p for p in layers[0].parameters()).device
-    half = capacity // 2
-    pos = torch.cat([torch.arange(half), torch.arange(capacity - half)])[None].to(device)
-    ids = torch.randint(3, 100, (1, capacity), device=device)
-    try:
-        with torch.autocast("cuda", dtype=dtype):
-            out = model(input_ids=ids, position_ids=pos, labels=ids)
-        out.loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    model.zero_grad(set_to_none=True)
-    return seen, pos
+    ids = torch.randint(3, 100, (batch_size, length), device=device)
+    return seen, ids, hooks
 
 
-def graph_layers(model, capacity: int, dtype):
-    """Capture every decoder layer of ``model`` as CUDA graphs for [1, capacity] packed micro-batches."""
+def graph_layers(model, batch_size: int, length: int, dtype):
+    """Capture every decoder layer of ``model`` as CUDA graphs for [batch_size, length] micro-batches."""
     import torch
 
     layers = decoder_layers(model)
@@ -157,36 +99,44 @@ def graph_layers(model, capacity: int, dtype):
         raise ValueError("CUDA graphs cannot capture checkpointed layers; turn gradient checkpointing off.")
     was_training = model.training
     model.train()
-    seen, pos = _record_layer_inputs(model, capacity, dtype)
+    seen, ids, hooks = _record_layer_inputs(model, batch_size, length)
+    try:
+        with torch.autocast("cuda", dtype=dtype):
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    model.zero_grad(set_to_none=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config
-    hidden = cfg.hidden_size
-    cache = _MaskCache()
-    mask = block_causal_mask(pos)
+    hidden = base.config.hidden_size
+    pos = torch.arange(length, device=ids.device)[None]
     LayerCall = _layer_call_cls()
     calls, samples = [], []
     for i, layer in enumerate(layers):
-        h_dtype, h_grad, c_dtype = seen[i]
+        h_dtype, h_grad, c_dtype, c_shape = seen[i]
         calls.append(LayerCall(layer, layer.forward))
-        h = torch.randn(1, capacity, hidden, device=pos.device, dtype=h_dtype).requires_grad_(h_grad)
+        h = torch.randn(batch_size, length, hidden, device=ids.device, dtype=h_dtype).requires_grad_(h_grad)
         cos, sin = base.model.rotary_emb(h, pos)
-        samples.append((h, mask, cos.to(c_dtype), sin.to(c_dtype)))
+        samples.append((h, cos.to(c_dtype).expand(c_shape).contiguous(), sin.to(c_dtype).expand(c_shape).contiguous()))
     # cache_enabled=False: autocast's weight-cast cache would keep tensors alive outside the graphs' pool.
     with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
         graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), num_warmup_iters=3)
     model.zero_grad(set_to_none=True)
-    shape = (1, capacity, hidden)
-    for layer, call in zip(layers, graphed):
+    shape = (batch_size, length, hidden)
+    stats = base.__dict__.setdefault("graph_replays", [0])  # layer replays so far: tests check graphs really run
+    for layer, call, (_, _, _, c_shape) in zip(layers, graphed, [seen[i] for i in range(len(layers))]):
         eager = call.eager
 
-        def forward(hidden_states, attention_mask=None, position_ids=None, position_embeddings=None,
-                    _eager=eager, _call=call, _layer=layer, **kw):
-            if (_layer.training and torch.is_grad_enabled() and tuple(hidden_states.shape) == shape
-                    and position_ids is not None and position_embeddings is not None):
+        def forward(hidden_states, attention_mask=None, position_embeddings=None, _eager=eager, _call=call,
+                    _layer=layer, _c_shape=c_shape, **kw):
+            if (_layer.training and torch.is_grad_enabled() and attention_mask is None
+                    and tuple(hidden_states.shape) == shape and position_embeddings is not None
+                    and tuple(position_embeddings[0].shape) == _c_shape):
                 cos, sin = position_embeddings
-                return _call(hidden_states, cache(position_ids), cos, sin)
-            return _eager(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                          position_embeddings=position_embeddings, **kw)
+                stats[0] += 1
+                return _call(hidden_states, cos, sin)
+            return _eager(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                          **kw)
 
         layer.forward = forward
     model.train(was_training)

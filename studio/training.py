@@ -254,29 +254,25 @@ class Recipe:
         )
 
     def collator(self):
-        """Padded batches, or one flattened row per micro-batch with position ids restarting per example."""
+        """Padded batches, fixed-shape rows for CUDA graphs, or one flattened row per micro-batch (padding-free)."""
         from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
         if self.cfg.train.cuda_graphs:
-            from studio.graphs import StaticPackCollator
+            from studio.graphs import StaticRowsCollator
 
-            return StaticPackCollator(self.capacity, self.tokenizer.pad_token_id)
+            return StaticRowsCollator(self.cfg.train.batch_size, self.cfg.data.max_length, self.tokenizer.pad_token_id)
         if self.cfg.train.padding_free:
             return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
         return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
-
-    @property
-    def capacity(self) -> int:
-        """Tokens in every micro-batch when CUDA graphs replay fixed shapes."""
-        return self.cfg.train.batch_size * self.cfg.data.max_length
 
     def capture_graphs(self, model):
         from studio.graphs import graph_layers
         from studio.hardware import resolve_dtype
 
         t = time.time()
-        n = graph_layers(model, self.capacity, resolve_dtype(self.cfg.model.compute_dtype, self.hw))
-        self.run.emit("graphs", layers=n, tokens=self.capacity, seconds=round(time.time() - t, 2))
+        b, n_tok = self.cfg.train.batch_size, self.cfg.data.max_length
+        n = graph_layers(model, b, n_tok, resolve_dtype(self.cfg.model.compute_dtype, self.hw))
+        self.run.emit("graphs", layers=n, shape=[b, n_tok], seconds=round(time.time() - t, 2))
 
     def _trainer(self):
         # transformers' Trainer and collators: we tokenize and mask ourselves (the UI shows those masks),

@@ -1,68 +1,49 @@
-"""The CUDA-graphs path's batches and mask (CPU half): fixed-shape packing learns what padding-free learns.
+"""The CUDA-graphs path's batches (CPU half): fixed-shape rows without a mask learn what padded batches learn.
 
 Graph capture itself needs CUDA (tests/gpu/test_graphs_gpu.py compares graphed and eager steps there);
-here the static packing and the block-diagonal mask the graphed layers attend with are checked against
-transformers' own padding-free path on the tiny model.
+here the fixed [batch_size, max_length] rows the graphed layers are captured for are checked against
+the padded, masked batches of transformers' collator on the tiny model.
 """
 
 import pytest
 import torch
-from transformers import DataCollatorWithFlattening
+from transformers import DataCollatorForSeq2Seq
 
-from studio.graphs import StaticPackCollator, block_causal_mask, decoder_layers, use_block_mask
+from studio.graphs import StaticRowsCollator, decoder_layers
 from test_padding_free import _model, _rows
 
 
-def test_static_pack_shape_labels_and_positions(tiny_tokenizer):
+def test_static_rows_shape_and_padding(tiny_tokenizer):
     rows = _rows(tiny_tokenizer, 3)
-    cap = 3 * 128
-    b = StaticPackCollator(cap, pad_token_id=tiny_tokenizer.pad_token_id)(rows)
-    assert {k: tuple(v.shape) for k, v in b.items()} == {k: (1, cap) for k in ("input_ids", "labels", "position_ids")}
-    n = sum(len(r["input_ids"]) for r in rows)
-    assert n < cap
-    ref = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(rows)
-    for k in ("input_ids", "labels", "position_ids"):
-        assert b[k][0, :n].tolist() == ref[k][0].tolist()
-    assert (b["labels"][0, n:] == -100).all()
-    assert b["position_ids"][0, n:].tolist() == list(range(cap - n))  # the padding is a segment of its own
-    assert (b["input_ids"][0, n:] == tiny_tokenizer.pad_token_id).all()
+    b = StaticRowsCollator(4, 128, pad_token_id=tiny_tokenizer.pad_token_id)(rows)
+    assert set(b) == {"input_ids", "labels"}  # no attention mask: causal attention never looks ahead
+    assert b["input_ids"].shape == b["labels"].shape == (4, 128)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        assert b["input_ids"][i, :n].tolist() == r["input_ids"] and b["labels"][i, :n].tolist() == r["labels"]
+        assert (b["labels"][i, n:] == -100).all() and (b["input_ids"][i, n:] == tiny_tokenizer.pad_token_id).all()
+    assert (b["labels"][3] == -100).all()  # a missing row is all padding
 
 
-def test_static_pack_cuts_at_capacity(tiny_tokenizer):
-    rows = _rows(tiny_tokenizer, 4)
-    cap = len(rows[0]["input_ids"]) + 5
-    b = StaticPackCollator(cap)(rows)
-    assert b["input_ids"].shape == (1, cap)
-    assert b["position_ids"][0].tolist() == list(range(len(rows[0]["input_ids"]))) + list(range(5))
+def test_static_rows_cut_at_length(tiny_tokenizer):
+    rows = _rows(tiny_tokenizer, 2)
+    b = StaticRowsCollator(2, 10)(rows)
+    assert b["input_ids"][0].tolist() == rows[0]["input_ids"][:10]
 
 
-def test_block_causal_mask_keeps_examples_apart():
-    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    m = block_causal_mask(pos)[0, 0]
-    expect = torch.tensor([[1, 0, 0, 0, 0, 0],
-                           [1, 1, 0, 0, 0, 0],
-                           [1, 1, 1, 0, 0, 0],
-                           [0, 0, 0, 1, 0, 0],
-                           [0, 0, 0, 1, 1, 0],
-                           [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
-    assert torch.equal(m, expect)
-
-
-def test_static_packed_block_mask_matches_padding_free_loss_and_grads(tiny_model_dir, tiny_tokenizer):
-    """What the graphed layers compute (static pack + own mask) equals transformers' padding-free step."""
+def test_static_rows_without_mask_match_padded_masked_batches(tiny_model_dir, tiny_tokenizer):
+    """What the graphed layers compute (fixed rows, no mask) equals the padded, masked step."""
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(0)
+    model = get_peft_model(_model(tiny_model_dir), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                              lora_dropout=0.0, init_lora_weights=False))
     rows = _rows(tiny_tokenizer)
     results = []
-    for graphs_path in (False, True):
-        torch.manual_seed(0)
-        model = get_peft_model(_model(tiny_model_dir), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                                  lora_dropout=0.0, init_lora_weights=False))
-        if graphs_path:
-            use_block_mask(model)
-            batch = StaticPackCollator(4 * 128, tiny_tokenizer.pad_token_id)(rows)
-        else:
-            batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(rows)
+    for static in (False, True):
+        batch = (StaticRowsCollator(6, 128, tiny_tokenizer.pad_token_id) if static
+                 else DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100))(rows)
+        model.zero_grad()
         loss = model(**batch).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
