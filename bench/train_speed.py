@@ -167,10 +167,16 @@ def drive(args) -> None:
             res["time_to_adapter_s"] = res["load_s"] + steps_total * res["s_per_step"]
         results["variants"][variant] = res
         print(json.dumps(res, default=str), flush=True)
+        save(results, args.out)
     table(results)
-    out = Path(args.out)
+    save(results, args.out)
+
+
+def save(results: dict, out_dir: str) -> None:
+    """Written after every variant, so a call cut off at its time limit still leaves what it measured."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"train_speed-{results['date']}-{gpu.replace(' ', '_')}.json"
+    name = f"train_speed-{results['date']}-{results['gpu'].replace(' ', '_')}.json"
     (out / name).write_text(json.dumps(results, indent=1, default=str))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], name).write_text(json.dumps(results, indent=1, default=str))
