@@ -200,7 +200,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from studio.estimate import GPUS, advice, arch_for, estimate
+    from studio.estimate import GPUS, GiB, advice, arch_for, describe_plan, estimate, plan
 
     cfg = _config(args)
     arch = arch_for(cfg)
@@ -211,7 +211,10 @@ def cmd_estimate(args) -> int:
         print(f"{k:28s} {v:7.2f} GiB")
     print(f"{'peak allocated':28s} {est.total_gib:7.2f} GiB (reserved ~{est.reserved_gib():.2f} GiB)")
     for g, gib in GPUS.items():
-        print(f"  {g:12s} {'fits' if est.fits(gib) else 'does not fit: ' + '; '.join(advice(cfg, est, gib))}")
+        c, e = plan(cfg, arch, int(gib * GiB)) if cfg.train.auto_batch else (cfg, est)
+        verdict = "fits" if e.fits(gib) else "does not fit: " + "; ".join(advice(c, e, gib))
+        print(f"  {g:12s} {verdict}" + (f" (auto: {describe_plan(c)}, ~{e.total_gib:.1f} GiB)"
+                                         if cfg.train.auto_batch else ""))
     return 0
 
 

@@ -178,6 +178,41 @@ def advice(cfg, est: Estimate, gpu_gib: float) -> list[str]:
     return tips or ["choose a larger GPU or a smaller model"]
 
 
+def plan(cfg, arch: Arch | None, gpu_bytes: int):
+    """What ``train.auto_batch`` runs on a GPU of ``gpu_bytes``: ``(planned config, its estimate)``.
+
+    Micro-batch, accumulation and checkpointing from ``plan_batch``; the 16-bit weight cache is kept only
+    when the same micro-batch still fits without checkpointing beside it (a smaller micro-batch costs more
+    than dequantisation saves); CUDA graphs only without checkpointing.  Without auto_batch the config is returned as it is.
+    """
+    import dataclasses as dc
+
+    if not cfg.train.auto_batch or arch is None:
+        return cfg, (estimate(cfg, arch) if arch else None)
+    no_cache = dc.replace(cfg, model=dc.replace(cfg.model, dequantized_cache=False))
+    micro, accum, gc, est = plan_batch(no_cache, arch, gpu_bytes)
+    cache = False
+    if cfg.model.dequantized_cache and not gc:
+        c_micro, c_accum, c_gc, c_est = plan_batch(cfg, arch, gpu_bytes)
+        if (c_micro, c_gc) == (micro, gc):  # the cache saves dequantisation only if it costs no micro-batch
+            cache, est = True, c_est
+    planned = dc.replace(
+        cfg, train=dc.replace(cfg.train, batch_size=micro, grad_accum=accum, cuda_graphs=cfg.train.cuda_graphs and not gc),
+        model=dc.replace(cfg.model, gradient_checkpointing=gc, dequantized_cache=cache))
+    return planned, est
+
+
+def describe_plan(cfg) -> str:
+    """One line: what a planned config runs (for the fit table and the CLI)."""
+    bits = [f"micro-batch {cfg.train.batch_size} x accum {cfg.train.grad_accum}",
+            "checkpointing" if cfg.model.gradient_checkpointing else "no checkpointing"]
+    if cfg.train.cuda_graphs:
+        bits.append("CUDA graphs")
+    if cfg.model.dequantized_cache:
+        bits.append("16-bit weight cache")
+    return ", ".join(bits)
+
+
 def plan_batch(cfg, arch: Arch | None, gpu_bytes: int, headroom: float = 0.85):
     """Choose micro-batch, grad accumulation and checkpointing that fill ``gpu_bytes``.
 

@@ -185,26 +185,16 @@ class Recipe:
 
     def _plan_batch(self):
         """With train.auto_batch on a GPU, fill memory while keeping the effective batch in examples."""
-        import dataclasses
-
-        from studio.estimate import arch_for, plan_batch
+        from studio.estimate import arch_for, plan
 
         cfg = self.cfg
         if not cfg.train.auto_batch or self.hw.device != "cuda":
             return
-        arch = arch_for(cfg)
-        micro, accum, gc, est = plan_batch(cfg, arch, self.hw.total_bytes)
-        cache = cfg.model.dequantized_cache
-        if cache and gc:  # the weight cache only pays while activations fit without checkpointing
-            cache = False
-            micro, accum, gc, est = plan_batch(dataclasses.replace(
-                cfg, model=dataclasses.replace(cfg.model, dequantized_cache=False)), arch, self.hw.total_bytes)
-        graphs = cfg.train.cuda_graphs and not gc  # graphs cannot capture checkpointed layers
-        self.cfg = dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, batch_size=micro, grad_accum=accum, cuda_graphs=graphs),
-            model=dataclasses.replace(cfg.model, gradient_checkpointing=gc, dequantized_cache=cache))
-        self.run.emit("plan", batch_size=micro, grad_accum=accum, gradient_checkpointing=gc, cuda_graphs=graphs,
-                      dequantized_cache=cache, estimate_gib=round(est.total_gib, 2) if est else None)
+        self.cfg, est = plan(cfg, arch_for(cfg), self.hw.total_bytes)
+        t, m = self.cfg.train, self.cfg.model
+        self.run.emit("plan", batch_size=t.batch_size, grad_accum=t.grad_accum,
+                      gradient_checkpointing=m.gradient_checkpointing, cuda_graphs=t.cuda_graphs,
+                      dequantized_cache=m.dequantized_cache, estimate_gib=round(est.total_gib, 2) if est else None)
 
     def _args(self):
         import torch

@@ -102,7 +102,7 @@ def test_weight_cache_is_in_the_estimate_and_the_planner_drops_it_when_short(tmp
     added = estimate(cfg, arch).total - estimate(cfg.replace({"model.dequantized_cache": False}), arch).total
     assert 12 < added / GiB < 13.5  # 7.0e9 params x 2 bytes, less the two dequantization buffers it replaces
     plans = {}
-    for gib in (80, 16):
+    for gib in (80, 24, 16):
         recipe = Recipe(RunStore(tmp_path / str(gib)).create(cfg))
         recipe.hw = SimpleNamespace(device="cuda", total_bytes=gib * GiB)
         recipe._plan_batch()
@@ -112,3 +112,5 @@ def test_weight_cache_is_in_the_estimate_and_the_planner_drops_it_when_short(tmp
     assert big.train.batch_size * big.train.grad_accum == 8
     assert not small.model.dequantized_cache  # a 16 GB card keeps the memory for activations
     assert small.train.batch_size * small.train.grad_accum == 8
+    l4 = plans[24]  # the cache would fit only beside micro-batch 1: a smaller micro-batch costs more than it saves
+    assert (l4.train.batch_size, l4.model.dequantized_cache) == (8, False)

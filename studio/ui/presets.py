@@ -23,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.config import ConfigError, RunConfig, field_specs, field_type
-from studio.estimate import GPUS, advice, arch_for, estimate
+from studio.estimate import GPUS, GiB, advice, arch_for, describe_plan, estimate, plan
 from studio.presets import list_presets, load_preset, parse_yaml, save_preset
 from studio.security import SecurityError
 from studio.ui.widgets import get_value, to_config, widget
@@ -196,8 +196,14 @@ def fit(base: dict, *values):
     est = estimate(cfg, arch)
     rows, misses = [], []
     for gpu, gib in gpu_table().items():
-        tips = advice(cfg, est, gib)
-        rows.append([gpu, round(gib, 1), "yes" if est.fits(gib) else "no", "; ".join(tips)])
+        if cfg.train.auto_batch:  # the planner adapts the run to each card: show what it would run there
+            planned, p_est = plan(cfg, arch, int(gib * GiB))
+            tips = advice(planned, p_est, gib)
+            rows.append([gpu, round(gib, 1), "yes" if p_est.fits(gib) else "no",
+                         "; ".join(tips) or "auto: " + describe_plan(planned)])
+        else:
+            tips = advice(cfg, est, gib)
+            rows.append([gpu, round(gib, 1), "yes" if est.fits(gib) else "no", "; ".join(tips)])
         if tips:
             misses.append((gpu, tips))
     parts = ", ".join(f"{k} {_size(v)}" for k, v in est.parts.items())
