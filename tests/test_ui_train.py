@@ -165,6 +165,17 @@ def test_status_and_notice_for_failed_halted_completed_and_interrupted():
     assert "Resume" in train.status_text("r1", _events(), "interrupted")
 
 
+def test_status_names_the_plan_the_gpu_got():
+    plan = {"t": T0 + 1, "type": "plan", "batch_size": 8, "grad_accum": 1, "gradient_checkpointing": False,
+            "cuda_graphs": True, "dequantized_cache": True, "estimate_gib": 25.43}
+    extra = [plan, {"t": T0 + 2, "type": "weight_cache", "gib": 13.0},
+             {"t": T0 + 3, "type": "graphs", "layers": 32, "shape": [8, 128], "seconds": 3.1}]
+    md = train.status_text("r1", _events() + extra, "running")
+    assert ("Plan for this GPU: micro-batch 8 × accumulation 1, no gradient checkpointing, CUDA graphs (32 layers "
+            "captured in 3.1 s), 16-bit weight cache (13.0 GiB); estimated peak 25.43 GiB.") in md
+    assert "Plan for this GPU" not in train.status_text("r1", _events(), "running")
+
+
 # ---- run folders without a worker ----------------------------------------------------------------
 
 def _finished_run(store, name, status, losses, **last):

@@ -244,6 +244,9 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
     if data:
         lines.append(f"Data: {data.get('train', 0)} training and {data.get('validation', 0)} validation examples"
                      + (f", {data['skipped']} skipped" if data.get("skipped") else "") + ".")
+    plan = _last(events, "plan")
+    if plan:
+        lines.append(plan_text(plan, _last(events, "graphs"), _last(events, "weight_cache")))
     last = _last(events, "status") or {}
     if status in ("queued", "starting"):
         lines.append("Starting the worker: loading the model and the data…")
@@ -265,6 +268,19 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
         lines.append("The worker ended without a final status (the app or the machine restarted, or the process "
                      "was killed). Resume continues from the last complete checkpoint.")
     return "\n\n".join(lines)
+
+
+def plan_text(plan: dict, graphs: dict | None, cache: dict | None) -> str:
+    """What train.auto_batch chose for this GPU, and what the speed switches did."""
+    bits = [f"micro-batch {plan.get('batch_size')} × accumulation {plan.get('grad_accum')}",
+            "gradient checkpointing" if plan.get("gradient_checkpointing") else "no gradient checkpointing"]
+    if plan.get("cuda_graphs"):
+        bits.append(f"CUDA graphs ({graphs['layers']} layers captured in {graphs['seconds']} s)" if graphs
+                    else "CUDA graphs")
+    if plan.get("dequantized_cache"):
+        bits.append(f"16-bit weight cache ({cache['gib']} GiB)" if cache else "16-bit weight cache")
+    est = plan.get("estimate_gib")
+    return f"Plan for this GPU: {', '.join(bits)}" + (f"; estimated peak {est} GiB." if est else ".")
 
 
 def finish_notice(run_id: str, status: str, last: dict) -> tuple[str, str] | None:

@@ -1,5 +1,6 @@
-"""GPU tier (``pytest -m gpu`` on the GPU machine): the fast preset's exact config on a random-weight
-Mistral-7B-shaped model trains 20 steps with a finite loss, and the adapter reloads with plain peft."""
+"""GPU tier (``pytest -m gpu`` on the GPU machine): the fast preset's exact config, and its every-switch
+twin (fast-max), on a random-weight Mistral-7B-shaped model train 20 steps with a finite loss, and the
+adapter reloads with plain peft."""
 
 import math
 import os
@@ -12,7 +13,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fast_preset_trains_20_steps_on_mistral_7b_shape(tmp_path):
+@pytest.mark.parametrize("preset", ["mistral-7b-finance-fast", "mistral-7b-finance-fast-max"])
+def test_fast_preset_trains_20_steps_on_mistral_7b_shape(tmp_path, preset):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -25,7 +27,7 @@ def test_fast_preset_trains_20_steps_on_mistral_7b_shape(tmp_path):
     work.mkdir(parents=True, exist_ok=True)
     model_dir = random_model(work / "mistral-7b-random")
     data = synthetic_alpaca(tmp_path / "fast.jsonl", 400, seed=3)
-    cfg = load_preset("mistral-7b-finance-fast").replace({
+    cfg = load_preset(preset).replace({
         "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "",
         "data.train_samples": 0, "data.val_samples": 40, "train.max_steps": 20, "train.logging_steps": 1,
         "train.eval_steps": 10, "train.save_steps": 10, "train.sample_prompts": 1,
@@ -36,7 +38,7 @@ def test_fast_preset_trains_20_steps_on_mistral_7b_shape(tmp_path):
     assert len(metrics) == 20 and all(math.isfinite(e["loss"]) for e in metrics)
     peak = max(e["memory"]["peak"] for e in metrics) / 2**30
     tps = sum(e["tokens_per_s"] for e in metrics[3:]) / len(metrics[3:])
-    print(f"\nGPU TIER: peak allocated {peak:.2f} GiB, {tps:.0f} tokens/s (steps 4-20)")
+    print(f"\nGPU TIER {preset}: peak allocated {peak:.2f} GiB, {tps:.0f} tokens/s (steps 4-20)")
     adir = tmp_path / "mistral-lora-finance-adapter-fast"
     tok = AutoTokenizer.from_pretrained(str(adir))
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
