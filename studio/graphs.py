@@ -73,7 +73,7 @@ def _layer_call_cls():
 
 
 def _record_layer_inputs(model, batch_size: int, length: int):
-    """Run one eager step on a sample batch and note what each layer receives (dtypes, requires_grad)."""
+    """Hooks that note what each layer receives (dtypes, rotary shape) in a sample forward."""
     import torch
 
     layers = decoder_layers(model)
@@ -100,13 +100,20 @@ def graph_layers(model, batch_size: int, length: int, dtype):
     was_training = model.training
     model.train()
     seen, ids, hooks = _record_layer_inputs(model, batch_size, length)
+    # Forward only, without autograd: an eager backward here would leave gradient-accumulation nodes on the
+    # default stream that the capture's backward can then depend on (cudaErrorStreamCaptureImplicit).
     try:
-        with torch.autocast("cuda", dtype=dtype):
-            model(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+            model(input_ids=ids)
     finally:
         for h in hooks:
             h.remove()
-    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():  # does the first layer's input need a gradient (enable_input_require_grads)?
+        grad_in = model.get_input_embeddings()(ids[:, :1]).requires_grad
+    for i, layer in enumerate(layers):
+        h_dtype, _, c_dtype, c_shape = seen[i]
+        seen[i] = (h_dtype, grad_in, c_dtype, c_shape)
+        grad_in = grad_in or any(p.requires_grad for p in layer.parameters())
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.config.hidden_size
     pos = torch.arange(length, device=ids.device)[None]
@@ -118,6 +125,7 @@ def graph_layers(model, batch_size: int, length: int, dtype):
         h = torch.randn(batch_size, length, hidden, device=ids.device, dtype=h_dtype).requires_grad_(h_grad)
         cos, sin = base.model.rotary_emb(h, pos)
         samples.append((h, cos.to(c_dtype).expand(c_shape).contiguous(), sin.to(c_dtype).expand(c_shape).contiguous()))
+    torch.cuda.synchronize()
     # cache_enabled=False: autocast's weight-cast cache would keep tensors alive outside the graphs' pool.
     with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
         graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), num_warmup_iters=3)

@@ -261,7 +261,11 @@ class Recipe:
 
         t = time.time()
         b, n_tok = self.cfg.train.batch_size, self.cfg.data.max_length
-        n = graph_layers(model, b, n_tok, resolve_dtype(self.cfg.model.compute_dtype, self.hw))
+        try:
+            n = graph_layers(model, b, n_tok, resolve_dtype(self.cfg.model.compute_dtype, self.hw))
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"capturing CUDA graphs failed ({str(e).splitlines()[0]}); turn train.cuda_graphs "
+                               "off and start again.") from e
         self.run.emit("graphs", layers=n, shape=[b, n_tok], seconds=round(time.time() - t, 2))
 
     def _trainer(self):
