@@ -9,7 +9,9 @@ or ``failed`` (with the step, the reason and a remedy).
 
 Events written (see ``studio.runs``): ``status``, ``data`` (counts and length stats), ``metric``
 (step, epoch, loss, learning_rate, grad_norm, tokens_per_s, memory), ``eval`` (eval_loss,
-perplexity), ``sample`` (answers to fixed validation prompts at each evaluation), ``checkpoint``.
+perplexity), ``sample`` (answers to fixed validation prompts at each evaluation), ``checkpoint``,
+and with the speed switches ``plan`` (what ``train.auto_batch`` chose for this GPU), ``weight_cache``
+(GiB of the 16-bit weight copy) and ``graphs`` (layers captured as CUDA graphs, shape, seconds).
 This module never imports gradio; it runs inside the worker process or a test.
 """
 
