@@ -222,6 +222,16 @@ def test_fit_panel_for_the_fast_preset_lists_the_gpus():
     assert "not on T4 16 GB" in verdict or "none of these" in verdict
 
 
+def test_fit_panel_shows_what_auto_batch_plans_on_each_gpu():
+    base, _, *values, _ = presets.choose_preset("mistral-7b-finance-fast-max")
+    rows, verdict = presets.fit(base, *values)
+    by_gpu = {r[0]: r for r in rows}
+    assert all(r[2] == "yes" for r in rows) and "Fits on every GPU" in verdict
+    assert by_gpu["H100 80 GB"][3] == ("auto: micro-batch 8 x accum 1, no checkpointing, CUDA graphs, "
+                                       "16-bit weight cache")
+    assert by_gpu["T4 16 GB"][3].startswith("auto: ") and "weight cache" not in by_gpu["T4 16 GB"][3]
+
+
 def test_fit_says_when_the_shape_is_unknown_offline():
     base, _, *values, _ = presets.choose_preset("tiny-demo")
     values[presets.KEYS.index("model.base_model")] = "someone/unknown-model"
