@@ -72,22 +72,44 @@ def _layer_call_cls():
     return LayerCall
 
 
-def _record_layer_inputs(model, batch_size: int, length: int):
-    """Hooks that note what each layer receives (dtypes, rotary shape) in a sample forward."""
+def layer_inputs(model, batch_size: int, length: int, dtype) -> list[tuple]:
+    """Per decoder layer: (hidden dtype, hidden requires grad, rotary dtype, rotary shape) in a training step.
+
+    Dtypes and shapes come from one sample forward without autograd: an eager backward here would leave
+    gradient-accumulation nodes on the default stream that the capture's backward can then depend on
+    (cudaErrorStreamCaptureImplicit).  Whether a layer's input needs a gradient is derived instead: the
+    first layer's if the embeddings' output does (enable_input_require_grads), each later layer's if any
+    earlier layer has trainable weights.
+    """
     import torch
 
     layers = decoder_layers(model)
     seen: dict[int, tuple] = {}
-    hooks = []
-    for i, layer in enumerate(layers):
-        def pre(mod, args, kwargs, i=i):
+
+    def hook(i):
+        def pre(mod, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
             cos, _ = kwargs["position_embeddings"]
-            seen[i] = (h.dtype, h.requires_grad, cos.dtype, tuple(cos.shape))
-        hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+            seen[i] = (h.dtype, cos.dtype, tuple(cos.shape))
+        return pre
+
+    hooks = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = next(p for p in layers[0].parameters()).device
     ids = torch.randint(3, 100, (batch_size, length), device=device)
-    return seen, ids, hooks
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.enable_grad():
+        grad_in = model.get_input_embeddings()(ids[:, :1]).requires_grad
+    specs = []
+    for i, layer in enumerate(layers):
+        h_dtype, c_dtype, c_shape = seen[i]
+        specs.append((h_dtype, grad_in, c_dtype, c_shape))
+        grad_in = grad_in or any(p.requires_grad for p in layer.parameters())
+    return specs
 
 
 def graph_layers(model, batch_size: int, length: int, dtype):
@@ -99,30 +121,16 @@ def graph_layers(model, batch_size: int, length: int, dtype):
         raise ValueError("CUDA graphs cannot capture checkpointed layers; turn gradient checkpointing off.")
     was_training = model.training
     model.train()
-    seen, ids, hooks = _record_layer_inputs(model, batch_size, length)
-    # Forward only, without autograd: an eager backward here would leave gradient-accumulation nodes on the
-    # default stream that the capture's backward can then depend on (cudaErrorStreamCaptureImplicit).
-    try:
-        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-            model(input_ids=ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    with torch.enable_grad():  # does the first layer's input need a gradient (enable_input_require_grads)?
-        grad_in = model.get_input_embeddings()(ids[:, :1]).requires_grad
-    for i, layer in enumerate(layers):
-        h_dtype, _, c_dtype, c_shape = seen[i]
-        seen[i] = (h_dtype, grad_in, c_dtype, c_shape)
-        grad_in = grad_in or any(p.requires_grad for p in layer.parameters())
+    specs = layer_inputs(model, batch_size, length, dtype)
+    device = next(p for p in layers[0].parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.config.hidden_size
-    pos = torch.arange(length, device=ids.device)[None]
+    pos = torch.arange(length, device=device)[None]
     LayerCall = _layer_call_cls()
     calls, samples = [], []
-    for i, layer in enumerate(layers):
-        h_dtype, h_grad, c_dtype, c_shape = seen[i]
+    for layer, (h_dtype, h_grad, c_dtype, c_shape) in zip(layers, specs):
         calls.append(LayerCall(layer, layer.forward))
-        h = torch.randn(batch_size, length, hidden, device=ids.device, dtype=h_dtype).requires_grad_(h_grad)
+        h = torch.randn(batch_size, length, hidden, device=device, dtype=h_dtype).requires_grad_(h_grad)
         cos, sin = base.model.rotary_emb(h, pos)
         samples.append((h, cos.to(c_dtype).expand(c_shape).contiguous(), sin.to(c_dtype).expand(c_shape).contiguous()))
     torch.cuda.synchronize()
@@ -132,7 +140,7 @@ def graph_layers(model, batch_size: int, length: int, dtype):
     model.zero_grad(set_to_none=True)
     shape = (batch_size, length, hidden)
     stats = base.__dict__.setdefault("graph_replays", [0])  # layer replays so far: tests check graphs really run
-    for layer, call, (_, _, _, c_shape) in zip(layers, graphed, [seen[i] for i in range(len(layers))]):
+    for layer, call, (_, _, _, c_shape) in zip(layers, graphed, specs):
         eager = call.eager
 
         def forward(hidden_states, attention_mask=None, position_embeddings=None, _eager=eager, _call=call,

@@ -43,6 +43,23 @@ def test_static_rows_without_mask_match_padded_masked_batches(tiny_model_dir, ti
                              StaticRowsCollator(6, 128, tiny_tokenizer.pad_token_id)(rows)])
 
 
+def test_layer_inputs_record_dtypes_and_derive_which_inputs_need_gradients(tiny_model_dir):
+    """What graph_layers captures each layer for, found without an eager backward (CPU, no capture)."""
+    from peft import LoraConfig, get_peft_model
+
+    from studio.graphs import layer_inputs
+
+    model = get_peft_model(_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    n = len(decoder_layers(model))
+    specs = layer_inputs(model, 2, 16, torch.bfloat16)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert len(specs) == n and all(s[0] == torch.float32 and s[3] == (1, 16, head_dim) for s in specs)
+    assert [s[1] for s in specs] == [False] + [True] * (n - 1)  # layer 0's input is the frozen embedding's output
+    assert all(p.grad is None for p in model.parameters())  # no backward ran
+    model.enable_input_require_grads()
+    assert all(s[1] for s in layer_inputs(model, 2, 16, torch.bfloat16))
+
+
 def test_no_decoder_layers_is_a_clear_error():
     with pytest.raises(ValueError, match="cuda_graphs"):
         decoder_layers(torch.nn.Linear(2, 2))
