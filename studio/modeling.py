@@ -194,22 +194,17 @@ def add_lora(cfg: RunConfig, model):
     model.config.use_cache = False
     gc = cfg.model.gradient_checkpointing
     gc_kwargs = dict(GC_KWARGS)
-    if cfg.train.fsdp:
-        # k-bit preparation upcasts some weights to fp32, which FSDP's flat parameters cannot mix.
-        if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()
-    elif cfg.model.quantization != "none" and not cfg.model.fp32_frozen:
-        # Unsloth-style: frozen weights stay in the compute dtype; only the input needs grads for checkpointing.
-        if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()
-    elif cfg.model.quantization != "none":
+    if cfg.model.quantization != "none" and cfg.model.fp32_frozen and not cfg.train.fsdp:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
-    elif gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()
+    else:
+        # Frozen weights keep their dtype: FSDP's flat parameters cannot mix in peft's fp32 upcasts, and
+        # fp32_frozen off keeps them in the compute dtype as Unsloth does.  Reentrant checkpointing needs an
+        # input that requires grad; 4-bit and FSDP runs always get one.
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        if gc or cfg.train.fsdp or cfg.model.quantization != "none":
+            model.enable_input_require_grads()
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=target_modules(cfg), bias=cfg.lora.bias, task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
