@@ -23,9 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def _unwrapped(model):
+    """The transformers model under any peft wrapping."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model):
     """The decoder layers of a transformers causal LM, under any peft wrapping."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     inner = getattr(base, "model", base)
     layers = getattr(inner, "layers", None)
     if layers is None:
@@ -123,7 +128,7 @@ def graph_layers(model, batch_size: int, length: int, dtype):
     model.train()
     specs = layer_inputs(model, batch_size, length, dtype)
     device = next(p for p in layers[0].parameters()).device
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     hidden = base.config.hidden_size
     pos = torch.arange(length, device=device)[None]
     LayerCall = _layer_call_cls()

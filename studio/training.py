@@ -179,11 +179,16 @@ class Recipe:
         set_seed(cfg.train.seed)
         self.model = modeling.add_lora(cfg, base)
         if cfg.model.dequantized_cache and self.hw.device == "cuda":
-            from studio.hardware import resolve_dtype
-
-            added = modeling.cache_dequantized(self.model, resolve_dtype(cfg.model.compute_dtype, self.hw))
+            added = modeling.cache_dequantized(self.model, self.dtype)
             self.run.emit("weight_cache", gib=round(added / 2**30, 2))
         self.trainer = self._trainer()
+
+    @property
+    def dtype(self):
+        """The compute dtype on this run's hardware (after preflight)."""
+        from studio.hardware import resolve_dtype
+
+        return resolve_dtype(self.cfg.model.compute_dtype, self.hw)
 
     def _plan_batch(self):
         """With train.auto_batch on a GPU, fill memory while keeping the effective batch in examples."""
@@ -204,10 +209,8 @@ class Recipe:
 
         from studio import modeling
 
-        from studio.hardware import resolve_dtype
-
         cfg, t = self.cfg, self.cfg.train
-        dtype = resolve_dtype(cfg.model.compute_dtype, self.hw)
+        dtype = self.dtype
         has_val = self.prepared.validation is not None and len(self.prepared.validation) > 0
         return TrainingArguments(
             output_dir=str(self.run.checkpoints_dir),
@@ -259,12 +262,11 @@ class Recipe:
 
     def capture_graphs(self, model):
         from studio.graphs import graph_layers
-        from studio.hardware import resolve_dtype
 
         t = time.time()
         b, n_tok = self.cfg.train.batch_size, self.cfg.data.max_length
         try:
-            n = graph_layers(model, b, n_tok, resolve_dtype(self.cfg.model.compute_dtype, self.hw))
+            n = graph_layers(model, b, n_tok, self.dtype)
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"capturing CUDA graphs failed ({str(e).splitlines()[0]}); turn train.cuda_graphs "
                                "off and start again.") from e
