@@ -37,7 +37,8 @@ FAST_JOB_EXAMPLES = 20_000
 
 def studio_shape_overrides(shape: str, lean: bool = False) -> dict:
     """``studio@``: the shape with every speed option (fills the GPU); ``lean@``: the shape's own batch and
-    checkpointing with the options that save memory (Liger's fused loss, compute-dtype frozen weights)."""
+    checkpointing with the options that save memory or cost none (Liger, compute-dtype frozen weights, fused
+    4-bit LoRA, nested quantization, offloaded checkpoints or one graphed checkpointed stack)."""
     from bench.shapes import SHAPES
 
     s = SHAPES[shape]
@@ -47,7 +48,12 @@ def studio_shape_overrides(shape: str, lean: bool = False) -> dict:
                  "data.max_length": s["seq"], "data.train_on_inputs": True, "train.liger": True,
                  "model.fp32_frozen": False}  # full-length rows: nothing for padding-free packing to remove
     if lean:
-        return shape_cfg
+        # Unsloth's memory at every shape: it loads with nested quantization whatever the shape says, and so do
+        # we here.  Short micro-batches are host-bound: one CUDA graph for the checkpointed stack; long ones are
+        # GPU-bound and keep their saved layer inputs in CPU RAM instead.
+        short = s["batch"] * s["seq"] <= 4096
+        return {**shape_cfg, "model.double_quant": True, "train.fused_lora": True, "train.cuda_graphs": short,
+                "model.offload_checkpoints": not short}
     return {**shape_cfg, "train.auto_batch": True, "train.cuda_graphs": True, "model.dequantized_cache": True}
 
 

@@ -146,7 +146,9 @@ def estimate(cfg, arch: Arch, micro_batch: int | None = None, seq_len: int | Non
     tokens = b * s
     full_layer = (58 + 2 * arch.intermediate / h) * tokens * h * act_bytes / 2
     if cfg.model.gradient_checkpointing:
-        e.parts["activations"] = int(L * 2 * tokens * h + full_layer)
+        # Each layer's saved input (2 bytes/value); offloaded, only the one in use and the one prefetched.
+        kept = 2 if cfg.model.offload_checkpoints and not cfg.train.cuda_graphs else L
+        e.parts["activations"] = int(kept * 2 * tokens * h + full_layer)
     else:
         e.parts["activations"] = int(L * full_layer)
     e.parts["logits (fp32) + grad"] = int(tokens * arch.vocab * (4 if cfg.train.liger else 14))
@@ -183,7 +185,7 @@ def plan(cfg, arch: Arch | None, gpu_bytes: int):
 
     Micro-batch, accumulation and checkpointing from ``plan_batch``; the 16-bit weight cache is kept only
     when the same micro-batch still fits without checkpointing beside it (a smaller micro-batch costs more
-    than dequantisation saves); CUDA graphs only without checkpointing.  Without auto_batch the config is returned as it is.
+    than dequantisation saves); CUDA graphs unless checkpointing is chosen with LoRA dropout.  Without auto_batch the config is returned as it is.
     """
     import dataclasses as dc
 
@@ -196,8 +198,10 @@ def plan(cfg, arch: Arch | None, gpu_bytes: int):
         c_micro, c_accum, c_gc, c_est = plan_batch(cfg, arch, gpu_bytes)
         if (c_micro, c_gc) == (micro, gc):  # the cache saves dequantisation only if it costs no micro-batch
             cache, est = True, c_est
+    # Checkpointed layers are graphed as one stack, which cannot replay a dropout mask in the recompute.
+    graphs = cfg.train.cuda_graphs and (not gc or cfg.lora.dropout == 0)
     planned = dc.replace(
-        cfg, train=dc.replace(cfg.train, batch_size=micro, grad_accum=accum, cuda_graphs=cfg.train.cuda_graphs and not gc),
+        cfg, train=dc.replace(cfg.train, batch_size=micro, grad_accum=accum, cuda_graphs=graphs),
         model=dc.replace(cfg.model, gradient_checkpointing=gc, dequantized_cache=cache))
     return planned, est
 

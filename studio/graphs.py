@@ -12,14 +12,21 @@ the same examples padded with a mask, and the causal flash kernel runs instead o
 Contract:
 - ``StaticRowsCollator(batch_size, length, pad_token_id)`` -> ``input_ids`` and ``labels`` of shape
   [batch_size, length] (missing rows are all padding, labels -100).
-- ``graph_layers(model, batch_size, length, dtype)`` captures every decoder layer (CUDA, training mode,
-  gradient checkpointing off) and counts replays in ``base_model.graph_replays[0]``.  A layer replays its graph only in training mode with gradients on, no
-  attention mask and the captured shapes; anything else (evaluation, sample answers, generation) runs
-  the layer eagerly.
+- ``graph_layers(model, batch_size, length, dtype)`` captures every decoder layer (CUDA, training mode)
+  and counts replays in ``base_model.graph_replays[0]``.  A layer replays its graph only in training
+  mode with gradients on, no attention mask and the captured shapes; anything else (evaluation,
+  sample answers, generation) runs the layer eagerly.
+- Without gradient checkpointing each layer is its own graph.  With it, the whole stack of layers is
+  one graph in which every layer is checkpointed (torch's non-reentrant checkpoint, recomputed inside
+  the backward graph): one graph keeps the memory of eager checkpointing, where per-layer graphs would
+  each hold static input, output and gradient buffers.  The first layer runs the stack and the others
+  pass its result through.  Recomputation inside a graph cannot replay a dropout mask, so this needs
+  LoRA dropout 0 (``modeling.preflight`` says so).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -123,7 +130,7 @@ def graph_layers(model, batch_size: int, length: int, dtype):
 
     layers = decoder_layers(model)
     if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
-        raise ValueError("CUDA graphs cannot capture checkpointed layers; turn gradient checkpointing off.")
+        return graph_checkpointed_stack(model, batch_size, length, dtype)
     was_training = model.training
     model.train()
     specs = layer_inputs(model, batch_size, length, dtype)
@@ -160,5 +167,77 @@ def graph_layers(model, batch_size: int, length: int, dtype):
                           **kw)
 
         layer.forward = forward
+    model.train(was_training)
+    return len(layers)
+
+
+def _stack_call_cls():
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    class StackCall(torch.nn.Module):
+        """All decoder layers, each checkpointed, as one positional callable."""
+
+        def __init__(self, layers, eagers):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(layers)  # registered so the LoRA weights get gradients
+            self.eagers = eagers
+
+        def forward(self, hidden, cos, sin):
+            for eager in self.eagers:
+                hidden = checkpoint(lambda h, c, s, _f=eager: _f(h, attention_mask=None, position_embeddings=(c, s)),
+                                    hidden, cos, sin, use_reentrant=False, preserve_rng_state=False)
+            return hidden
+
+    return StackCall
+
+
+def graph_checkpointed_stack(model, batch_size: int, length: int, dtype):
+    """One CUDA graph for the whole checkpointed layer stack; see the module docstring."""
+    import torch
+
+    layers = decoder_layers(model)
+    was_training = model.training
+    model.train()
+    specs = layer_inputs(model, batch_size, length, dtype)
+    device = next(p for p in layers[0].parameters()).device
+    base = _unwrapped(model)
+    pos = torch.arange(length, device=device)[None]
+    h_dtype, h_grad, c_dtype, c_shape = specs[0]
+    h = torch.randn(batch_size, length, base.config.hidden_size, device=device, dtype=h_dtype).requires_grad_(h_grad)
+    cos, sin = base.model.rotary_emb(h, pos)
+    sample = (h, cos.to(c_dtype).expand(c_shape).contiguous(), sin.to(c_dtype).expand(c_shape).contiguous())
+    eagers = [layer.forward for layer in layers]
+    for layer in layers:
+        layer.gradient_checkpointing = False  # the checkpointing now happens inside the graph
+    stack = _stack_call_cls()(layers, eagers)
+    torch.cuda.synchronize()
+    with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
+        (graphed,) = torch.cuda.make_graphed_callables((stack,), (sample,), num_warmup_iters=3)
+    model.zero_grad(set_to_none=True)
+    shape = tuple(h.shape)
+    stats = base.__dict__.setdefault("graph_replays", [0])
+    passing = [0]  # layers still to pass the stack's output through in this forward
+
+    def first(hidden_states, attention_mask=None, position_embeddings=None, **kw):
+        layer = layers[0]
+        if (layer.training and torch.is_grad_enabled() and attention_mask is None
+                and tuple(hidden_states.shape) == shape and position_embeddings is not None
+                and tuple(position_embeddings[0].shape) == c_shape):
+            stats[0] += 1
+            passing[0] = len(layers) - 1
+            return graphed(hidden_states, *position_embeddings)
+        passing[0] = 0
+        return eagers[0](hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kw)
+
+    def later(hidden_states, *args, _eager=None, **kw):
+        if passing[0] > 0:
+            passing[0] -= 1
+            return hidden_states
+        return _eager(hidden_states, *args, **kw)
+
+    layers[0].forward = first
+    for layer, eager in zip(layers[1:], eagers[1:]):
+        layer.forward = functools.partial(later, _eager=eager)
     model.train(was_training)
     return len(layers)

@@ -101,9 +101,10 @@ def preflight(cfg: RunConfig, hw: Hardware | None = None, token: str | None = No
             raise ConfigError("train.cuda_graphs", "CUDA graphs need a CUDA GPU; turn it off on the CPU.")
         if t.num_gpus > 1 or t.fsdp:
             raise ConfigError("train.cuda_graphs", "CUDA graphs run on one GPU; set num_gpus to 1 or turn it off.")
-        if m.gradient_checkpointing and not t.auto_batch:
-            raise ConfigError("train.cuda_graphs", "CUDA graphs cannot capture checkpointed layers; turn "
-                              "model.gradient_checkpointing off (or turn on train.auto_batch to decide by memory).")
+        if m.gradient_checkpointing and cfg.lora.dropout > 0 and not t.auto_batch:
+            # A graph replays the random numbers it captured: the recompute could not redraw the forward's mask.
+            raise ConfigError("train.cuda_graphs", "CUDA graphs with gradient checkpointing need lora.dropout 0; set "
+                              "it to 0, turn model.gradient_checkpointing off, or turn on train.auto_batch.")
     if m.quantization != "none":
         try:
             import bitsandbytes  # noqa: F401

@@ -52,8 +52,14 @@ def _events_callback_cls():
             self._t = time.time()
             self._tokens = state.num_input_tokens_seen or 0
             self.t0 = self._t
-            if self.r.cfg.train.cuda_graphs and kw.get("model") is not None:
-                self.r.capture_graphs(kw["model"])  # after the Trainer patched the model (Liger), before step 1
+            model = kw.get("model")
+            if model is not None and self.r.cfg.model.offload_checkpoints and self.r.cfg.model.gradient_checkpointing:
+                from studio.offload import use_offloaded_checkpoints
+
+                # After Trainer's gradient_checkpointing_enable, which installs torch's checkpoint function.
+                self.run.emit("checkpoint_offload", layers=use_offloaded_checkpoints(model))
+            if self.r.cfg.train.cuda_graphs and model is not None:
+                self.r.capture_graphs(model)  # after the Trainer patched the model (Liger), before step 1
             self.run.emit("status", status="running", step=state.global_step, max_steps=state.max_steps,
                           epochs=args.num_train_epochs)
 
@@ -181,6 +187,10 @@ class Recipe:
         if cfg.model.dequantized_cache and self.hw.device == "cuda":
             added = modeling.cache_dequantized(self.model, self.dtype)
             self.run.emit("weight_cache", gib=round(added / 2**30, 2))
+        if cfg.train.fused_lora:
+            from studio.fused_lora import fuse_lora
+
+            self.run.emit("fused_lora", layers=fuse_lora(self.model))
         self.trainer = self._trainer()
 
     @property

@@ -1,0 +1,148 @@
+"""The memory-lean speed options change nothing learned: fused 4-bit LoRA layers and offloaded checkpointing
+give peft's / torch's loss and LoRA gradients on a real NF4 model (bitsandbytes on the CPU)."""
+
+import pytest
+import torch
+from transformers import DataCollatorForSeq2Seq
+
+from studio.config import ConfigError
+from test_padding_free import _rows
+
+
+def _lora_model(tiny_model_dir, **over):
+    from studio import modeling
+    from studio.presets import load_preset
+
+    cfg = load_preset("tiny-demo").replace({"model.base_model": str(tiny_model_dir), **over})
+    model = modeling.add_lora(cfg, modeling.load_base(cfg, modeling.load_tokenizer(cfg)))
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # B starts at zero, which would leave A without a gradient to compare
+            torch.nn.init.normal_(p, std=0.05)
+    return model.train()
+
+
+def _step(model, batch, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks for both paths
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(a, b, rtol):
+    (l0, g0), (l1, g1) = a, b
+    torch.testing.assert_close(l1, l0, rtol=rtol, atol=1e-6)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=rtol, atol=1e-6, msg=n)
+
+
+def test_fused_lora_matches_peft_loss_and_gradients(tiny_model_dir, tiny_tokenizer):
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from studio.fused_lora import fuse_lora
+
+    model = _lora_model(tiny_model_dir)
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
+    reference = _step(model, batch)
+    n = fuse_lora(model)
+    assert n == sum(isinstance(m, Linear4bit) for m in model.modules()) == 7 * model.config.num_hidden_layers
+    assert fuse_lora(model) == 0  # patching twice changes nothing
+    fused = _step(model, batch)
+    _assert_same(reference, fused, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for k, g in fused[1].items() if "lora_A" in k)
+    # Evaluation and adapters switched off take peft's own forward.
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).loss, reference[0], rtol=1e-4, atol=1e-6)
+        with model.disable_adapter():
+            assert not torch.allclose(model(**batch).loss, reference[0])
+
+
+def test_fused_lora_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_tokenizer):
+    from studio.fused_lora import fuse_lora
+
+    model = _lora_model(tiny_model_dir)
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = _step(model, batch)
+        fuse_lora(model)
+        fused = _step(model, batch)
+    # bf16 rounding: the fused path adds the LoRA product inside the fp32-accumulated matmul.
+    torch.testing.assert_close(fused[0], reference[0], rtol=2e-2, atol=1e-3)
+    for k in reference[1]:
+        rel = (fused[1][k] - reference[1][k]).norm() / reference[1][k].norm()
+        assert rel < 5e-2, (k, float(rel))
+    assert all(g.dtype == torch.float32 for g in fused[1].values())  # fp32 LoRA weights, fp32 gradients
+
+
+def test_fused_lora_skips_layers_with_dropout(tiny_model_dir):
+    from studio.fused_lora import fuse_lora
+
+    assert fuse_lora(_lora_model(tiny_model_dir, **{"lora.dropout": 0.1})) == 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_offloaded_checkpoints_match_torch_checkpointing(tiny_model_dir, tiny_tokenizer, dropout):
+    from studio import offload
+
+    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": dropout})
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
+    reference = _step(model, batch)  # torch's reentrant checkpoint (preserves the RNG state for dropout)
+    assert offload.use_offloaded_checkpoints(model) == model.config.num_hidden_layers
+    ours = _step(model, batch)
+    # The recompute sees the forward's dropout masks: with dropout on, a redrawn mask would change the grads.
+    _assert_same(reference, ours, rtol=1e-5)
+    assert not [r for r in offload._stack if r() is not None]  # every saved input was consumed by its backward
+
+
+def test_offloaded_checkpoints_forget_a_forward_without_backward(tiny_model_dir, tiny_tokenizer):
+    from studio import offload
+
+    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True})
+    offload.use_offloaded_checkpoints(model)
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
+    model(**batch)  # e.g. a step that failed before its backward: its graph and saved inputs are dropped
+    first = _step(model, batch)
+    assert not [r for r in offload._stack if r() is not None]
+    with torch.no_grad():  # no autograd: the layer just runs
+        model(**batch)
+    assert not [r for r in offload._stack if r() is not None]
+    _assert_same(first, _step(model, batch), rtol=1e-6)
+
+
+def test_lean_options_are_validated_by_name():
+    from studio.presets import load_preset
+
+    cfg = load_preset("mistral-7b-finance-fast")  # LoRA dropout 0.05
+    with pytest.raises(ConfigError, match="train.fused_lora.*lora.dropout 0"):
+        cfg.replace({"train.fused_lora": True})
+    with pytest.raises(ConfigError, match="model.offload_checkpoints"):
+        cfg.replace({"model.offload_checkpoints": True, "model.gradient_checkpointing": False})
+    with pytest.raises(ConfigError, match="train.fused_lora"):
+        cfg.replace({"train.fused_lora": True, "lora.dropout": 0.0, "model.quantization": "none"})
+    cfg.replace({"train.fused_lora": True, "lora.dropout": 0.0, "model.offload_checkpoints": True})
+
+
+def test_planner_graphs_checkpointed_stacks_only_without_dropout():
+    from studio.estimate import KNOWN, GiB, plan
+    from studio.presets import load_preset
+
+    arch = KNOWN["mistralai/Mistral-7B-Instruct-v0.3"]
+    cfg = load_preset("mistral-7b-instruct-thorough").replace({"train.auto_batch": True, "train.cuda_graphs": True})
+    planned, _ = plan(cfg, arch, 24 * GiB)
+    assert planned.model.gradient_checkpointing  # 4 x 4096 tokens never fit a 24 GB card without it
+    assert planned.train.cuda_graphs == (cfg.lora.dropout == 0)
+    with_dropout, _ = plan(cfg.replace({"lora.dropout": 0.05}), arch, 24 * GiB)
+    assert with_dropout.model.gradient_checkpointing and not with_dropout.train.cuda_graphs
+
+
+def test_offloading_lowers_the_estimate_by_the_saved_layer_inputs():
+    from studio.estimate import KNOWN, GiB, estimate
+    from studio.presets import load_preset
+
+    arch = KNOWN["mistralai/Mistral-7B-Instruct-v0.3"]
+    cfg = load_preset("mistral-7b-instruct-thorough").replace({"train.batch_size": 4})
+    saved = estimate(cfg, arch).total - estimate(cfg.replace({"model.offload_checkpoints": True}), arch).total
+    assert saved / GiB == pytest.approx((32 - 2) * 4 * 4096 * 4096 * 2 / GiB)
