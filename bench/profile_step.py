@@ -1,6 +1,7 @@
 """Where a training step's time goes: GPU kernel time against wall time, for one engine variant.
 
     python -m bench.profile_step --variant studio-graphs-liger --model DIR --data FILE
+    python -m bench.profile_step --variant lean@alllinear --model DIR --data LONG_FILE
 
 Runs the engine (``studio.training.Recipe``) with a ``bench.train_speed`` variant's overrides and
 profiles 5 optimizer steps after 8 warm-up steps with ``torch.profiler``: prints wall seconds per step,
@@ -26,20 +27,18 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile, schedule
     from transformers import TrainerCallback
 
-    from bench.train_speed import VARIANTS
-    from studio.presets import load_preset
+    from bench.train_speed import studio_config, variant_overrides
     from studio.runs import RunStore
     from studio.training import Recipe
 
-    cfg = load_preset("mistral-7b-finance-fast").replace({
-        "model.base_model": a.model, "data.path": a.data, "data.hub_dataset": "", "data.val_samples": 0,
-        "data.val_fraction": 0.0, "data.train_samples": 0, "train.max_steps": 16, "train.logging_steps": 5,
-        "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0, "output.adapter_dir": "",
-        **VARIANTS[a.variant]})
+    shape = "@" in a.variant  # a speed-issue shape: long steps, so fewer of them
+    wait, active = (3, 2) if shape else (8, 5)
+    cfg = studio_config(a.variant, a.model, a.data, wait + active + 3, variant_overrides(a.variant)).replace(
+        {"train.logging_steps": 5})
     recipe = Recipe(RunStore().create(cfg, "profile-" + a.variant))
     recipe.setup()
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                   schedule=schedule(wait=8, warmup=2, active=5, repeat=1))
+                   schedule=schedule(wait=wait, warmup=1, active=active, repeat=1))
     marks = []
 
     class Prof(TrainerCallback):
@@ -56,11 +55,11 @@ def main() -> None:
 
     recipe.trainer.add_callback(Prof())
     recipe.train()
-    wall = (marks[7] - marks[2]) / 5 if len(marks) > 7 else float("nan")
+    wall = (marks[wait - 1] - marks[1]) / (wait - 2) if len(marks) >= wait else float("nan")
     ev = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA")
-    print(f"PROFILE {a.variant}: wall {wall * 1000:.1f} ms/step (unprofiled steps 4-8), "
-          f"CUDA kernels {kernel_us / 5 / 1000:.1f} ms/step (profiled steps 11-15)")
+    print(f"PROFILE {a.variant}: wall {wall * 1000:.1f} ms/step (unprofiled steps 3-{wait}), "
+          f"CUDA kernels {kernel_us / active / 1000:.1f} ms/step ({active} profiled steps)")
     print(ev.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
     print(ev.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 

@@ -57,10 +57,9 @@ def studio_shape_overrides(shape: str, lean: bool = False) -> dict:
     return {**shape_cfg, "train.auto_batch": True, "train.cuda_graphs": True, "model.dequantized_cache": True}
 
 
-def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: dict) -> dict:
+def studio_config(variant: str, model_dir: str, data: str, steps: int, overrides: dict):
+    """The engine's config for a variant: its preset with the bench's data, steps and ``overrides``."""
     from studio.presets import load_preset
-    from studio.runs import RunStore
-    from studio.training import Recipe
 
     preset = "mistral-7b-instruct-thorough" if "thorough" in variant else "mistral-7b-finance-fast"
     if variant.endswith("-nonreentrant"):  # the other checkpointing mode, for comparison
@@ -72,7 +71,21 @@ def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: d
             "train.logging_steps": 1 if "@" in variant else 5,
             "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0, "train.tensorboard": False,
             "output.adapter_dir": ""}
-    cfg = load_preset(preset).replace({**base, **overrides})
+    return load_preset(preset).replace({**base, **overrides})
+
+
+def variant_overrides(variant: str) -> dict:
+    if "@" in variant:
+        backend, shape = variant.split("@")
+        return studio_shape_overrides(shape, lean=backend == "lean")
+    return VARIANTS[variant]
+
+
+def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: dict) -> dict:
+    from studio.runs import RunStore
+    from studio.training import Recipe
+
+    cfg = studio_config(variant, model_dir, data, steps, overrides)
     run = RunStore().create(cfg, "bench-" + variant.replace("@", "-at-"))
     t0 = time.perf_counter()
     status = Recipe(run).execute()
@@ -82,6 +95,7 @@ def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: d
         last = run.last_status()
         return {"error": f"{last.get('status')}: {last.get('message', '')}"[:400]}
     plan = next((e for e in evs if e["type"] == "plan"), None)
+    graphs = next((e for e in evs if e["type"] == "graphs"), None)
     running = next(e for e in evs if e["type"] == "status" and e["status"] == "running")
     load_s = running["t"] - next(e for e in evs if e["type"] == "status" and e["status"] == "starting")["t"]
     w = 2 if "@" in variant else 1  # the first logged windows hold the warm-up steps
@@ -91,7 +105,7 @@ def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: d
     mem = max(metrics, key=lambda e: e["memory"]["peak"])["memory"]
     return {"status": status, "load_s": load_s, "s_per_step": sps, "tokens_per_s": tps,
             "tokens_per_step": tps * sps, "peak_alloc_gib": mem["peak"] / 2**30,
-            "peak_reserved_gib": mem["peak_reserved"] / 2**30, "plan": plan, "wall_s": time.perf_counter() - t0,
+            "peak_reserved_gib": mem["peak_reserved"] / 2**30, "plan": plan, "graphs": graphs, "wall_s": time.perf_counter() - t0,
             "final_loss": metrics[-1]["loss"]}
 
 
@@ -111,6 +125,10 @@ VARIANTS = {
 
 
 def one(args) -> None:
+    if args.variant != "seed" and args.variant.split("@")[0] not in ("hf", "unsloth"):
+        from studio.worker import ALLOC_CONF
+
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", ALLOC_CONF)  # what the studio's worker process gets
     if args.variant == "seed":
         from bench.seed_recipe import run
 

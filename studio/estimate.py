@@ -147,7 +147,7 @@ def estimate(cfg, arch: Arch, micro_batch: int | None = None, seq_len: int | Non
     full_layer = (58 + 2 * arch.intermediate / h) * tokens * h * act_bytes / 2
     if cfg.model.gradient_checkpointing:
         # Each layer's saved input (2 bytes/value); offloaded, only the one in use and the one prefetched.
-        kept = 2 if cfg.model.offload_checkpoints and not cfg.train.cuda_graphs else L
+        kept = 2 if cfg.model.offload_checkpoints else L
         e.parts["activations"] = int(kept * 2 * tokens * h + full_layer)
     else:
         e.parts["activations"] = int(L * full_layer)

@@ -21,7 +21,8 @@ Contract:
   the backward graph): one graph keeps the memory of eager checkpointing, where per-layer graphs would
   each hold static input, output and gradient buffers.  The first layer runs the stack and the others
   pass its result through.  Recomputation inside a graph cannot replay a dropout mask, so this needs
-  LoRA dropout 0 (``modeling.preflight`` says so).
+  LoRA dropout 0 (``modeling.preflight`` says so).  With ``offload`` the saved layer inputs go to
+  pinned host memory inside the graph (copies on a side stream, the backward's fetched one layer ahead).
 """
 
 from __future__ import annotations
@@ -124,13 +125,15 @@ def layer_inputs(model, batch_size: int, length: int, dtype) -> list[tuple]:
     return specs
 
 
-def graph_layers(model, batch_size: int, length: int, dtype):
-    """Capture every decoder layer of ``model`` as CUDA graphs for [batch_size, length] micro-batches."""
+def graph_layers(model, batch_size: int, length: int, dtype, offload: bool = False):
+    """Capture every decoder layer of ``model`` as CUDA graphs for [batch_size, length] micro-batches.
+
+    ``offload`` (checkpointed layers only): the saved layer inputs live in pinned host memory."""
     import torch
 
     layers = decoder_layers(model)
     if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
-        return graph_checkpointed_stack(model, batch_size, length, dtype)
+        return graph_checkpointed_stack(model, batch_size, length, dtype, offload)
     was_training = model.training
     model.train()
     specs = layer_inputs(model, batch_size, length, dtype)
@@ -192,7 +195,91 @@ def _stack_call_cls():
     return StackCall
 
 
-def graph_checkpointed_stack(model, batch_size: int, length: int, dtype):
+def _offloaded_stack_cls():
+    import torch
+
+    class OffloadedStack(torch.autograd.Function):
+        """The checkpointed stack with its saved layer inputs in pinned host memory, written for capture.
+
+        Forward: each layer's input is copied to its static host slot on a side stream while the layer
+        runs (no autograd).  Backward: layer i-1's input is copied back into one of two static GPU
+        buffers on the side stream while layer i recomputes and back-propagates; events order the two
+        streams, so inside the graph they become edges and the copies overlap compute.  Only two layer
+        inputs are on the GPU during the backward instead of every one."""
+
+        @staticmethod
+        def forward(ctx, stack, hidden, cos, sin, *params):
+            compute, side = torch.cuda.current_stream(), stack.stream
+            kept = []  # each input stays alive until the side stream has copied it (joined below)
+            h = hidden
+            for i, eager in enumerate(stack.eagers):
+                side.wait_stream(compute)
+                with torch.cuda.stream(side):
+                    stack.host[i].copy_(h, non_blocking=True)
+                kept.append(h)
+                h = eager(h, attention_mask=None, position_embeddings=(cos, sin))
+            compute.wait_stream(side)
+            ctx.stack = stack
+            ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+            ctx.save_for_backward(cos, sin)
+            return h
+
+        @staticmethod
+        def backward(ctx, grad):
+            stack = ctx.stack
+            cos, sin = ctx.saved_tensors
+            compute, side = torch.cuda.current_stream(), stack.stream
+            n = len(stack.eagers)
+
+            def fetch(i):
+                side.wait_stream(compute)  # the buffer's previous reader (layer i+2's backward) is queued before
+                with torch.cuda.stream(side):
+                    stack.gpu[i % 2].copy_(stack.host[i], non_blocking=True)
+                    stack.ready[i % 2].record(side)
+
+            fetch(n - 1)
+            param_grads: list = []
+            enabled, dtype = ctx.autocast
+            for i in range(n - 1, -1, -1):
+                compute.wait_event(stack.ready[i % 2])
+                if i > 0:
+                    fetch(i - 1)
+                h = stack.gpu[i % 2].detach().requires_grad_(True)
+                own = stack.params[i]
+                with torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled):
+                    out = stack.eagers[i](h, attention_mask=None, position_embeddings=(cos, sin))
+                grads = torch.autograd.grad(out, (h, *own), grad, allow_unused=True)
+                grad = grads[0]
+                param_grads[:0] = grads[1:]
+            return (None, grad if ctx.needs_input_grad[1] else None, None, None, *param_grads)
+
+    return OffloadedStack
+
+
+def _offloaded_stack_call_cls():
+    import torch
+
+    OffloadedStack = _offloaded_stack_cls()
+
+    class OffloadedStackCall(torch.nn.Module):
+        def __init__(self, layers, eagers, sample):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(layers)
+            self.eagers = eagers
+            self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
+            h = sample
+            self.stream = torch.cuda.Stream(h.device)
+            self.host = torch.empty((len(layers), *h.shape), dtype=h.dtype, pin_memory=True)
+            self.gpu = [torch.empty_like(h), torch.empty_like(h)]
+            self.ready = [torch.cuda.Event(), torch.cuda.Event()]
+
+        def forward(self, hidden, cos, sin):
+            return OffloadedStack.apply(self, hidden, cos, sin, *[p for ps in self.params for p in ps])
+
+    return OffloadedStackCall
+
+
+def graph_checkpointed_stack(model, batch_size: int, length: int, dtype, offload: bool = False):
     """One CUDA graph for the whole checkpointed layer stack; see the module docstring."""
     import torch
 
@@ -210,7 +297,10 @@ def graph_checkpointed_stack(model, batch_size: int, length: int, dtype):
     eagers = [layer.forward for layer in layers]
     for layer in layers:
         layer.gradient_checkpointing = False  # the checkpointing now happens inside the graph
-    stack = _stack_call_cls()(layers, eagers)
+    if offload:
+        stack = _offloaded_stack_call_cls()(layers, eagers, h.detach())
+    else:
+        stack = _stack_call_cls()(layers, eagers)
     torch.cuda.synchronize()
     with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
         (graphed,) = torch.cuda.make_graphed_callables((stack,), (sample,), num_warmup_iters=3)

@@ -53,7 +53,9 @@ def _events_callback_cls():
             self._tokens = state.num_input_tokens_seen or 0
             self.t0 = self._t
             model = kw.get("model")
-            if model is not None and self.r.cfg.model.offload_checkpoints and self.r.cfg.model.gradient_checkpointing:
+            cfg = self.r.cfg
+            if (model is not None and cfg.model.offload_checkpoints and cfg.model.gradient_checkpointing
+                    and not cfg.train.cuda_graphs):  # a graphed stack offloads inside its graph
                 from studio.offload import use_offloaded_checkpoints
 
                 # After Trainer's gradient_checkpointing_enable, which installs torch's checkpoint function.
@@ -276,11 +278,16 @@ class Recipe:
         t = time.time()
         b, n_tok = self.cfg.train.batch_size, self.cfg.data.max_length
         try:
-            n = graph_layers(model, b, n_tok, self.dtype)
+            n = graph_layers(model, b, n_tok, self.dtype, offload=self.cfg.model.offload_checkpoints)
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"capturing CUDA graphs failed ({str(e).splitlines()[0]}); turn train.cuda_graphs "
                                "off and start again.") from e
-        self.run.emit("graphs", layers=n, shape=[b, n_tok], seconds=round(time.time() - t, 2))
+        import torch
+
+        self.run.emit("graphs", layers=n, shape=[b, n_tok], seconds=round(time.time() - t, 2),
+                      checkpointed=self.cfg.model.gradient_checkpointing, offload=self.cfg.model.offload_checkpoints,
+                      allocated_gib=round(torch.cuda.memory_allocated() / 2**30, 3),
+                      capture_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
 
     def _trainer(self):
         # transformers' Trainer and collators: we tokenize and mask ourselves (the UI shows those masks),
