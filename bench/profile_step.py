@@ -35,7 +35,7 @@ def main() -> None:
     wait, active = (3, 2) if shape else (8, 5)
     cfg = studio_config(a.variant, a.model, a.data, wait + active + 3, variant_overrides(a.variant)).replace(
         {"train.logging_steps": 5})
-    recipe = Recipe(RunStore().create(cfg, "profile-" + a.variant))
+    recipe = Recipe(RunStore().create(cfg, "profile-" + a.variant.replace("@", "-at-")))
     recipe.setup()
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                    schedule=schedule(wait=wait, warmup=1, active=active, repeat=1))

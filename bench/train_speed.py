@@ -49,11 +49,11 @@ def studio_shape_overrides(shape: str, lean: bool = False) -> dict:
                  "model.fp32_frozen": False}  # full-length rows: nothing for padding-free packing to remove
     if lean:
         # Unsloth's memory at every shape: it loads with nested quantization whatever the shape says, and so do
-        # we here.  Short micro-batches are host-bound: one CUDA graph for the checkpointed stack; long ones are
-        # GPU-bound and keep their saved layer inputs in CPU RAM instead.
+        # we here.  Saved layer inputs live in CPU RAM; short micro-batches are host-bound, so their checkpointed
+        # stack is one CUDA graph.
         short = s["batch"] * s["seq"] <= 4096
         return {**shape_cfg, "model.double_quant": True, "train.fused_lora": True, "train.cuda_graphs": short,
-                "model.offload_checkpoints": not short}
+                "model.offload_checkpoints": True}
     return {**shape_cfg, "train.auto_batch": True, "train.cuda_graphs": True, "model.dequantized_cache": True}
 
 

@@ -40,15 +40,18 @@ def _function():
 
     class LoraNF4(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, A, B, base, scale, dtype):
+        def forward(ctx, x, A, B, base, scale, dtype, skip_output=False):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             with torch.autocast(x.device.type, enabled=False):
-                W = _dequantized(base, dtype)
-                out = torch.mm(x2, W.t())
-                del W  # weight-sized: freed before the LoRA product, not saved
-                xa = torch.mm(x2, A.to(dtype).t())
-                out.addmm_(xa, B.to(dtype).t(), alpha=scale)
+                xa = torch.mm(x2, A.to(dtype).t())  # the backward's dB needs it
+                if skip_output:  # a recompute whose backward never reads this output (studio.offload)
+                    out = x2.new_empty(x2.shape[0], base.out_features)
+                else:
+                    W = _dequantized(base, dtype)
+                    out = torch.mm(x2, W.t())
+                    del W  # weight-sized: freed before the LoRA product, not saved
+                    out.addmm_(xa, B.to(dtype).t(), alpha=scale)
             ctx.save_for_backward(x2, xa, A, B)
             ctx.base, ctx.scale, ctx.dtype, ctx.x_dtype = base, scale, dtype, x.dtype
             return out.view(*shape[:-1], out.shape[-1])
@@ -68,7 +71,7 @@ def _function():
                     dx.addmm_(dxa, A.to(dt), alpha=s)
                     dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
             return (dx, dA.to(A.dtype) if dA is not None else None, dB.to(B.dtype) if dB is not None else None,
-                    None, None, None)
+                    None, None, None, None)
 
     return LoraNF4
 
@@ -93,6 +96,8 @@ def fusable(layer) -> bool:
 def _fused_forward(layer, peft_forward, x, *args, **kwargs):
     import torch
 
+    from studio.offload import recomputing, skipped
+
     adapters = layer.active_adapters
     if (args or kwargs or not layer.training or not torch.is_grad_enabled() or layer.disable_adapters
             or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A):
@@ -100,8 +105,11 @@ def _fused_forward(layer, peft_forward, x, *args, **kwargs):
     name = adapters[0]
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    skip = getattr(layer, "_unused_output", False) and recomputing()
+    if skip:
+        skipped[0] += 1
     return lora_nf4().apply(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_layer,
-                            float(layer.scaling[name]), dtype)
+                            float(layer.scaling[name]), dtype, skip)
 
 
 def fuse_lora(model) -> int:

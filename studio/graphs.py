@@ -198,6 +198,8 @@ def _stack_call_cls():
 def _offloaded_stack_cls():
     import torch
 
+    from studio.offload import recompute
+
     class OffloadedStack(torch.autograd.Function):
         """The checkpointed stack with its saved layer inputs in pinned host memory, written for capture.
 
@@ -246,7 +248,7 @@ def _offloaded_stack_cls():
                     fetch(i - 1)
                 h = stack.gpu[i % 2].detach().requires_grad_(True)
                 own = stack.params[i]
-                with torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled):
+                with torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled), recompute():
                     out = stack.eagers[i](h, attention_mask=None, position_embeddings=(cos, sin))
                 grads = torch.autograd.grad(out, (h, *own), grad, allow_unused=True)
                 grad = grads[0]
@@ -298,6 +300,9 @@ def graph_checkpointed_stack(model, batch_size: int, length: int, dtype, offload
     for layer in layers:
         layer.gradient_checkpointing = False  # the checkpointing now happens inside the graph
     if offload:
+        from studio.offload import skip_unused_output
+
+        skip_unused_output(model)  # the recomputes below skip down_proj's matmul, as offloaded_checkpoint's do
         stack = _offloaded_stack_call_cls()(layers, eagers, h.detach())
     else:
         stack = _stack_call_cls()(layers, eagers)

@@ -83,18 +83,41 @@ def test_fused_lora_skips_layers_with_dropout(tiny_model_dir):
     assert fuse_lora(_lora_model(tiny_model_dir, **{"lora.dropout": 0.1})) == 0
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_offloaded_checkpoints_match_torch_checkpointing(tiny_model_dir, tiny_tokenizer, dropout):
+@pytest.mark.parametrize("dropout,fused", [(0.0, False), (0.1, False), (0.0, True)])
+def test_offloaded_checkpoints_match_torch_checkpointing(tiny_model_dir, tiny_tokenizer, dropout, fused):
     from studio import offload
+    from studio.fused_lora import fuse_lora
 
     model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": dropout})
+    if fused:
+        assert fuse_lora(model) > 0
     batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
     reference = _step(model, batch)  # torch's reentrant checkpoint (preserves the RNG state for dropout)
-    assert offload.use_offloaded_checkpoints(model) == model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    assert offload.use_offloaded_checkpoints(model) == layers
+    before = offload.skipped[0]
     ours = _step(model, batch)
-    # The recompute sees the forward's dropout masks: with dropout on, a redrawn mask would change the grads.
+    # The recompute sees the forward's dropout masks (a redrawn mask would change the grads), and skipping
+    # down_proj's matmul in the recompute changes nothing: its output is never read by the backward.
     _assert_same(reference, ours, rtol=1e-5)
+    assert offload.skipped[0] - before == layers  # one skipped matmul per layer's recompute, none elsewhere
     assert not [r for r in offload._stack if r() is not None]  # every saved input was consumed by its backward
+    if dropout == 0:
+        model.eval()
+        with torch.no_grad():  # outside a recompute down_proj computes as ever
+            torch.testing.assert_close(model(**batch).loss, reference[0], rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_decoder_layers_keep_their_last_matmul(tiny_model_dir):
+    from studio import offload
+
+    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True})
+    assert offload.skip_unused_output(model) == model.config.num_hidden_layers
+    assert offload.skip_unused_output(model) == 0  # once only
+    other = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True})
+    for layer in other.get_base_model().model.layers:
+        layer.__class__ = type("GemmaLikeDecoderLayer", (type(layer),), {})  # e.g. a norm after the MLP
+    assert offload.skip_unused_output(other) == 0
 
 
 def test_offloaded_checkpoints_forget_a_forward_without_backward(tiny_model_dir, tiny_tokenizer):
