@@ -212,15 +212,22 @@ def _offloaded_stack_cls():
         @staticmethod
         def forward(ctx, stack, hidden, cos, sin, *params):
             compute, side = torch.cuda.current_stream(), stack.stream
-            kept = []  # each input stays alive until the side stream has copied it (joined below)
+            # An input may be freed (and its memory reused by the compute stream) only once the side stream
+            # has copied it: the compute stream waits for that copy one layer later, when it has long finished.
+            pending = []  # (input, its copy's event), at most two
             h = hidden
             for i, eager in enumerate(stack.eagers):
                 side.wait_stream(compute)
+                done = torch.cuda.Event()
                 with torch.cuda.stream(side):
                     stack.host[i].copy_(h, non_blocking=True)
-                kept.append(h)
+                    done.record(side)
+                pending.append((h, done))
+                if len(pending) > 2:
+                    compute.wait_event(pending.pop(0)[1])
                 h = eager(h, attention_mask=None, position_embeddings=(cos, sin))
             compute.wait_stream(side)
+            pending.clear()
             ctx.stack = stack
             ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
             ctx.save_for_backward(cos, sin)
