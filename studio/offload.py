@@ -91,8 +91,14 @@ def _prefetch(saved: _Saved) -> None:
     if saved.gpu is not None or saved.device.type != "cuda":
         return
     stream = _copy_stream(saved.device)
+    compute = torch.cuda.current_stream(saved.device)
+    # Allocated on the compute stream, which frees it: a block allocated on the copy stream would go back to
+    # that stream's own pool, and the two pools fragment the reserved memory.  The copy waits for the work
+    # already queued, which may still be using the memory this block reuses.
+    saved.gpu = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)
+    stream.wait_stream(compute)
     with torch.cuda.stream(stream):
-        saved.gpu = saved.host.to(saved.device, non_blocking=True)
+        saved.gpu.copy_(saved.host, non_blocking=True)
         saved.ready = torch.cuda.Event()
         saved.ready.record(stream)
 
@@ -105,9 +111,7 @@ def _fetch(saved: _Saved):
     _prefetch(saved)
     compute = torch.cuda.current_stream(saved.device)
     compute.wait_event(saved.ready)
-    x = saved.gpu
-    x.record_stream(compute)  # allocated on the copy stream, used and freed on the compute stream
-    saved.gpu = None
+    x, saved.gpu = saved.gpu, None
     return x
 
 
