@@ -176,6 +176,18 @@ def test_status_names_the_plan_the_gpu_got():
     assert "Plan for this GPU" not in train.status_text("r1", _events(), "running")
 
 
+def test_status_names_the_lean_switches_that_took_effect():
+    extra = [{"t": T0 + 2, "type": "fused_lora", "layers": 224},
+             {"t": T0 + 3, "type": "graphs", "layers": 32, "shape": [4, 128], "seconds": 4.5, "checkpointed": True,
+              "offload": True}]
+    md = train.status_text("r1", _events() + extra, "running")
+    assert ("Speed and memory: checkpointed layer stack as one CUDA graph, its saved inputs in CPU RAM (captured in "
+            "4.5 s); fused 4-bit LoRA in 224 layers.") in md
+    md = train.status_text("r1", _events() + [{"t": T0 + 2, "type": "checkpoint_offload", "layers": 32}], "running")
+    assert "Speed and memory: checkpointed inputs of 32 layers kept in CPU RAM." in md
+    assert "Speed and memory" not in train.status_text("r1", _events(), "running")
+
+
 # ---- run folders without a worker ----------------------------------------------------------------
 
 def _finished_run(store, name, status, losses, **last):

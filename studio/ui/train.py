@@ -247,6 +247,10 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
     plan = _last(events, "plan")
     if plan:
         lines.append(plan_text(plan, _last(events, "graphs"), _last(events, "weight_cache")))
+    lean = lean_text(_last(events, "fused_lora"), _last(events, "checkpoint_offload"),
+                     None if plan else _last(events, "graphs"))
+    if lean:
+        lines.append(lean)
     last = _last(events, "status") or {}
     if status in ("queued", "starting"):
         lines.append("Starting the worker: loading the model and the data…")
@@ -281,6 +285,21 @@ def plan_text(plan: dict, graphs: dict | None, cache: dict | None) -> str:
         bits.append(f"16-bit weight cache ({cache['gib']} GiB)" if cache else "16-bit weight cache")
     est = plan.get("estimate_gib")
     return f"Plan for this GPU: {', '.join(bits)}" + (f"; estimated peak {est} GiB." if est else ".")
+
+
+def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None) -> str:
+    """The speed and memory switches that took effect (fused LoRA, offloaded checkpoints, graphs without a plan)."""
+    bits = []
+    if graphs:
+        what = "checkpointed layer stack as one CUDA graph" if graphs.get("checkpointed") else \
+            f"CUDA graphs ({graphs.get('layers')} layers)"
+        bits.append(what + (", its saved inputs in CPU RAM" if graphs.get("offload") else "")
+                    + f" (captured in {graphs.get('seconds')} s)")
+    if offload:
+        bits.append(f"checkpointed inputs of {offload.get('layers')} layers kept in CPU RAM")
+    if fused:
+        bits.append(f"fused 4-bit LoRA in {fused.get('layers')} layers")
+    return ("Speed and memory: " + "; ".join(bits) + ".") if bits else ""
 
 
 def finish_notice(run_id: str, status: str, last: dict) -> tuple[str, str] | None:
