@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from gpu_checks import assert_adapter_loads, assert_trained, bf16_step as _step
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
@@ -47,15 +48,6 @@ def _batch(seed):
     return {k: v.cuda() for k, v in StaticRowsCollator(B, L, 0)(rows).items()}
 
 
-def _step(model, batch):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(**batch).loss
-    loss.backward()
-    return loss.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
-                                   if p.requires_grad}
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graphed_layers_match_eager_step():
     from bench.common import random_model
@@ -86,10 +78,7 @@ def test_graphed_layers_match_eager_step():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_preset_with_cuda_graphs_trains_and_saves(tmp_path):
-    import math
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from bench.common import random_model, synthetic_alpaca
     from studio.presets import load_preset
@@ -109,14 +98,8 @@ def test_fast_preset_with_cuda_graphs_trains_and_saves(tmp_path):
     evs = run.all_events()
     assert any(e["type"] == "graphs" for e in evs)
     assert any(e["type"] == "plan" and e["cuda_graphs"] for e in evs)
-    metrics = [e for e in evs if e["type"] == "metric"]
-    assert len(metrics) == 12 and all(math.isfinite(e["loss"]) for e in metrics)
-    assert any(e["type"] == "eval" for e in evs) and any(e["type"] == "sample" for e in evs)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=q, device_map={"": 0})
-    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
-    with torch.no_grad():
-        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9]]).cuda()).logits.float()).all()
+    assert_trained(evs, 12)
+    assert_adapter_loads(model_dir, tmp_path / "adapter")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
