@@ -15,6 +15,9 @@ peak memory is measured cleanly:
   on full-length rows: hand-written HF, Unsloth (where its wheels are installed), and the studio's
   engine with its speed options (padding-free, auto micro-batch, Liger, CUDA graphs where the planner
   drops checkpointing).
+- ``lean@SHAPE``: the engine at the shape's own batch and checkpointing with the switches that save
+  memory or cost none (fused 4-bit LoRA, offloaded checkpoints, Liger, compute-dtype frozen weights,
+  nested quantization as Unsloth loads, the checkpointed stack as one CUDA graph on short rows).
 
 Prints a table (tokens/s, peak allocated/reserved, time to adapter, ratio to the seed recipe) and
 writes JSON with the date and the GPU.  Time to adapter = load time + optimizer steps of the whole
