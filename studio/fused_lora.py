@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 
+from studio.offload import recomputing, skipped
+
 
 def _dequantized(base, dtype):
     import bitsandbytes.functional as bnbf
@@ -33,6 +35,14 @@ def _dequantized(base, dtype):
     if w16 is not None:
         return w16 if w16.dtype == dtype else w16.to(dtype)
     return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+
+
+def compute_dtype(x):
+    """The dtype matmuls on ``x`` run in: autocast's where it is on, else x's own."""
+    import torch
+
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def _function():
@@ -96,20 +106,16 @@ def fusable(layer) -> bool:
 def _fused_forward(layer, peft_forward, x, *args, **kwargs):
     import torch
 
-    from studio.offload import recomputing, skipped
-
     adapters = layer.active_adapters
     if (args or kwargs or not layer.training or not torch.is_grad_enabled() or layer.disable_adapters
             or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A):
         return peft_forward(x, *args, **kwargs)
     name = adapters[0]
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     skip = getattr(layer, "_unused_output", False) and recomputing()
     if skip:
         skipped[0] += 1
     return lora_nf4().apply(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_layer,
-                            float(layer.scaling[name]), dtype, skip)
+                            float(layer.scaling[name]), compute_dtype(x), skip)
 
 
 def fuse_lora(model) -> int:

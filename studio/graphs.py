@@ -125,11 +125,41 @@ def layer_inputs(model, batch_size: int, length: int, dtype) -> list[tuple]:
     return specs
 
 
+def _sample(base, spec, batch_size: int, length: int, device):
+    """A capture input for a layer (or the stack) with ``spec`` from ``layer_inputs``: hidden, cos, sin."""
+    import torch
+
+    h_dtype, h_grad, c_dtype, c_shape = spec
+    h = torch.randn(batch_size, length, base.config.hidden_size, device=device, dtype=h_dtype).requires_grad_(h_grad)
+    cos, sin = base.model.rotary_emb(h, torch.arange(length, device=device)[None])
+    return h, cos.to(c_dtype).expand(c_shape).contiguous(), sin.to(c_dtype).expand(c_shape).contiguous()
+
+
+def _capture(model, callables: tuple, samples: tuple, dtype) -> tuple:
+    """``make_graphed_callables`` under the compute dtype's autocast; the warm-up's gradients are dropped."""
+    import torch
+
+    torch.cuda.synchronize()
+    # cache_enabled=False: autocast's weight-cast cache would keep tensors alive outside the graphs' pool.
+    with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(callables, samples, num_warmup_iters=3)
+    model.zero_grad(set_to_none=True)
+    return graphed
+
+
+def _replayable(layer, hidden_states, attention_mask, position_embeddings, shape, c_shape) -> bool:
+    """A training call with autograd, no mask and the captured shapes: the graph may replay it."""
+    import torch
+
+    return (layer.training and torch.is_grad_enabled() and attention_mask is None
+            and tuple(hidden_states.shape) == shape and position_embeddings is not None
+            and tuple(position_embeddings[0].shape) == c_shape)
+
+
 def graph_layers(model, batch_size: int, length: int, dtype, offload: bool = False):
     """Capture every decoder layer of ``model`` as CUDA graphs for [batch_size, length] micro-batches.
 
     ``offload`` (checkpointed layers only): the saved layer inputs live in pinned host memory."""
-    import torch
 
     layers = decoder_layers(model)
     if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
@@ -139,33 +169,19 @@ def graph_layers(model, batch_size: int, length: int, dtype, offload: bool = Fal
     specs = layer_inputs(model, batch_size, length, dtype)
     device = next(p for p in layers[0].parameters()).device
     base = _unwrapped(model)
-    hidden = base.config.hidden_size
-    pos = torch.arange(length, device=device)[None]
     LayerCall = _layer_call_cls()
-    calls, samples = [], []
-    for layer, (h_dtype, h_grad, c_dtype, c_shape) in zip(layers, specs):
-        calls.append(LayerCall(layer, layer.forward))
-        h = torch.randn(batch_size, length, hidden, device=device, dtype=h_dtype).requires_grad_(h_grad)
-        cos, sin = base.model.rotary_emb(h, pos)
-        samples.append((h, cos.to(c_dtype).expand(c_shape).contiguous(), sin.to(c_dtype).expand(c_shape).contiguous()))
-    torch.cuda.synchronize()
-    # cache_enabled=False: autocast's weight-cast cache would keep tensors alive outside the graphs' pool.
-    with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
-        graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), num_warmup_iters=3)
-    model.zero_grad(set_to_none=True)
-    shape = (batch_size, length, hidden)
+    calls = tuple(LayerCall(layer, layer.forward) for layer in layers)
+    graphed = _capture(model, calls, tuple(_sample(base, spec, batch_size, length, device) for spec in specs), dtype)
+    shape = (batch_size, length, base.config.hidden_size)
     stats = base.__dict__.setdefault("graph_replays", [0])  # layer replays so far: tests check graphs really run
     for layer, call, (_, _, _, c_shape) in zip(layers, graphed, specs):
         eager = call.eager
 
         def forward(hidden_states, attention_mask=None, position_embeddings=None, _eager=eager, _call=call,
                     _layer=layer, _c_shape=c_shape, **kw):
-            if (_layer.training and torch.is_grad_enabled() and attention_mask is None
-                    and tuple(hidden_states.shape) == shape and position_embeddings is not None
-                    and tuple(position_embeddings[0].shape) == _c_shape):
-                cos, sin = position_embeddings
+            if _replayable(_layer, hidden_states, attention_mask, position_embeddings, shape, _c_shape):
                 stats[0] += 1
-                return _call(hidden_states, cos, sin)
+                return _call(hidden_states, *position_embeddings)
             return _eager(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
                           **kw)
 
@@ -290,19 +306,14 @@ def _offloaded_stack_call_cls():
 
 def graph_checkpointed_stack(model, batch_size: int, length: int, dtype, offload: bool = False):
     """One CUDA graph for the whole checkpointed layer stack; see the module docstring."""
-    import torch
 
     layers = decoder_layers(model)
     was_training = model.training
     model.train()
-    specs = layer_inputs(model, batch_size, length, dtype)
+    spec = layer_inputs(model, batch_size, length, dtype)[0]
     device = next(p for p in layers[0].parameters()).device
     base = _unwrapped(model)
-    pos = torch.arange(length, device=device)[None]
-    h_dtype, h_grad, c_dtype, c_shape = specs[0]
-    h = torch.randn(batch_size, length, base.config.hidden_size, device=device, dtype=h_dtype).requires_grad_(h_grad)
-    cos, sin = base.model.rotary_emb(h, pos)
-    sample = (h, cos.to(c_dtype).expand(c_shape).contiguous(), sin.to(c_dtype).expand(c_shape).contiguous())
+    sample = _sample(base, spec, batch_size, length, device)
     eagers = [layer.forward for layer in layers]
     for layer in layers:
         layer.gradient_checkpointing = False  # the checkpointing now happens inside the graph
@@ -310,22 +321,16 @@ def graph_checkpointed_stack(model, batch_size: int, length: int, dtype, offload
         from studio.offload import skip_unused_output
 
         skip_unused_output(model)  # the recomputes below skip down_proj's matmul, as offloaded_checkpoint's do
-        stack = _offloaded_stack_call_cls()(layers, eagers, h.detach())
+        stack = _offloaded_stack_call_cls()(layers, eagers, sample[0].detach())
     else:
         stack = _stack_call_cls()(layers, eagers)
-    torch.cuda.synchronize()
-    with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
-        (graphed,) = torch.cuda.make_graphed_callables((stack,), (sample,), num_warmup_iters=3)
-    model.zero_grad(set_to_none=True)
-    shape = tuple(h.shape)
+    (graphed,) = _capture(model, (stack,), (sample,), dtype)
+    shape, c_shape = tuple(sample[0].shape), spec[3]
     stats = base.__dict__.setdefault("graph_replays", [0])
     passing = [0]  # layers still to pass the stack's output through in this forward
 
     def first(hidden_states, attention_mask=None, position_embeddings=None, **kw):
-        layer = layers[0]
-        if (layer.training and torch.is_grad_enabled() and attention_mask is None
-                and tuple(hidden_states.shape) == shape and position_embeddings is not None
-                and tuple(position_embeddings[0].shape) == c_shape):
+        if _replayable(layers[0], hidden_states, attention_mask, position_embeddings, shape, c_shape):
             stats[0] += 1
             passing[0] = len(layers) - 1
             return graphed(hidden_states, *position_embeddings)

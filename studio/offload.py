@@ -215,10 +215,10 @@ def _lazy_forward(base, forward, x, *args, **kwargs):
     import torch
 
     if recomputing() and torch.is_grad_enabled() and not args and not kwargs:
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        from studio.fused_lora import compute_dtype
+
         skipped[0] += 1
-        return _lazy().apply(x, base, dtype)
+        return _lazy().apply(x, base, compute_dtype(x))
     return forward(x, *args, **kwargs)
 
 

@@ -11,7 +11,9 @@ Events written (see ``studio.runs``): ``status``, ``data`` (counts and length st
 (step, epoch, loss, learning_rate, grad_norm, tokens_per_s, memory), ``eval`` (eval_loss,
 perplexity), ``sample`` (answers to fixed validation prompts at each evaluation), ``checkpoint``,
 and with the speed switches ``plan`` (what ``train.auto_batch`` chose for this GPU), ``weight_cache``
-(GiB of the 16-bit weight copy) and ``graphs`` (layers captured as CUDA graphs, shape, seconds).
+(GiB of the 16-bit weight copy), ``fused_lora`` (LoRA layers fused), ``checkpoint_offload`` (layers
+whose checkpointed inputs live in CPU RAM) and ``graphs`` (layers captured as CUDA graphs, shape,
+seconds, whether checkpointed and offloaded, memory after and peak during capture).
 This module never imports gradio; it runs inside the worker process or a test.
 """
 
@@ -60,7 +62,7 @@ def _events_callback_cls():
 
                 # After Trainer's gradient_checkpointing_enable, which installs torch's checkpoint function.
                 self.run.emit("checkpoint_offload", layers=use_offloaded_checkpoints(model))
-            if self.r.cfg.train.cuda_graphs and model is not None:
+            if cfg.train.cuda_graphs and model is not None:
                 self.r.capture_graphs(model)  # after the Trainer patched the model (Liger), before step 1
             self.run.emit("status", status="running", step=state.global_step, max_steps=state.max_steps,
                           epochs=args.num_train_epochs)
@@ -273,6 +275,8 @@ class Recipe:
         return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
 
     def capture_graphs(self, model):
+        import torch
+
         from studio.graphs import graph_layers
 
         t = time.time()
@@ -282,8 +286,6 @@ class Recipe:
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"capturing CUDA graphs failed ({str(e).splitlines()[0]}); turn train.cuda_graphs "
                                "off and start again.") from e
-        import torch
-
         self.run.emit("graphs", layers=n, shape=[b, n_tok], seconds=round(time.time() - t, 2),
                       checkpointed=self.cfg.model.gradient_checkpointing, offload=self.cfg.model.offload_checkpoints,
                       allocated_gib=round(torch.cuda.memory_allocated() / 2**30, 3),
