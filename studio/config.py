@@ -158,7 +158,7 @@ class TrainSection:
                            "LoRA dropout must be 0.")
     fused_lora: bool = _f(False, "Compute each 4-bit LoRA layer as one autograd function (LoRA product added inside "
                           "the base matmul's output, backward written out) instead of peft's separate clone, scale "
-                          "and add passes; same arithmetic. Applies to layers with LoRA dropout 0 and no bias.")
+                          "and add passes; same arithmetic, LoRA dropout included. Applies to 4-bit layers without bias.")
 
 
 @dataclass
@@ -235,9 +235,6 @@ class RunConfig:
                               "model.gradient_checkpointing or turn this off.")
         if t.fused_lora and m.quantization not in ("nf4", "fp4"):
             raise ConfigError("train.fused_lora", "fuses 4-bit LoRA layers only; choose nf4 or turn it off.")
-        if t.fused_lora and self.lora.dropout > 0:
-            raise ConfigError("train.fused_lora", f"needs lora.dropout 0 (it is {self.lora.dropout}); set it to 0 or "
-                              "turn fused_lora off.")
         if t.fsdp and t.num_gpus < 2:
             raise ConfigError("train.fsdp", "shards across GPUs: set train.num_gpus to 2 or more, or turn it off.")
         if t.fsdp and m.compute_dtype not in ("bf16", "auto"):

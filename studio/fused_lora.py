@@ -7,18 +7,23 @@ backward.  At 16k tokens per micro-batch on all seven Mistral projections those 
 much as the LoRA matmuls themselves.  Here the LoRA product is added inside the base matmul's output
 buffer (``addmm_`` with ``alpha=scale``) and the backward is written out by hand, as Unsloth does:
 
-    y  = x W^T + scale * (x A^T) B^T                 W = dequantize(nf4)
-    dA = scale * ((dy B)^T x)      dB = scale * dy^T (x A^T)      dx = dy W + scale * (dy B) A
+    y  = x W^T + scale * (d A^T) B^T         W = dequantize(nf4),  d = dropout(x) = x * mask / (1 - p)
+    dA = scale * ((dy B)^T d)      dB = scale * dy^T (d A^T)      dx = dy W + scale * ((dy B) A) * mask / (1 - p)
+
+With dropout 0 there is no mask and ``d`` is ``x`` itself (nothing extra saved).  With dropout the mask
+is drawn by the kernel peft's ``nn.Dropout`` uses (``native_dropout``, the same random draws), and the
+backward keeps ``d`` and the boolean mask, as peft's own graph does.
 
 Contract:
 - ``fuse_lora(model) -> int`` patches every peft ``Linear4bit`` LoRA layer whose adapter is plain LoRA
-  (no DoRA or other variant, no bias on the base layer, dropout 0) and returns how many it patched.
+  (no DoRA or other variant, no bias on the base layer; dropout any p) and returns how many it patched.
   A patched layer takes the fused path only while training with autograd on, one active adapter,
   unmerged; anything else (evaluation, generation, adapters switched off) runs peft's own forward.
 - Matmuls run in the compute dtype (autocast's, else x's); the fp32 LoRA weights get fp32 gradients.
   The frozen weight is dequantized again in the backward (or read from ``weight16`` when
   ``modeling.cache_dequantized`` gave the layer one) so nothing weight-sized is saved.
-- Loss and LoRA gradients equal peft's within bf16 rounding (tests compare both paths).
+- Loss and LoRA gradients equal peft's within bf16 rounding, dropout included: under the same seed the
+  masks are peft's (tests compare both paths).
 """
 
 from __future__ import annotations
@@ -50,25 +55,30 @@ def _function():
 
     class LoraNF4(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, A, B, base, scale, dtype, skip_output=False):
+        def forward(ctx, x, A, B, base, scale, dtype, p=0.0, skip_output=False):
             shape = x.shape
-            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            x2 = x.reshape(-1, shape[-1])
+            mask = None
+            if p > 0:  # peft's nn.Dropout draws with this kernel: the same mask under the same seed
+                x2, mask = torch.ops.aten.native_dropout(x2, p, True)
+            x2 = x2.to(dtype)
             with torch.autocast(x.device.type, enabled=False):
                 xa = torch.mm(x2, A.to(dtype).t())  # the backward's dB needs it
                 if skip_output:  # a recompute whose backward never reads this output (studio.offload)
                     out = x2.new_empty(x2.shape[0], base.out_features)
                 else:
                     W = _dequantized(base, dtype)
-                    out = torch.mm(x2, W.t())
+                    # The base matmul reads x, not the dropped-out copy (peft: base(x) + B(A(dropout(x)))).
+                    out = torch.mm(x.reshape(-1, shape[-1]).to(dtype) if mask is not None else x2, W.t())
                     del W  # weight-sized: freed before the LoRA product, not saved
                     out.addmm_(xa, B.to(dtype).t(), alpha=scale)
-            ctx.save_for_backward(x2, xa, A, B)
-            ctx.base, ctx.scale, ctx.dtype, ctx.x_dtype = base, scale, dtype, x.dtype
+            ctx.save_for_backward(x2, xa, A, B, mask)
+            ctx.base, ctx.scale, ctx.dtype, ctx.x_dtype, ctx.p = base, scale, dtype, x.dtype, p
             return out.view(*shape[:-1], out.shape[-1])
 
         @staticmethod
         def backward(ctx, dy):
-            x2, xa, A, B = ctx.saved_tensors
+            x2, xa, A, B, mask = ctx.saved_tensors  # x2 is dropout(x) when p > 0
             dt, s = ctx.dtype, ctx.scale
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)
             with torch.autocast(dy.device.type, enabled=False):
@@ -78,10 +88,14 @@ def _function():
                 dx = None
                 if ctx.needs_input_grad[0]:
                     dx = torch.mm(dy2, _dequantized(ctx.base, dt))
-                    dx.addmm_(dxa, A.to(dt), alpha=s)
+                    if mask is None:
+                        dx.addmm_(dxa, A.to(dt), alpha=s)
+                    else:  # the LoRA branch's gradient passes the dropout: kept entries, scaled by 1/(1-p)
+                        lora = torch.ops.aten.native_dropout_backward(torch.mm(dxa, A.to(dt)), mask, 1.0 / (1.0 - ctx.p))
+                        dx.add_(lora, alpha=s)
                     dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
             return (dx, dA.to(A.dtype) if dA is not None else None, dB.to(B.dtype) if dB is not None else None,
-                    None, None, None, None)
+                    None, None, None, None, None)
 
     return LoraNF4
 
@@ -92,7 +106,7 @@ def lora_nf4():
 
 
 def fusable(layer) -> bool:
-    """A peft 4-bit LoRA layer with plain LoRA adapters, no base bias and no dropout."""
+    """A peft 4-bit LoRA layer with plain LoRA adapters, no base bias and plain (or no) dropout."""
     import torch
 
     base = getattr(layer, "base_layer", None)
@@ -100,7 +114,7 @@ def fusable(layer) -> bool:
         return False
     if getattr(layer, "lora_variant", None):  # DoRA and other variants keep peft's forward
         return False
-    return all(isinstance(d, torch.nn.Identity) or getattr(d, "p", 1.0) == 0.0 for d in layer.lora_dropout.values())
+    return all(type(d) in (torch.nn.Identity, torch.nn.Dropout) for d in layer.lora_dropout.values())
 
 
 def _fused_forward(layer, peft_forward, x, *args, **kwargs):
@@ -114,8 +128,9 @@ def _fused_forward(layer, peft_forward, x, *args, **kwargs):
     skip = getattr(layer, "_unused_output", False) and recomputing()
     if skip:
         skipped[0] += 1
+    p = float(getattr(layer.lora_dropout[name], "p", 0.0))
     return lora_nf4().apply(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_layer,
-                            float(layer.scaling[name]), compute_dtype(x), skip)
+                            float(layer.scaling[name]), compute_dtype(x), p, skip)
 
 
 def fuse_lora(model) -> int:

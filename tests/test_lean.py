@@ -77,13 +77,32 @@ def test_fused_lora_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_tokeni
     assert all(g.dtype == torch.float32 for g in fused[1].values())  # fp32 LoRA weights, fp32 gradients
 
 
-def test_fused_lora_skips_layers_with_dropout(tiny_model_dir):
+def _worst(a, truth):
+    return max(float((a[1][k] - truth[1][k]).norm() / truth[1][k].norm()) for k in truth[1])
+
+
+def test_fused_lora_with_dropout_draws_peft_masks(tiny_model_dir, tiny_tokenizer):
     from studio.fused_lora import fuse_lora
 
-    assert fuse_lora(_lora_model(tiny_model_dir, **{"lora.dropout": 0.1})) == 0
+    model = _lora_model(tiny_model_dir, **{"lora.dropout": 0.3})
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
+    reference = _step(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_bf16 = _step(model, batch)
+    assert fuse_lora(model) == 7 * model.config.num_hidden_layers
+    fused = _step(model, batch)
+    # Same seed, same masks: peft's numbers.  Another seed draws other masks, so other gradients.
+    _assert_same(reference, fused, rtol=1e-4)
+    assert _worst(_step(model, batch, seed=1), fused) > 0.1
+    # Under bf16 autocast both paths round; the fused one is as close to the fp32 numbers as peft's own
+    # (measured: peft 4.1e-2, fused 2.1e-2 worst relative gradient error on this model).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_bf16 = _step(model, batch)
+    torch.testing.assert_close(fused_bf16[0], reference[0], rtol=2e-2, atol=1e-3)
+    assert _worst(fused_bf16, reference) < max(5e-2, 1.25 * _worst(peft_bf16, reference))
 
 
-@pytest.mark.parametrize("dropout,fused", [(0.0, False), (0.1, False), (0.0, True)])
+@pytest.mark.parametrize("dropout,fused", [(0.0, False), (0.1, False), (0.0, True), (0.1, True)])
 def test_offloaded_checkpoints_match_torch_checkpointing(tiny_model_dir, tiny_tokenizer, dropout, fused):
     from studio import offload
     from studio.fused_lora import fuse_lora
@@ -139,8 +158,7 @@ def test_lean_options_are_validated_by_name():
     from studio.presets import load_preset
 
     cfg = load_preset("mistral-7b-finance-fast")  # LoRA dropout 0.05
-    with pytest.raises(ConfigError, match="train.fused_lora.*lora.dropout 0"):
-        cfg.replace({"train.fused_lora": True})
+    cfg.replace({"train.fused_lora": True})
     with pytest.raises(ConfigError, match="model.offload_checkpoints"):
         cfg.replace({"model.offload_checkpoints": True, "model.gradient_checkpointing": False})
     with pytest.raises(ConfigError, match="train.fused_lora"):

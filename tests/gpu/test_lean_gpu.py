@@ -110,7 +110,33 @@ def test_offloaded_checkpoints_match_and_free_the_saved_inputs():
     assert not [r for r in _stack if r() is not None]
 
 
-@pytest.mark.parametrize("mode", ["offload", "graphs", "graphs-offload"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_fused_lora_with_dropout_draws_peft_masks_on_gpu(offload):
+    from bench.common import random_model
+    from studio.fused_lora import fuse_lora
+    from studio.offload import use_offloaded_checkpoints
+
+    model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
+    over = {"lora.dropout": 0.05, "model.gradient_checkpointing": offload, "model.fp32_frozen": False}
+    ref, fused = _model(model_dir, **over), _model(model_dir, **over)
+    assert fuse_lora(fused) == 2 * 7
+    if offload:  # the recompute restores the forward's CUDA RNG state, so it redraws the same masks
+        assert use_offloaded_checkpoints(fused) == 2
+    worst = (0.0, 0.0)
+    for seed in (1, 2):
+        batch = _batch(seed, 4, 256)
+        torch.manual_seed(seed)
+        a = _step(ref, batch)
+        torch.manual_seed(seed)
+        worst = tuple(map(max, worst, _worst(a, _step(fused, batch))))
+    torch.manual_seed(9)
+    other = _worst(a, _step(fused, batch))[1]  # other masks: far off, so the masks above really matched
+    print(f"\nFUSED LoRA dropout 0.05 (offload {offload}) vs peft: loss {worst[0]:.2e}, LoRA grads {worst[1]:.2e}; "
+          f"other seed {other:.2e}")
+    assert worst[0] < 1e-2 and worst[1] < 5e-2 and other > 2 * worst[1]
+
+
+@pytest.mark.parametrize("mode", ["offload", "graphs", "graphs-offload", "graphs-dropout"])
 def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
 
     from bench.common import random_model, synthetic_alpaca
@@ -123,8 +149,9 @@ def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
     cfg = load_preset("mistral-7b-finance-fast").replace({
         "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.train_samples": 0,
         "data.val_samples": 16, "train.max_steps": 8, "train.logging_steps": 1, "train.eval_steps": 4,
-        "train.save_steps": 4, "train.sample_prompts": 1, "lora.dropout": 0.0, "lora.target_modules": ALL,
-        "model.gradient_checkpointing": True, "model.fp32_frozen": False, "model.double_quant": True,
+        "train.save_steps": 4, "train.sample_prompts": 1, "lora.target_modules": ALL,
+        # graphs-dropout: per-layer graphs (no checkpointing) replaying the fused layers' dropout draws
+        "lora.dropout": 0.05 if "dropout" in mode else 0.0, "model.gradient_checkpointing": "dropout" not in mode, "model.fp32_frozen": False, "model.double_quant": True,
         "train.fused_lora": True, "model.offload_checkpoints": "offload" in mode, "train.cuda_graphs": "graphs" in mode,
         "output.adapter_dir": str(tmp_path / "adapter")})
     run = RunStore(tmp_path / "runs").create(cfg)
@@ -135,6 +162,6 @@ def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
         assert next(e for e in evs if e["type"] == "checkpoint_offload")["layers"] == 2
     else:
         graphs = next(e for e in evs if e["type"] == "graphs")
-        assert graphs["checkpointed"] and graphs["offload"] == ("offload" in mode)
+        assert graphs["checkpointed"] == ("dropout" not in mode) and graphs["offload"] == ("offload" in mode)
     assert_trained(evs, 8)
     assert_adapter_loads(model_dir, tmp_path / "adapter")
