@@ -149,6 +149,8 @@ def estimate(cfg, arch: Arch, micro_batch: int | None = None, seq_len: int | Non
         # Each layer's saved input (2 bytes/value); offloaded, only the one in use and the one prefetched.
         kept = 2 if cfg.model.offload_checkpoints else L
         e.parts["activations"] = int(kept * 2 * tokens * h + full_layer)
+        if cfg.model.offload_up_proj and cfg.model.offload_checkpoints:
+            e.parts["kept up_proj output"] = int(2 * tokens * arch.intermediate)  # the one fetched ahead
     else:
         e.parts["activations"] = int(L * full_layer)
     e.parts["logits (fp32) + grad"] = int(tokens * arch.vocab * (4 if cfg.train.liger else 14))

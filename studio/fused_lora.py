@@ -19,6 +19,9 @@ Contract:
   (no DoRA or other variant, no bias on the base layer; dropout any p) and returns how many it patched.
   A patched layer takes the fused path only while training with autograd on, one active adapter,
   unmerged; anything else (evaluation, generation, adapters switched off) runs peft's own forward.
+- In a recompute of ``studio.offload`` the base matmul is skipped where its output is never read
+  (``down_proj``) or was kept in host memory (``up_proj`` under ``keep_up_proj``): the LoRA term is then
+  added to the kept product.
 - Matmuls run in the compute dtype (autocast's, else x's); the fp32 LoRA weights get fp32 gradients.
   The frozen weight is dequantized again in the backward (or read from ``weight16`` when
   ``modeling.cache_dequantized`` gave the layer one) so nothing weight-sized is saved.
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import functools
 
-from studio.offload import recomputing, skipped
+from studio.offload import current_layer, fetch_previous, kept_output, recomputing, skipped
 
 
 def _dequantized(base, dtype):
@@ -55,7 +58,7 @@ def _function():
 
     class LoraNF4(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, A, B, base, scale, dtype, p=0.0, skip_output=False):
+        def forward(ctx, x, A, B, base, scale, dtype, p=0.0, skip_output=False, given=None, layer=None):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
             mask = None
@@ -66,6 +69,9 @@ def _function():
                 xa = torch.mm(x2, A.to(dtype).t())  # the backward's dB needs it
                 if skip_output:  # a recompute whose backward never reads this output (studio.offload)
                     out = x2.new_empty(x2.shape[0], base.out_features)
+                elif given is not None:  # a recompute given the base product kept from the forward (studio.offload)
+                    out = given.view(-1, base.out_features)
+                    out.addmm_(xa, B.to(dtype).t(), alpha=scale)
                 else:
                     W = _dequantized(base, dtype)
                     # The base matmul reads x, not the dropped-out copy (peft: base(x) + B(A(dropout(x)))).
@@ -73,7 +79,7 @@ def _function():
                     del W  # weight-sized: freed before the LoRA product, not saved
                     out.addmm_(xa, B.to(dtype).t(), alpha=scale)
             ctx.save_for_backward(x2, xa, A, B, mask)
-            ctx.base, ctx.scale, ctx.dtype, ctx.x_dtype, ctx.p = base, scale, dtype, x.dtype, p
+            ctx.base, ctx.scale, ctx.dtype, ctx.x_dtype, ctx.p, ctx.layer = base, scale, dtype, x.dtype, p, layer
             return out.view(*shape[:-1], out.shape[-1])
 
         @staticmethod
@@ -94,8 +100,10 @@ def _function():
                         lora = torch.ops.aten.native_dropout_backward(torch.mm(dxa, A.to(dt)), mask, 1.0 / (1.0 - ctx.p))
                         dx.add_(lora, alpha=s)
                     dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
+            fetch_previous(ctx.layer)
+            ctx.layer = None
             return (dx, dA.to(A.dtype) if dA is not None else None, dB.to(B.dtype) if dB is not None else None,
-                    None, None, None, None, None)
+                    None, None, None, None, None, None, None)
 
     return LoraNF4
 
@@ -128,9 +136,11 @@ def _fused_forward(layer, peft_forward, x, *args, **kwargs):
     skip = getattr(layer, "_unused_output", False) and recomputing()
     if skip:
         skipped[0] += 1
+    given = None if skip else kept_output(layer.base_layer)
     p = float(getattr(layer.lora_dropout[name], "p", 0.0))
     return lora_nf4().apply(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_layer,
-                            float(layer.scaling[name]), compute_dtype(x), p, skip)
+                            float(layer.scaling[name]), compute_dtype(x), p, skip, given,
+                            current_layer() if given is not None else None)
 
 
 def fuse_lora(model) -> int:

@@ -12,7 +12,8 @@ Events written (see ``studio.runs``): ``status``, ``data`` (counts and length st
 perplexity), ``sample`` (answers to fixed validation prompts at each evaluation), ``checkpoint``,
 and with the speed switches ``plan`` (what ``train.auto_batch`` chose for this GPU), ``weight_cache``
 (GiB of the 16-bit weight copy), ``fused_lora`` (LoRA layers fused), ``checkpoint_offload`` (layers
-whose checkpointed inputs live in CPU RAM) and ``graphs`` (layers captured as CUDA graphs, shape,
+whose checkpointed inputs live in CPU RAM; with ``offload_up_proj`` also ``up_proj`` layers whose MLP
+up-projection is kept there, ``host_gib``, or ``up_proj_note`` saying why not) and ``graphs`` (layers captured as CUDA graphs, shape,
 seconds, whether checkpointed and offloaded, memory after and peak during capture).
 This module never imports gradio; it runs inside the worker process or a test.
 """
@@ -61,7 +62,8 @@ def _events_callback_cls():
                 from studio.offload import use_offloaded_checkpoints
 
                 # After Trainer's gradient_checkpointing_enable, which installs torch's checkpoint function.
-                self.run.emit("checkpoint_offload", layers=use_offloaded_checkpoints(model))
+                layers = use_offloaded_checkpoints(model)
+                self.run.emit("checkpoint_offload", layers=layers, **self.r.keep_up_proj(model))
             if cfg.train.cuda_graphs and model is not None:
                 self.r.capture_graphs(model)  # after the Trainer patched the model (Liger), before step 1
             self.run.emit("status", status="running", step=state.global_step, max_steps=state.max_steps,
@@ -143,6 +145,19 @@ def _disk_full(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def keep_up_proj_if_room(model, tokens: int, dtype_bytes: int, free: int) -> dict:
+    """Keep up_proj outputs in CPU RAM if a micro-batch's worth, beside the offloaded layer inputs, fits in half of
+    ``free`` bytes (pinned memory cannot be swapped out); what was done, for the ``checkpoint_offload`` event."""
+    from studio.offload import keep_up_proj
+
+    c = model.config
+    need = c.num_hidden_layers * tokens * (c.intermediate_size + c.hidden_size) * dtype_bytes
+    if need > free / 2:
+        return {"up_proj": 0, "up_proj_note": f"needs {need / 2**30:.1f} GiB of CPU RAM, {free / 2**30:.1f} GiB free: "
+                "recomputed on the GPU instead"}
+    return {"up_proj": keep_up_proj(model), "host_gib": round(need / 2**30, 2)}
 
 
 DISK_FULL_REMEDY = "free disk space; earlier checkpoints are kept and the run can be resumed."
@@ -273,6 +288,15 @@ class Recipe:
         if self.cfg.train.padding_free:
             return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
         return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+
+    def keep_up_proj(self, model) -> dict:
+        """With model.offload_up_proj, keep up_proj outputs in CPU RAM where it has room (for the event)."""
+        import psutil
+
+        if not self.cfg.model.offload_up_proj:
+            return {}
+        return keep_up_proj_if_room(model, self.cfg.train.batch_size * self.cfg.data.max_length, self.dtype.itemsize,
+                                    psutil.virtual_memory().available)
 
     def capture_graphs(self, model):
         import torch

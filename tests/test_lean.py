@@ -127,6 +127,48 @@ def test_offloaded_checkpoints_match_torch_checkpointing(tiny_model_dir, tiny_to
             torch.testing.assert_close(model(**batch).loss, reference[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dropout,fused", [(0.0, False), (0.1, False), (0.0, True), (0.1, True)])
+def test_kept_up_proj_outputs_replace_their_recompute(tiny_model_dir, tiny_tokenizer, dropout, fused):
+    from studio import offload
+    from studio.fused_lora import fuse_lora
+
+    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": dropout})
+    if fused:
+        fuse_lora(model)
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
+    reference = _step(model, batch)
+    layers = model.config.num_hidden_layers
+    offload.use_offloaded_checkpoints(model)
+    assert offload.keep_up_proj(model) == layers and offload.keep_up_proj(model) == 0
+    before = offload.replayed[0]
+    ours = _step(model, batch)
+    # up_proj (with LoRA on it, as here) gives the kept base product plus its recomputed LoRA term: the
+    # recompute reads the forward's values, so loss and every LoRA gradient (up_proj's included) are unchanged.
+    _assert_same(reference, ours, rtol=1e-5)
+    assert offload.replayed[0] - before == layers  # one matmul taken from host memory per layer's recompute
+    assert not [r for r in offload._stack if r() is not None]
+    with torch.no_grad():  # outside checkpointed layers nothing is kept or replayed
+        model(**batch)
+    assert offload.replayed[0] - before == layers
+    _assert_same(reference, _step(model, batch), rtol=1e-5)
+
+
+def test_kept_up_proj_without_lora_on_it(tiny_model_dir, tiny_tokenizer):
+    from studio import offload
+
+    # The thorough preset's targets: q, k, v, o; up_proj is a plain frozen 4-bit layer.
+    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": 0.0,
+                                           "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
+    reference = _step(model, batch)
+    offload.use_offloaded_checkpoints(model)
+    offload.keep_up_proj(model)
+    before = offload.replayed[0], offload.skipped[0]
+    _assert_same(reference, _step(model, batch), rtol=1e-5)
+    layers = model.config.num_hidden_layers
+    assert (offload.replayed[0] - before[0], offload.skipped[0] - before[1]) == (layers, layers)
+
+
 def test_unknown_decoder_layers_keep_their_last_matmul(tiny_model_dir):
     from studio import offload
 
@@ -164,6 +206,11 @@ def test_lean_options_are_validated_by_name():
     with pytest.raises(ConfigError, match="train.fused_lora"):
         cfg.replace({"train.fused_lora": True, "lora.dropout": 0.0, "model.quantization": "none"})
     cfg.replace({"train.fused_lora": True, "lora.dropout": 0.0, "model.offload_checkpoints": True})
+    with pytest.raises(ConfigError, match="model.offload_up_proj.*model.offload_checkpoints"):
+        cfg.replace({"model.offload_up_proj": True})
+    with pytest.raises(ConfigError, match="model.offload_up_proj.*train.cuda_graphs"):
+        cfg.replace({"model.offload_up_proj": True, "model.offload_checkpoints": True, "train.cuda_graphs": True})
+    cfg.replace({"model.offload_up_proj": True, "model.offload_checkpoints": True})
 
 
 def test_planner_graphs_checkpointed_stacks_only_without_dropout():
@@ -187,3 +234,49 @@ def test_offloading_lowers_the_estimate_by_the_saved_layer_inputs():
     cfg = load_preset("mistral-7b-instruct-thorough").replace({"train.batch_size": 4})
     saved = estimate(cfg, arch).total - estimate(cfg.replace({"model.offload_checkpoints": True}), arch).total
     assert saved / GiB == pytest.approx((32 - 2) * 4 * 4096 * 4096 * 2 / GiB)
+
+
+def test_kept_up_proj_adds_one_fetched_output_to_the_estimate():
+    from studio.estimate import KNOWN, estimate
+    from studio.presets import load_preset
+
+    arch = KNOWN["mistralai/Mistral-7B-Instruct-v0.3"]
+    cfg = load_preset("mistral-7b-instruct-thorough").replace({"model.offload_checkpoints": True})
+    more = estimate(cfg.replace({"model.offload_up_proj": True}), arch).total - estimate(cfg, arch).total
+    assert more == 4 * 4096 * 14336 * 2
+
+
+def test_engine_keeps_up_proj_in_cpu_ram_and_learns(tmp_path):
+    """A real run of the tiny model with every lean switch a CPU takes: fused LoRA with dropout, offloaded
+    checkpoints, up_proj kept in host memory."""
+    from studio import offload
+    from studio.presets import load_preset
+    from studio.runs import RunStore
+    from studio.training import Recipe
+
+    cfg = load_preset("tiny-demo").replace({
+        "train.max_steps": 6, "train.logging_steps": 1, "train.eval_steps": 3, "train.save_steps": 0,
+        "model.gradient_checkpointing": True, "model.offload_checkpoints": True, "model.offload_up_proj": True,
+        "train.fused_lora": True, "lora.dropout": 0.1})
+    run = RunStore(tmp_path / "runs").create(cfg)
+    before = offload.replayed[0]
+    assert Recipe(run).execute() == "completed", run.last_status()
+    evs = run.all_events()
+    layers = next(e for e in evs if e["type"] == "checkpoint_offload")
+    assert layers["up_proj"] == layers["layers"] > 0 and "host_gib" in layers
+    metrics = [e["loss"] for e in evs if e["type"] == "metric"]
+    assert len(metrics) == 6 and metrics[-1] < metrics[0]
+    # every training micro-batch's recompute took its up_proj products from host memory
+    assert offload.replayed[0] - before >= 6 * layers["layers"]
+
+
+def test_up_proj_stays_on_the_gpu_path_when_cpu_ram_is_short(tiny_model_dir):
+    from studio.training import keep_up_proj_if_room
+
+    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True})
+    cfg = model.config
+    need = cfg.num_hidden_layers * 4 * 128 * (cfg.intermediate_size + cfg.hidden_size) * 2
+    done = keep_up_proj_if_room(model, tokens=4 * 128, dtype_bytes=2, free=need)  # keeps half of RAM free
+    assert done["up_proj"] == 0 and "GiB of CPU RAM" in done["up_proj_note"]
+    assert not any(getattr(m, "_keep_output", False) for m in model.modules())
+    assert keep_up_proj_if_room(model, tokens=4 * 128, dtype_bytes=2, free=2 * need)["up_proj"] == cfg.num_hidden_layers

@@ -185,6 +185,13 @@ def test_status_names_the_lean_switches_that_took_effect():
             "4.5 s); fused 4-bit LoRA in 224 layers.") in md
     md = train.status_text("r1", _events() + [{"t": T0 + 2, "type": "checkpoint_offload", "layers": 32}], "running")
     assert "Speed and memory: checkpointed inputs of 32 layers kept in CPU RAM." in md
+    kept = {"t": T0 + 2, "type": "checkpoint_offload", "layers": 32, "up_proj": 32, "host_gib": 15.0}
+    assert ("checkpointed inputs of 32 layers kept in CPU RAM; MLP up-projections of 32 layers kept in CPU RAM "
+            "(15.0 GiB), not recomputed.") in train.status_text("r1", _events() + [kept], "running")
+    short = {**kept, "up_proj": 0, "up_proj_note": "needs 19.0 GiB of CPU RAM, 12.0 GiB free: recomputed on the GPU "
+             "instead"}
+    assert ("MLP up-projections recomputed: offload_up_proj needs 19.0 GiB of CPU RAM, 12.0 GiB free"
+            in train.status_text("r1", _events() + [short], "running"))
     assert "Speed and memory" not in train.status_text("r1", _events(), "running")
 
 

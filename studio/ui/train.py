@@ -297,6 +297,11 @@ def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None) -> 
                     + f" (captured in {graphs.get('seconds')} s)")
     if offload:
         bits.append(f"checkpointed inputs of {offload.get('layers')} layers kept in CPU RAM")
+        if offload.get("up_proj"):
+            bits.append(f"MLP up-projections of {offload['up_proj']} layers kept in CPU RAM "
+                        f"({offload.get('host_gib')} GiB), not recomputed")
+        elif offload.get("up_proj_note"):
+            bits.append(f"MLP up-projections recomputed: offload_up_proj {offload['up_proj_note']}")
     if fused:
         bits.append(f"fused 4-bit LoRA in {fused.get('layers')} layers")
     return ("Speed and memory: " + "; ".join(bits) + ".") if bits else ""
