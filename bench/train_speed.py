@@ -18,6 +18,8 @@ peak memory is measured cleanly:
 - ``lean@SHAPE``: the engine at the shape's own batch and checkpointing with the switches that save
   memory or cost none (fused 4-bit LoRA, offloaded checkpoints, Liger, compute-dtype frozen weights,
   nested quantization as Unsloth loads, the checkpointed stack as one CUDA graph on short rows).
+- ``lean+up@SHAPE``: lean, eager, with ``model.offload_up_proj`` (up_proj products kept in CPU RAM).
+- ``studio-max-fused``: studio-max with ``train.fused_lora`` (the fast preset's LoRA dropout kept).
 
 Prints a table (tokens/s, peak allocated/reserved, time to adapter, ratio to the seed recipe) and
 writes JSON with the date and the GPU.  Time to adapter = load time + optimizer steps of the whole
@@ -38,10 +40,11 @@ from pathlib import Path
 FAST_JOB_EXAMPLES = 20_000
 
 
-def studio_shape_overrides(shape: str, lean: bool = False) -> dict:
+def studio_shape_overrides(shape: str, backend: str = "studio") -> dict:
     """``studio@``: the shape with every speed option (fills the GPU); ``lean@``: the shape's own batch and
     checkpointing with the options that save memory or cost none (Liger, compute-dtype frozen weights, fused
-    4-bit LoRA, nested quantization, offloaded checkpoints or one graphed checkpointed stack)."""
+    4-bit LoRA, nested quantization, offloaded checkpoints or one graphed checkpointed stack); ``lean+up@``:
+    lean with each layer's up_proj product kept in CPU RAM instead of recomputed (eager, no graphs)."""
     from bench.shapes import SHAPES
 
     s = SHAPES[shape]
@@ -50,13 +53,14 @@ def studio_shape_overrides(shape: str, lean: bool = False) -> dict:
                  "lora.target_modules": s["targets"], "train.batch_size": s["batch"], "train.grad_accum": s["accum"],
                  "data.max_length": s["seq"], "data.train_on_inputs": True, "train.liger": True,
                  "model.fp32_frozen": False}  # full-length rows: nothing for padding-free packing to remove
-    if lean:
+    if backend in ("lean", "lean+up"):
         # Unsloth's memory at every shape: it loads with nested quantization whatever the shape says, and so do
         # we here.  Saved layer inputs live in CPU RAM; short micro-batches are host-bound, so their checkpointed
         # stack is one CUDA graph.
         short = s["batch"] * s["seq"] <= 4096
-        return {**shape_cfg, "model.double_quant": True, "train.fused_lora": True, "train.cuda_graphs": short,
+        lean = {**shape_cfg, "model.double_quant": True, "train.fused_lora": True, "train.cuda_graphs": short,
                 "model.offload_checkpoints": True}
+        return lean if backend == "lean" else {**lean, "train.cuda_graphs": False, "model.offload_up_proj": True}
     return {**shape_cfg, "train.auto_batch": True, "train.cuda_graphs": True, "model.dequantized_cache": True}
 
 
@@ -80,7 +84,7 @@ def studio_config(variant: str, model_dir: str, data: str, steps: int, overrides
 def variant_overrides(variant: str) -> dict:
     if "@" in variant:
         backend, shape = variant.split("@")
-        return studio_shape_overrides(shape, lean=backend == "lean")
+        return studio_shape_overrides(shape, backend)
     return VARIANTS[variant]
 
 
@@ -124,6 +128,10 @@ VARIANTS = {
     # Everything: + frozen weights in the compute dtype + the 16-bit weight cache (where memory allows).
     "studio-max": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True,
                    "train.liger": True, "model.fp32_frozen": False, "model.dequantized_cache": True},
+    # studio-max with the LoRA layers fused (the fast preset's dropout 0.05 included).
+    "studio-max-fused": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True,
+                         "train.liger": True, "model.fp32_frozen": False, "model.dequantized_cache": True,
+                         "train.fused_lora": True},
 }
 
 
@@ -138,11 +146,11 @@ def one(args) -> None:
         res = run(args.model, args.data, args.steps)
     elif "@" in args.variant:
         backend, shape = args.variant.split("@")
-        if backend in ("studio", "lean"):
+        if backend in ("studio", "lean", "lean+up"):
             from bench.shapes import SHAPES, WARMUP
 
             res = run_studio(args.variant, args.model, args.data, SHAPES[shape]["steps"] + WARMUP[shape],
-                             studio_shape_overrides(shape, lean=backend == "lean"))
+                             studio_shape_overrides(shape, backend))
         else:
             from bench.shapes import run
 

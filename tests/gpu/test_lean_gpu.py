@@ -1,5 +1,6 @@
-"""GPU tier: the memory-lean fast path (fused 4-bit LoRA, checkpointed layer stack as one CUDA graph,
-offloaded checkpoints) learns what the reference path learns, and offloading frees the saved inputs.
+"""GPU tier: the memory-lean fast path (fused 4-bit LoRA with or without dropout, checkpointed layer stack
+as one CUDA graph, offloaded checkpoints, up_proj products kept in CPU RAM) learns what the reference path
+learns, offloading frees the saved inputs, and a kept up_proj costs at most one output of GPU memory.
 
 Random-weight models of Mistral-7B's width, NF4, bf16, LoRA on all seven projections.  Tolerances (bf16
 operands): loss within 1e-2 relative, each LoRA gradient within 5e-2 relative norm
@@ -50,6 +51,16 @@ def _worst(a, b):
     return float((l1 - l0).abs() / l0.abs()), max(float((g1[k] - g0[k]).norm() / g0[k].norm()) for k in g0)
 
 
+def _measured(model, batch):
+    """One step after a synchronize: (its loss and gradients, its peak allocated bytes above what was allocated)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = _step(model, batch)
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_lean_graphed_stack_with_fused_lora_matches_reference(offload):
     from bench.common import random_model
@@ -86,18 +97,10 @@ def test_offloaded_checkpoints_match_and_free_the_saved_inputs():
     batch = _batch(7, b, n)
     _step(model, batch)  # warm-up: allocator, cuBLAS workspaces
 
-    def measured():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = _step(model, batch)
-        torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() - base
-
-    plain, plain_peak = measured()
+    plain, plain_peak = _measured(model, batch)
     assert use_offloaded_checkpoints(model) == layers
     _step(model, batch)
-    offloaded, off_peak = measured()
+    offloaded, off_peak = _measured(model, batch)
     loss_diff, grad_diff = _worst(plain, offloaded)
     saved = plain_peak - off_peak
     layer_input = b * n * 4096 * 2
@@ -108,6 +111,36 @@ def test_offloaded_checkpoints_match_and_free_the_saved_inputs():
     assert loss_diff < 1e-5 and grad_diff < 1e-2
     assert saved > (layers - 3) * layer_input  # all but the layer in use and the one prefetched
     assert not [r for r in _stack if r() is not None]
+
+
+@pytest.mark.parametrize("targets", ["all", "qkvo"])
+def test_kept_up_proj_outputs_match_and_cost_at_most_one_output(targets):
+    from bench.common import random_model
+    from studio import offload
+    from studio.fused_lora import fuse_lora
+
+    layers, b, n = 8, 4, 2048
+    model_dir = random_model(_work() / "mistral-7b-width-8-layers", layers=layers)
+    model = _model(model_dir, **{"model.gradient_checkpointing": True, "model.fp32_frozen": False,
+                                 "lora.target_modules": ALL if targets == "all" else ALL[:4]})
+    fuse_lora(model)
+    offload.use_offloaded_checkpoints(model)
+    batch = _batch(7, b, n)
+    _step(model, batch)
+    plain, plain_peak = _measured(model, batch)
+    assert offload.keep_up_proj(model) == layers
+    _step(model, batch)
+    before = offload.replayed[0]
+    kept, kept_peak = _measured(model, batch)
+    assert offload.replayed[0] - before == layers
+    loss_diff, grad_diff = _worst(plain, kept)
+    one_output = b * n * 14336 * 2
+    print(f"\nKEPT up_proj ({targets}) vs recomputed: loss {loss_diff:.2e}, grads {grad_diff:.2e}, peak "
+          f"{plain_peak / 2**20:.0f} -> {kept_peak / 2**20:.0f} MiB (one output {one_output / 2**20:.0f} MiB)")
+    # The kept product is the forward's own matmul of the same input: the recompute's, bit for bit.
+    assert loss_diff < 1e-5 and grad_diff < 1e-2
+    assert kept_peak - plain_peak <= 1.1 * one_output  # one output fetched ahead at most
+    assert not [r for r in offload._stack if r() is not None]
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -136,7 +169,7 @@ def test_fused_lora_with_dropout_draws_peft_masks_on_gpu(offload):
     assert worst[0] < 1e-2 and worst[1] < 5e-2 and other > 2 * worst[1]
 
 
-@pytest.mark.parametrize("mode", ["offload", "graphs", "graphs-offload", "graphs-dropout"])
+@pytest.mark.parametrize("mode", ["offload", "offload-up", "graphs", "graphs-offload", "graphs-dropout"])
 def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
 
     from bench.common import random_model, synthetic_alpaca
@@ -153,13 +186,15 @@ def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
         # graphs-dropout: per-layer graphs (no checkpointing) replaying the fused layers' dropout draws
         "lora.dropout": 0.05 if "dropout" in mode else 0.0, "model.gradient_checkpointing": "dropout" not in mode, "model.fp32_frozen": False, "model.double_quant": True,
         "train.fused_lora": True, "model.offload_checkpoints": "offload" in mode, "train.cuda_graphs": "graphs" in mode,
+        "model.offload_up_proj": mode == "offload-up",
         "output.adapter_dir": str(tmp_path / "adapter")})
     run = RunStore(tmp_path / "runs").create(cfg)
     assert Recipe(run).execute() == "completed", run.last_status()
     evs = run.all_events()
     assert next(e for e in evs if e["type"] == "fused_lora")["layers"] == 14
-    if mode == "offload":
-        assert next(e for e in evs if e["type"] == "checkpoint_offload")["layers"] == 2
+    if mode.startswith("offload"):
+        kept = next(e for e in evs if e["type"] == "checkpoint_offload")
+        assert kept["layers"] == 2 and kept.get("up_proj", 0) == (2 if mode == "offload-up" else 0)
     else:
         graphs = next(e for e in evs if e["type"] == "graphs")
         assert graphs["checkpointed"] == ("dropout" not in mode) and graphs["offload"] == ("offload" in mode)
