@@ -225,11 +225,29 @@ def kept_output(base):
     return _fetch(layer.outputs.pop(0))
 
 
+_in_flight: list = []  # copy-done events of the kept outputs still crossing to the host, oldest first
+MAX_IN_FLIGHT = 2
+
+
 def keep_output(base, out) -> None:
-    """In a checkpointed layer's forward, send ``out`` (``base``'s output) to host memory for the recompute."""
+    """In a checkpointed layer's forward, send ``out`` (``base``'s output) to host memory for the recompute.
+
+    The GPU block of an output in flight is reusable only once its copy is done, and the host may run many
+    layers ahead of the GPU: without a bound a slow bus would hold one 470 MB block per layer ahead.  So the
+    host waits for the copy of the output MAX_IN_FLIGHT back (the GPU still has those layers queued)."""
+    import torch
+
     layer = current_layer()
-    if layer is not None and getattr(base, "_keep_output", False) and not recomputing():
-        layer.outputs.append(_offload(out))
+    if layer is None or not getattr(base, "_keep_output", False) or recomputing():
+        return
+    saved = _offload(out)
+    layer.outputs.append(saved)
+    if out.device.type == "cuda":
+        done = torch.cuda.Event()
+        done.record(_copy_stream(out.device))
+        _in_flight.append(done)
+        while len(_in_flight) > MAX_IN_FLIGHT:
+            _in_flight.pop(0).synchronize()
 
 
 def fetch_previous(layer) -> None:
