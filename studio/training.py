@@ -51,6 +51,8 @@ def _events_callback_cls():
             import torch
 
             if torch.cuda.is_available():
+                # Loading quantizes 16-bit shards on the GPU: their blocks stay cached (reserved) unless released.
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()  # the run's peak, not whatever came before it
             self._t = time.time()
             self._tokens = state.num_input_tokens_seen or 0
