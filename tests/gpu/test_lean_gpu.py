@@ -150,7 +150,7 @@ def test_fused_lora_with_dropout_draws_peft_masks_on_gpu(offload):
     from studio.offload import use_offloaded_checkpoints
 
     model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
-    over = {"lora.dropout": 0.05, "model.gradient_checkpointing": offload, "model.fp32_frozen": False}
+    over = {"lora.dropout": 0.1, "model.gradient_checkpointing": offload, "model.fp32_frozen": False}
     ref, fused = _model(model_dir, **over), _model(model_dir, **over)
     assert fuse_lora(fused) == 2 * 7
     if offload:  # the recompute restores the forward's CUDA RNG state, so it redraws the same masks
@@ -164,7 +164,7 @@ def test_fused_lora_with_dropout_draws_peft_masks_on_gpu(offload):
         worst = tuple(map(max, worst, _worst(a, _step(fused, batch))))
     torch.manual_seed(9)
     other = _worst(a, _step(fused, batch))[1]  # other masks: far off, so the masks above really matched
-    print(f"\nFUSED LoRA dropout 0.05 (offload {offload}) vs peft: loss {worst[0]:.2e}, LoRA grads {worst[1]:.2e}; "
+    print(f"\nFUSED LoRA dropout 0.1 (offload {offload}) vs peft: loss {worst[0]:.2e}, LoRA grads {worst[1]:.2e}; "
           f"other seed {other:.2e}")
     assert worst[0] < 1e-2 and worst[1] < 5e-2 and other > 2 * worst[1]
 
