@@ -66,8 +66,8 @@ class ModelSection:
                                    "tokens less GPU memory, as Unsloth's checkpointing does. On a CPU nothing moves.")
     offload_up_proj: bool = _f(False, "With offload_checkpoints, also keep each layer's MLP up-projection product in "
                                "CPU RAM so the backward's recompute skips that matmul (a third of the MLP's "
-                               "recompute). Costs tokens x intermediate x 2 bytes of CPU RAM per layer: ~15 GB "
-                               "for Mistral-7B at 16k tokens a micro-batch; skipped, with a note, where RAM is short.")
+                               "recompute). Costs CPU RAM: ~20 GiB for Mistral-7B at 16k tokens a micro-batch, "
+                               "with the layer inputs; skipped, with a note, where RAM is short.")
     fp32_frozen: bool = _f(True, "Upcast the frozen embeddings, LM head and norms to fp32 for 4-bit training (peft's "
                            "k-bit preparation). Off keeps them in the compute dtype, as Unsloth does: less memory "
                            "and fewer casts per step; the residual stream then runs in the compute dtype.")

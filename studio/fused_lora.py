@@ -60,27 +60,33 @@ def _function():
         @staticmethod
         def forward(ctx, x, A, B, base, scale, dtype, p=0.0, skip_output=False, given=None, layer=None):
             shape = x.shape
+            n = base.out_features
             x2 = x.reshape(-1, shape[-1])
             mask = None
-            if p > 0:  # peft's nn.Dropout draws with this kernel: the same mask under the same seed
-                x2, mask = torch.ops.aten.native_dropout(x2, p, True)
-            x2 = x2.to(dtype)
+            if p > 0:
+                # peft's nn.Dropout draws with this kernel, on x cast to lora_A's dtype unless CUDA autocast is on
+                # (peft's rule): the same mask under the same seed, also in a recompute after peft's own forward.
+                src = x2 if torch.is_autocast_enabled() else x2.to(A.dtype)
+                xd, mask = torch.ops.aten.native_dropout(src, p, True)
+                xd = xd.to(dtype)
             with torch.autocast(x.device.type, enabled=False):
-                xa = torch.mm(x2, A.to(dtype).t())  # the backward's dB needs it
+                x2 = x2.to(dtype)
+                xa = torch.mm(x2 if mask is None else xd, A.to(dtype).t())  # the backward's dB needs it
+                # The output is a whole tensor, never a view, so later in-place ops on it are autograd's to handle.
                 if skip_output:  # a recompute whose backward never reads this output (studio.offload)
-                    out = x2.new_empty(x2.shape[0], base.out_features)
-                elif given is not None:  # a recompute given the base product kept from the forward (studio.offload)
-                    out = given.view(-1, base.out_features)
-                    out.addmm_(xa, B.to(dtype).t(), alpha=scale)
+                    out = x2.new_empty(*shape[:-1], n)
                 else:
-                    W = _dequantized(base, dtype)
-                    # The base matmul reads x, not the dropped-out copy (peft: base(x) + B(A(dropout(x)))).
-                    out = torch.mm(x.reshape(-1, shape[-1]).to(dtype) if mask is not None else x2, W.t())
-                    del W  # weight-sized: freed before the LoRA product, not saved
-                    out.addmm_(xa, B.to(dtype).t(), alpha=scale)
-            ctx.save_for_backward(x2, xa, A, B, mask)
+                    if given:  # a recompute given the base product kept from the forward (studio.offload)
+                        out = given.pop().to(dtype)
+                    else:
+                        out = x2.new_empty(*shape[:-1], n, dtype=dtype)
+                        W = _dequantized(base, dtype)
+                        torch.mm(x2, W.t(), out=out.view(-1, n))  # the base matmul reads x, not dropout(x)
+                        del W  # weight-sized: freed before the LoRA product, not saved
+                    out.view(-1, n).addmm_(xa, B.to(dtype).t(), alpha=scale)
+            ctx.save_for_backward(x2 if mask is None else xd, xa, A, B, mask)
             ctx.base, ctx.scale, ctx.dtype, ctx.x_dtype, ctx.p, ctx.layer = base, scale, dtype, x.dtype, p, layer
-            return out.view(*shape[:-1], out.shape[-1])
+            return out
 
         @staticmethod
         def backward(ctx, dy):
@@ -136,11 +142,12 @@ def _fused_forward(layer, peft_forward, x, *args, **kwargs):
     skip = getattr(layer, "_unused_output", False) and recomputing()
     if skip:
         skipped[0] += 1
-    given = None if skip else kept_output(layer.base_layer)
+    kept = None if skip else kept_output(layer.base_layer)
+    given = [kept] if kept is not None else None  # in a list: not a tensor input of the autograd function
     p = float(getattr(layer.lora_dropout[name], "p", 0.0))
     return lora_nf4().apply(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.base_layer,
                             float(layer.scaling[name]), compute_dtype(x), p, skip, given,
-                            current_layer() if given is not None else None)
+                            current_layer() if given else None)
 
 
 def fuse_lora(model) -> int:

@@ -149,13 +149,24 @@ def _disk_full(e: BaseException | None) -> bool:
     return False
 
 
-def keep_up_proj_if_room(model, tokens: int, dtype_bytes: int, free: int) -> dict:
+def keep_up_proj_if_room(model, tokens: int, dtype_bytes: int, free: int, residual_bytes: int | None = None,
+                         ranks: int = 1) -> dict:
     """Keep up_proj outputs in CPU RAM if a micro-batch's worth, beside the offloaded layer inputs, fits in half of
-    ``free`` bytes (pinned memory cannot be swapped out); what was done, for the ``checkpoint_offload`` event."""
+    ``free`` bytes (pinned memory cannot be swapped out); what was done, for the ``checkpoint_offload`` event.
+
+    Layer inputs are in the residual stream's dtype (fp32 under peft's k-bit preparation), kept products in the
+    compute dtype; the pinned-memory allocator rounds each block up to a power of two; every rank on the machine
+    keeps its own."""
     from studio.offload import keep_up_proj
 
-    c = model.config
-    need = c.num_hidden_layers * tokens * (c.intermediate_size + c.hidden_size) * dtype_bytes
+    c = model.config.get_text_config()
+
+    def block(n: int) -> int:
+        return 1 << (n - 1).bit_length()
+
+    per_layer = block(tokens * c.hidden_size * (residual_bytes or dtype_bytes)) + block(
+        tokens * c.intermediate_size * dtype_bytes)
+    need = c.num_hidden_layers * per_layer * ranks
     if need > free / 2:
         return {"up_proj": 0, "up_proj_note": f"needs {need / 2**30:.1f} GiB of CPU RAM, {free / 2**30:.1f} GiB free: "
                 "recomputed on the GPU instead"}
@@ -297,8 +308,10 @@ class Recipe:
 
         if not self.cfg.model.offload_up_proj:
             return {}
-        return keep_up_proj_if_room(model, self.cfg.train.batch_size * self.cfg.data.max_length, self.dtype.itemsize,
-                                    psutil.virtual_memory().available)
+        cfg, size = self.cfg, self.dtype.itemsize
+        return keep_up_proj_if_room(model, cfg.train.batch_size * cfg.data.max_length, size,
+                                    psutil.virtual_memory().available, 4 if cfg.model.fp32_frozen else size,
+                                    max(1, cfg.train.num_gpus))
 
     def capture_graphs(self, model):
         import torch

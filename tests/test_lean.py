@@ -153,6 +153,29 @@ def test_kept_up_proj_outputs_replace_their_recompute(tiny_model_dir, tiny_token
     _assert_same(reference, _step(model, batch), rtol=1e-5)
 
 
+@pytest.mark.parametrize("fp32_frozen", [False, True])
+def test_kept_up_proj_under_bf16_autocast(tiny_model_dir, tiny_tokenizer, fp32_frozen):
+    """As training runs on a GPU: bf16 autocast, fused LoRA with dropout, and with peft's fp32 residual stream
+    (fp32_frozen) the kept product comes back in the layer's compute dtype and is cast as bitsandbytes casts."""
+    from studio import offload
+    from studio.fused_lora import fuse_lora
+
+    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": 0.1,
+                                           "model.fp32_frozen": fp32_frozen})
+    fuse_lora(model)
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = _step(model, batch)
+        offload.use_offloaded_checkpoints(model)
+        offload.keep_up_proj(model)
+        before = offload.replayed[0]
+        ours = _step(model, batch)
+    assert offload.replayed[0] - before == model.config.num_hidden_layers
+    # The recompute's bf16 matmul vs the forward's product rounded to bf16 (measured 5e-3 and 8e-3).
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-3, atol=1e-4)
+    assert _worst(ours, reference) < 2e-2
+
+
 def test_kept_up_proj_without_lora_on_it(tiny_model_dir, tiny_tokenizer):
     from studio import offload
 
@@ -275,8 +298,12 @@ def test_up_proj_stays_on_the_gpu_path_when_cpu_ram_is_short(tiny_model_dir):
 
     model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True})
     cfg = model.config
-    need = cfg.num_hidden_layers * 4 * 128 * (cfg.intermediate_size + cfg.hidden_size) * 2
-    done = keep_up_proj_if_room(model, tokens=4 * 128, dtype_bytes=2, free=need)  # keeps half of RAM free
+    tokens = 4 * 100
+    # Pinned blocks are powers of two: fp32 layer inputs and bf16 products, each rounded up; two ranks.
+    per_layer = 2 ** (tokens * cfg.hidden_size * 4 - 1).bit_length() + 2 ** (tokens * cfg.intermediate_size * 2 - 1).bit_length()
+    need = cfg.num_hidden_layers * per_layer * 2
+    done = keep_up_proj_if_room(model, tokens, 2, free=2 * need - 1, residual_bytes=4, ranks=2)  # half of RAM stays free
     assert done["up_proj"] == 0 and "GiB of CPU RAM" in done["up_proj_note"]
     assert not any(getattr(m, "_keep_output", False) for m in model.modules())
-    assert keep_up_proj_if_room(model, tokens=4 * 128, dtype_bytes=2, free=2 * need)["up_proj"] == cfg.num_hidden_layers
+    done = keep_up_proj_if_room(model, tokens, 2, free=2 * need, residual_bytes=4, ranks=2)
+    assert done["up_proj"] == cfg.num_hidden_layers and done["host_gib"] == round(need / 2**30, 2)
