@@ -18,7 +18,7 @@ peak memory is measured cleanly:
 - ``lean@SHAPE``: the engine at the shape's own batch and checkpointing with the switches that save
   memory or cost none (fused 4-bit LoRA, offloaded checkpoints, Liger, compute-dtype frozen weights,
   nested quantization as Unsloth loads, the checkpointed stack as one CUDA graph on short rows).
-- ``lean+up@SHAPE``: lean, eager, with ``model.offload_up_proj`` (up_proj products kept in CPU RAM).
+- ``lean-up@SHAPE``: lean, eager, with ``model.offload_up_proj`` (up_proj products kept in CPU RAM).
 - ``studio-max-fused``: studio-max with ``train.fused_lora`` (the fast preset's LoRA dropout kept).
 
 Prints a table (tokens/s, peak allocated/reserved, time to adapter, ratio to the seed recipe) and
@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ FAST_JOB_EXAMPLES = 20_000
 def studio_shape_overrides(shape: str, backend: str = "studio") -> dict:
     """``studio@``: the shape with every speed option (fills the GPU); ``lean@``: the shape's own batch and
     checkpointing with the options that save memory or cost none (Liger, compute-dtype frozen weights, fused
-    4-bit LoRA, nested quantization, offloaded checkpoints or one graphed checkpointed stack); ``lean+up@``:
+    4-bit LoRA, nested quantization, offloaded checkpoints or one graphed checkpointed stack); ``lean-up@``:
     lean with each layer's up_proj product kept in CPU RAM instead of recomputed (eager, no graphs)."""
     from bench.shapes import SHAPES
 
@@ -53,7 +54,7 @@ def studio_shape_overrides(shape: str, backend: str = "studio") -> dict:
                  "lora.target_modules": s["targets"], "train.batch_size": s["batch"], "train.grad_accum": s["accum"],
                  "data.max_length": s["seq"], "data.train_on_inputs": True, "train.liger": True,
                  "model.fp32_frozen": False}  # full-length rows: nothing for padding-free packing to remove
-    if backend in ("lean", "lean+up"):
+    if backend in ("lean", "lean-up"):
         # Unsloth's memory at every shape: it loads with nested quantization whatever the shape says, and so do
         # we here.  Saved layer inputs live in CPU RAM; short micro-batches are host-bound, so their checkpointed
         # stack is one CUDA graph.
@@ -93,7 +94,7 @@ def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: d
     from studio.training import Recipe
 
     cfg = studio_config(variant, model_dir, data, steps, overrides)
-    run = RunStore().create(cfg, "bench-" + variant.replace("@", "-at-"))
+    run = RunStore().create(cfg, "bench-" + re.sub(r"[^A-Za-z0-9._-]", "-", variant.replace("@", "-at-")))
     t0 = time.perf_counter()
     status = Recipe(run).execute()
     evs = run.all_events()
@@ -146,7 +147,7 @@ def one(args) -> None:
         res = run(args.model, args.data, args.steps)
     elif "@" in args.variant:
         backend, shape = args.variant.split("@")
-        if backend in ("studio", "lean", "lean+up"):
+        if backend in ("studio", "lean", "lean-up"):
             from bench.shapes import SHAPES, WARMUP
 
             res = run_studio(args.variant, args.model, args.data, SHAPES[shape]["steps"] + WARMUP[shape],

@@ -127,8 +127,7 @@ def _prefetch(saved: _Saved) -> None:
         saved.gpu.copy_(saved.host, non_blocking=True)
         saved.ready = torch.cuda.Event()
         saved.ready.record(stream)
-    # Dropped unfetched (a backward that failed), the block must not be handed out before the copy has written it.
-    saved.gpu.record_stream(stream)
+
 
 
 def _fetch(saved: _Saved):
@@ -193,7 +192,16 @@ def _function():
                 with (torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled), recompute(),
                       _in_layer(saved)):
                     out = ctx.run(hidden)
-            torch.autograd.backward(out, grad)
+            try:
+                torch.autograd.backward(out, grad)
+            except BaseException:
+                # Buffers prefetched for layers whose backward will now never run are freed unfetched: their blocks
+                # must not go back to the compute stream while a copy still writes them.  (Not record_stream on
+                # every prefetch: that holds each fetched block until the copy stream has drained what was queued
+                # after it, which grows reserved memory by a block per layer with kept up_proj products.)
+                if hidden.is_cuda:
+                    _copy_stream(hidden.device).synchronize()
+                raise
             ctx.saved = ctx.run = None
             return None, hidden.grad
 
@@ -228,7 +236,7 @@ def kept_output(base):
 
 
 _in_flight: list = []  # copy-done events of the kept outputs still crossing to the host, oldest first
-MAX_IN_FLIGHT = 2
+MAX_IN_FLIGHT = 1
 
 
 def keep_output(base, out) -> None:
@@ -238,7 +246,7 @@ def keep_output(base, out) -> None:
 
     The GPU block of an output in flight is reusable only once its copy is done, and the host may run many
     layers ahead of the GPU: without a bound a slow bus would hold one 470 MB block per layer ahead.  So the
-    host waits for the copy of the output MAX_IN_FLIGHT back (the GPU still has those layers queued)."""
+    host waits for the copy of the output MAX_IN_FLIGHT back (the GPU still has the layers since queued)."""
     import torch
 
     layer = current_layer()
