@@ -7,12 +7,66 @@ Runs the engine (``studio.training.Recipe``) with a ``bench.train_speed`` varian
 profiles 5 optimizer steps after 8 warm-up steps with ``torch.profiler``: prints wall seconds per step,
 summed CUDA kernel time per step (the GPU-busy floor of this code), and the top kernels and CPU ops.
 A wall time far above the kernel time means the host (Python, launches, syncs) is the bottleneck.
+``--gaps`` also exports the trace and prints where the compute stream sits idle (``idle_gaps``): each gap
+is "starved" (the next kernel was launched late: the host was busy or blocked, and on what) or "waiting"
+(launched in time, held back by a wait on another stream, such as an offloaded tensor's copy).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
+import json
 import time
+
+
+def idle_gaps(trace: dict, min_us: float = 20.0) -> dict:
+    """Idle time of the busiest kernel stream in a ``torch.profiler`` chrome trace, by cause.
+
+    Returns ``{"stream", "span_us", "busy_us", "idle_us", "causes": [(cause, us, count)...], "largest": [...]}``
+    with causes sorted by idle time.  A gap's cause is "starved: <host call blocking during it>" when the next
+    kernel's launch came after the gap began, else "waiting: before <next kernel>"."""
+    ev = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    kernels = collections.defaultdict(list)
+    for e in ev:
+        if e.get("cat") == "kernel":
+            kernels[e["args"].get("stream")].append(e)
+    if not kernels:
+        return {"stream": None, "span_us": 0, "busy_us": 0, "idle_us": 0, "causes": [], "largest": []}
+    stream = max(kernels, key=lambda k: sum(e["dur"] for e in kernels[k]))
+    ks = sorted(kernels[stream], key=lambda e: e["ts"])
+    launch = {e["args"]["correlation"]: e for e in ev if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    host = sorted((e for e in ev if e.get("cat") in ("cuda_runtime", "cpu_op")), key=lambda e: e["ts"])
+    starts = [h["ts"] for h in host]
+    causes = collections.defaultdict(lambda: [0.0, 0])
+    largest = []
+    for a, b in zip(ks, ks[1:]):
+        start, end = a["ts"] + a["dur"], b["ts"]
+        if end - start < min_us:
+            continue
+        gap = end - start
+        call = launch.get(b["args"].get("correlation"))
+        # Until the launch call returned the GPU could not have run the kernel (starved); after it, it was held
+        # back by something queued before it (waiting).
+        starved = min(gap, max(0.0, call["ts"] + call["dur"] - start)) if call is not None else 0.0
+        if starved > 0:
+            i = bisect.bisect_right(starts, start + 0.1 * starved)
+            # The shortest host call running through most of the starved time: what kept the host from launching.
+            over = [h for h in host[max(0, i - 3000):i] if h["ts"] + h["dur"] >= start + 0.9 * starved]
+            blocker = min(over, key=lambda h: h["dur"])["name"] if over else "host busy (python)"
+            causes[f"starved: {blocker}"][0] += starved
+            causes[f"starved: {blocker}"][1] += 1
+        if gap - starved > 0:
+            causes[f"waiting: before {b['name'][:50]}"][0] += gap - starved
+            causes[f"waiting: before {b['name'][:50]}"][1] += 1
+        main = f"starved: {blocker}" if starved >= gap - starved else f"waiting: before {b['name'][:50]}"
+        largest.append((gap, main, a["name"][:40], b["name"][:40]))
+    busy = sum(e["dur"] for e in ks)
+    span = ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]
+    return {"stream": stream, "span_us": span, "busy_us": busy, "idle_us": span - busy,
+            "causes": sorted(((c, us, n) for c, (us, n) in causes.items()), key=lambda t: -t[1]),
+            "largest": sorted(largest, reverse=True)[:10]}
 
 
 def main() -> None:
@@ -21,6 +75,7 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--gaps", action="store_true", help="print the compute stream's idle gaps by cause")
     a = p.parse_args()
 
     import torch
@@ -62,6 +117,16 @@ def main() -> None:
           f"CUDA kernels {kernel_us / active / 1000:.1f} ms/step ({active} profiled steps)")
     print(ev.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
     print(ev.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    if a.gaps:
+        path = "/tmp/profile-trace.json"
+        prof.export_chrome_trace(path)
+        g = idle_gaps(json.load(open(path)))
+        print(f"GAPS stream {g['stream']}: span {g['span_us'] / 1e3 / active:.1f} ms/step, busy "
+              f"{g['busy_us'] / 1e3 / active:.1f}, idle {g['idle_us'] / 1e3 / active:.1f} ms/step")
+        for cause, us, n in g["causes"][:15]:
+            print(f"  {us / 1e3 / active:8.2f} ms/step  {n / active:7.1f}/step  {cause}")
+        for us, cause, before, after in g["largest"]:
+            print(f"  gap {us / 1e3:7.2f} ms  {cause}  [{before} -> {after}]")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,25 @@ def test_kept_up_proj_outputs_replace_their_recompute(tiny_model_dir, tiny_token
     _assert_same(reference, _step(model, batch), rtol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_several_kept_projections_per_layer_come_back_in_forward_order(tiny_model_dir, tiny_tokenizer, fused):
+    """o_proj (attention, LoRA on it) and up_proj (MLP) kept together: the recompute takes each its own product."""
+    from studio import offload
+    from studio.fused_lora import fuse_lora
+
+    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": 0.1})
+    if fused:
+        fuse_lora(model)
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
+    reference = _step(model, batch)
+    layers = model.config.num_hidden_layers
+    offload.use_offloaded_checkpoints(model)
+    assert offload.keep_up_proj(model, ("o_proj", "up_proj")) == layers
+    before = offload.replayed[0]
+    _assert_same(reference, _step(model, batch), rtol=1e-5)
+    assert offload.replayed[0] - before == 2 * layers
+
+
 @pytest.mark.parametrize("fp32_frozen", [False, True])
 def test_kept_up_proj_under_bf16_autocast(tiny_model_dir, tiny_tokenizer, fp32_frozen):
     """As training runs on a GPU: bf16 autocast, fused LoRA with dropout, and with peft's fp32 residual stream
