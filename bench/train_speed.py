@@ -19,7 +19,6 @@ peak memory is measured cleanly:
   memory or cost none (fused 4-bit LoRA, offloaded checkpoints, Liger, compute-dtype frozen weights,
   nested quantization as Unsloth loads, the checkpointed stack as one CUDA graph on short rows).
 - ``lean-up@SHAPE``: lean, eager, with ``model.offload_up_proj`` (up_proj products kept in CPU RAM).
-- ``lean-upo@SHAPE``: lean-up with ``o_proj``'s products kept too (an experiment: ``studio.offload.KEPT``).
 - ``studio-max-fused``: studio-max with ``train.fused_lora`` (the fast preset's LoRA dropout kept).
 
 Prints a table (tokens/s, peak allocated/reserved, time to adapter, ratio to the seed recipe) and
@@ -55,7 +54,7 @@ def studio_shape_overrides(shape: str, backend: str = "studio") -> dict:
                  "lora.target_modules": s["targets"], "train.batch_size": s["batch"], "train.grad_accum": s["accum"],
                  "data.max_length": s["seq"], "data.train_on_inputs": True, "train.liger": True,
                  "model.fp32_frozen": False}  # full-length rows: nothing for padding-free packing to remove
-    if backend in ("lean", "lean-up", "lean-upo"):
+    if backend in ("lean", "lean-up"):
         # Unsloth's memory at every shape: it loads with nested quantization whatever the shape says, and so do
         # we here.  Saved layer inputs live in CPU RAM; short micro-batches are host-bound, so their checkpointed
         # stack is one CUDA graph.
@@ -148,13 +147,8 @@ def one(args) -> None:
         res = run(args.model, args.data, args.steps)
     elif "@" in args.variant:
         backend, shape = args.variant.split("@")
-        if backend in ("studio", "lean", "lean-up", "lean-upo"):
+        if backend in ("studio", "lean", "lean-up"):
             from bench.shapes import SHAPES, WARMUP
-
-            if backend == "lean-upo":
-                from studio import offload
-
-                offload.KEPT = ("o_proj", "up_proj")
 
             res = run_studio(args.variant, args.model, args.data, SHAPES[shape]["steps"] + WARMUP[shape],
                              studio_shape_overrides(shape, backend))

@@ -157,20 +157,15 @@ def keep_up_proj_if_room(model, tokens: int, dtype_bytes: int, free: int, residu
     Layer inputs are in the residual stream's dtype (fp32 under peft's k-bit preparation), kept products in the
     compute dtype; the pinned-memory allocator rounds each block up to a power of two; every rank on the machine
     keeps its own."""
-    from studio.offload import KEPT, keep_up_proj
+    from studio.offload import keep_up_proj
 
     c = model.config.get_text_config()
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    width = {"up_proj": c.intermediate_size, "gate_proj": c.intermediate_size, "q_proj": heads * head_dim,
-             "o_proj": c.hidden_size, "k_proj": c.num_key_value_heads * head_dim,
-             "v_proj": c.num_key_value_heads * head_dim}
 
     def block(n: int) -> int:
         return 1 << (n - 1).bit_length()
 
-    per_layer = block(tokens * c.hidden_size * (residual_bytes or dtype_bytes)) + sum(
-        block(tokens * width[name] * dtype_bytes) for name in KEPT)
+    per_layer = block(tokens * c.hidden_size * (residual_bytes or dtype_bytes)) + block(
+        tokens * c.intermediate_size * dtype_bytes)
     need = c.num_hidden_layers * per_layer * ranks
     if need > free / 2:
         return {"up_proj": 0, "up_proj_note": f"needs {need / 2**30:.1f} GiB of CPU RAM, {free / 2**30:.1f} GiB free: "
@@ -338,10 +333,10 @@ class Recipe:
     def _trainer(self):
         # transformers' Trainer and collators: we tokenize and mask ourselves (the UI shows those masks),
         # so TRL's SFTTrainer would only add its Triton-only fused LM head, which has no CPU path.
-        from transformers import Trainer
+        from studio.trainer import studio_trainer_cls
 
         self.callback = _events_callback_cls()(self)
-        trainer = Trainer(model=self.model, args=self._args(), train_dataset=self.prepared.train,
+        trainer = studio_trainer_cls()(model=self.model, args=self._args(), train_dataset=self.prepared.train,
                           eval_dataset=self.prepared.validation, data_collator=self.collator(),
                           processing_class=self.tokenizer, callbacks=[self.callback])
         if trainer.is_fsdp_enabled:

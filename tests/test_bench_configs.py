@@ -7,7 +7,7 @@ from bench.shapes import SHAPES
 from bench.train_speed import VARIANTS, studio_config, variant_overrides
 from studio.security import check_name
 
-ENGINE = [v for v in VARIANTS if v != "seed"] + [f"{b}@{s}" for s in SHAPES for b in ("studio", "lean", "lean-up", "lean-upo")]
+ENGINE = [v for v in VARIANTS if v != "seed"] + [f"{b}@{s}" for s in SHAPES for b in ("studio", "lean", "lean-up")]
 
 
 @pytest.mark.parametrize("variant", ENGINE)

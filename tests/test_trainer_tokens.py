@@ -1,0 +1,56 @@
+"""The studio's Trainer counts the tokens each micro-batch trains on without a GPU sync per micro-batch, and
+its counts (the Train tab's tokens/s, checkpoints' trainer state) equal what the batches hold."""
+
+import torch
+
+from studio.trainer import studio_trainer_cls
+
+
+def test_counting_a_micro_batch_reads_nothing_back(monkeypatch):
+    trainer = studio_trainer_cls().__new__(studio_trainer_cls())  # the method needs args and model only
+
+    class Args:
+        include_num_input_tokens_seen = "non_padding"
+        device = torch.device("cpu")
+
+    trainer.args, trainer.model, trainer.processing_class = Args(), torch.nn.Module(), None
+
+    def no_item(self):
+        raise AssertionError("a .item() per micro-batch waits for the GPU")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    trainer._track_num_input_tokens({"input_ids": torch.ones(2, 4, dtype=torch.long),
+                                     "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])})
+    trainer._track_num_input_tokens({"input_ids": torch.ones(1, 3, dtype=torch.long),
+                                     "attention_mask": torch.ones(1, 3, dtype=torch.long)})
+    assert int(trainer._pending_tokens) == 8
+
+
+def test_engine_token_counts_match_the_batches(tmp_path):
+    from studio.presets import load_preset
+    from studio.runs import RunStore
+    from studio.training import Recipe
+
+    cfg = load_preset("tiny-demo").replace({"train.max_steps": 4, "train.logging_steps": 2, "train.eval_steps": 0,
+                                            "train.save_steps": 3, "train.grad_accum": 2})
+    run = RunStore(tmp_path / "runs").create(cfg)
+    recipe = Recipe(run)
+    recipe.setup()
+    collate, seen = recipe.trainer.data_collator, []
+
+    def counting(rows):
+        batch = collate(rows)
+        seen.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    recipe.trainer.data_collator = counting
+    recipe.train()
+    assert len(seen) > 8  # 4 steps of 2 micro-batches, then the final validation's batches
+    seen = seen[:8]
+    metrics = [e for e in run.all_events() if e["type"] == "metric"]
+    assert [m["tokens_seen"] for m in metrics] == [sum(seen[:4]), sum(seen[:8])]
+    assert recipe.trainer.state.num_input_tokens_seen == sum(seen) and recipe.trainer._pending_tokens is None
+    import json
+
+    state = json.loads((run.dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["num_input_tokens_seen"] == sum(seen[:6])  # flushed before the checkpoint at step 3
