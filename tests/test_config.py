@@ -38,6 +38,15 @@ def test_thorough_preset_is_the_seed_recipe():
     assert c.output.hub_private and not c.output.push_to_hub and not c.output.merge
 
 
+def test_lean_thorough_preset_learns_what_the_thorough_recipe_learns():
+    """Only switches that change speed and memory differ (their sameness is tested in test_lean, test_padding_free)."""
+    recipe, lean = load_preset("mistral-7b-instruct-thorough"), load_preset("mistral-7b-instruct-thorough-lean")
+    speed = {"model.fp32_frozen": False, "model.offload_checkpoints": True, "model.offload_up_proj": True,
+             "train.fused_lora": True, "train.liger": True, "train.padding_free": True}
+    assert lean.replace({"name": recipe.name, "description": recipe.description}) == recipe.replace(speed)
+    assert lean.lora.dropout == 0.05 and lean.effective_batch == 16
+
+
 def test_every_field_has_help_and_bounds():
     for key, f in field_specs().items():
         assert f.metadata.get("help"), key

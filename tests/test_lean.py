@@ -312,6 +312,50 @@ def test_engine_keeps_up_proj_in_cpu_ram_and_learns(tmp_path):
     assert offload.replayed[0] - before >= 6 * layers["layers"]
 
 
+def test_lean_thorough_switches_on_padding_free_rows_match_plain_checkpointing(tiny_model_dir, tiny_tokenizer):
+    """The lean thorough preset's combination: one flattened row per micro-batch through offloaded checkpoints with
+    kept up_proj products and fused LoRA with dropout gives plain checkpointing's loss and LoRA gradients."""
+    from transformers import DataCollatorWithFlattening
+
+    from studio import offload
+    from studio.fused_lora import fuse_lora
+
+    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": 0.05,
+                                           "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(_rows(tiny_tokenizer))
+    assert batch["input_ids"].shape[0] == 1
+    reference = _step(model, batch)
+    fuse_lora(model)
+    layers = offload.use_offloaded_checkpoints(model)
+    assert offload.keep_up_proj(model) == layers
+    before = offload.replayed[0]
+    _assert_same(reference, _step(model, batch), rtol=1e-5)
+    assert offload.replayed[0] - before == layers
+
+
+def test_lean_thorough_preset_trains_on_the_cpu(tmp_path, tiny_model_dir):
+    """The preset end to end on the tiny model (Liger and the paged 8-bit optimizer are CUDA-only, so swapped
+    here): every switch engages."""
+    from studio.presets import load_preset
+    from studio.runs import RunStore
+    from studio.training import Recipe
+
+    demo = load_preset("tiny-demo")
+    cfg = load_preset("mistral-7b-instruct-thorough-lean").replace({
+        "model.base_model": str(tiny_model_dir), "model.compute_dtype": "fp32", "train.liger": False,
+        "train.optimizer": "adamw_torch",
+        "data.path": demo.data.path, "data.template": demo.data.template, "data.max_length": 256,
+        "train.max_steps": 3, "train.logging_steps": 1, "train.eval_steps": 0, "train.save_steps": 0,
+        "train.tensorboard": False, "train.sample_prompts": 0})
+    run = RunStore(tmp_path / "runs").create(cfg)
+    assert Recipe(run).execute() == "completed", run.last_status()
+    evs = run.all_events()
+    offloaded = next(e for e in evs if e["type"] == "checkpoint_offload")
+    assert offloaded["up_proj"] == offloaded["layers"] > 0
+    assert next(e for e in evs if e["type"] == "fused_lora")["layers"] > 0
+    assert len([e for e in evs if e["type"] == "metric"]) == 3
+
+
 def test_up_proj_stays_on_the_gpu_path_when_cpu_ram_is_short(tiny_model_dir):
     from studio.training import keep_up_proj_if_room
 
