@@ -50,18 +50,19 @@ def idle_gaps(trace: dict, min_us: float = 20.0) -> dict:
         # Until the launch call returned the GPU could not have run the kernel (starved); after it, it was held
         # back by something queued before it (waiting).
         starved = min(gap, max(0.0, call["ts"] + call["dur"] - start)) if call is not None else 0.0
+        blocker = "host busy (python)"
         if starved > 0:
             i = bisect.bisect_right(starts, start + 0.1 * starved)
             # The shortest host call running through most of the starved time: what kept the host from launching.
             over = [h for h in host[max(0, i - 3000):i] if h["ts"] + h["dur"] >= start + 0.9 * starved]
-            blocker = min(over, key=lambda h: h["dur"])["name"] if over else "host busy (python)"
-            causes[f"starved: {blocker}"][0] += starved
-            causes[f"starved: {blocker}"][1] += 1
-        if gap - starved > 0:
-            causes[f"waiting: before {b['name'][:50]}"][0] += gap - starved
-            causes[f"waiting: before {b['name'][:50]}"][1] += 1
-        main = f"starved: {blocker}" if starved >= gap - starved else f"waiting: before {b['name'][:50]}"
-        largest.append((gap, main, a["name"][:40], b["name"][:40]))
+            if over:
+                blocker = min(over, key=lambda h: h["dur"])["name"]
+        parts = {f"starved: {blocker}": starved, f"waiting: before {b['name'][:50]}": gap - starved}
+        for cause, us in parts.items():
+            if us > 0:
+                causes[cause][0] += us
+                causes[cause][1] += 1
+        largest.append((gap, max(parts, key=parts.get), a["name"][:40], b["name"][:40]))
     busy = sum(e["dur"] for e in ks)
     span = ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]
     return {"stream": stream, "span_us": span, "busy_us": busy, "idle_us": span - busy,

@@ -337,8 +337,8 @@ class Recipe:
 
         self.callback = _events_callback_cls()(self)
         trainer = studio_trainer_cls()(model=self.model, args=self._args(), train_dataset=self.prepared.train,
-                          eval_dataset=self.prepared.validation, data_collator=self.collator(),
-                          processing_class=self.tokenizer, callbacks=[self.callback])
+                                       eval_dataset=self.prepared.validation, data_collator=self.collator(),
+                                       processing_class=self.tokenizer, callbacks=[self.callback])
         if trainer.is_fsdp_enabled:
             from peft.utils.other import fsdp_auto_wrap_policy
 

@@ -4,7 +4,7 @@ minutes on a ConfigError; and the lean variants are what their names say."""
 import pytest
 
 from bench.shapes import SHAPES
-from bench.train_speed import VARIANTS, studio_config, variant_overrides
+from bench.train_speed import VARIANTS, run_name, studio_config, variant_overrides
 from studio.security import check_name
 
 ENGINE = [v for v in VARIANTS if v != "seed"] + [f"{b}@{s}" for s in SHAPES for b in ("studio", "lean", "lean-up")]
@@ -16,7 +16,7 @@ def test_bench_variant_builds_a_valid_config(variant, monkeypatch):
 
     monkeypatch.setattr(modeling, "GC_KWARGS", dict(modeling.GC_KWARGS))  # -nonreentrant switches it process-wide
     cfg = studio_config(variant, "/models/random-mistral", "/data/long.jsonl", 10, variant_overrides(variant))
-    check_name("bench-" + variant.replace("@", "-at-"), "run name")  # run_studio's run folder
+    check_name(run_name(variant), "run name")  # run_studio's run folder
     assert cfg.train.max_steps == 10 and cfg.data.path == "/data/long.jsonl"
     if variant.startswith("lean"):
         shape = SHAPES[variant.split("@")[1]]
