@@ -162,7 +162,9 @@ class TrainSection:
                            "LoRA dropout must be 0.")
     fused_lora: bool = _f(False, "Compute each 4-bit LoRA layer as one autograd function (LoRA product added inside "
                           "the base matmul's output, backward written out) instead of peft's separate clone, scale "
-                          "and add passes; same arithmetic, LoRA dropout included. Applies to 4-bit layers without bias.")
+                          "and add passes; same arithmetic, LoRA dropout included. Applies to 4-bit layers without bias. "
+                          "Every 4-bit weight is then dequantized into one shared buffer instead of a new "
+                          "tensor per call.")
 
 
 @dataclass

@@ -27,6 +27,10 @@ Contract:
   ``modeling.cache_dequantized`` gave the layer one) so nothing weight-sized is saved.
 - Loss and LoRA gradients equal peft's within bf16 rounding, dropout included: under the same seed the
   masks are peft's (tests compare both paths).
+- ``share_dequant_buffer(model, dtype) -> bytes``: every 4-bit layer's weight is dequantized into one
+  buffer per device (the largest weight's size) instead of a new tensor per call; frozen layers then run
+  through ``FrozenNF4`` (bitsandbytes' own arithmetic) on more than one token.  Call it before capturing
+  CUDA graphs.
 """
 
 from __future__ import annotations
@@ -37,12 +41,23 @@ from studio.offload import current_layer, fetch_previous, kept_output, recomputi
 
 
 def _dequantized(base, dtype):
+    """``base``'s weight in ``dtype``: its 16-bit cache, a view of its device's shared buffer, or a new tensor.
+
+    A view of the shared buffer is valid until the next dequantization on that device: every caller reads it in
+    the one matmul it queues next, on the same stream, before any other layer's weight is written over it."""
     import bitsandbytes.functional as bnbf
 
     w16 = getattr(base, "weight16", None)
     if w16 is not None:
         return w16 if w16.dtype == dtype else w16.to(dtype)
-    return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+    qs = base.weight.quant_state
+    scratch = getattr(base, "_dequant_scratch", None)
+    if scratch is not None and scratch.dtype == dtype == qs.dtype:
+        view = scratch[: qs.shape.numel()].view(qs.shape)
+        if view.device.type != "cuda":  # bitsandbytes has no out= kernel there: a copy keeps the same aliasing
+            return view.copy_(bnbf.dequantize_4bit(base.weight.data, qs))
+        return bnbf.dequantize_4bit(base.weight.data, qs, out=view)
+    return bnbf.dequantize_4bit(base.weight.data, qs).to(dtype)
 
 
 def compute_dtype(x):
@@ -161,3 +176,77 @@ def fuse_lora(model) -> int:
             m._fused_lora = True
             n += 1
     return n
+
+
+def _frozen_function():
+    import torch
+
+    class FrozenNF4(torch.autograd.Function):
+        """A frozen 4-bit layer without bias, as bitsandbytes computes it in training (``y = x W^T``,
+        ``dx = dy W`` in the compute dtype, W dequantized in the forward and again in the backward), but with W
+        written into the device's shared buffer instead of a new weight-sized tensor each time."""
+
+        @staticmethod
+        def forward(ctx, x, base, dtype):
+            ctx.base, ctx.dtype, ctx.x_dtype = base, dtype, x.dtype
+            with torch.autocast(x.device.type, enabled=False):
+                out = torch.mm(x.reshape(-1, x.shape[-1]).to(dtype), _dequantized(base, dtype).t())
+            return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, dy):
+            if not ctx.needs_input_grad[0]:
+                return None, None, None
+            with torch.autocast(dy.device.type, enabled=False):
+                dx = torch.mm(dy.reshape(-1, dy.shape[-1]).to(ctx.dtype), _dequantized(ctx.base, ctx.dtype))
+            return dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype), None, None
+
+    return FrozenNF4
+
+
+@functools.cache
+def frozen_nf4():
+    return _frozen_function()
+
+
+def _shared_forward(base, forward, x, *args, **kwargs):
+    import torch
+
+    qs = getattr(base.weight, "quant_state", None)
+    # One token at a time keeps bitsandbytes' own path (its kernel for that dequantizes nothing; so does it for
+    # more tokens), and so does a CPU weight repacked for inference.
+    if (args or kwargs or qs is None or getattr(qs, "packing_format_for_cpu", False)
+            or x.numel() == x.shape[-1]):
+        return forward(x, *args, **kwargs)
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else (base.compute_dtype or x.dtype)
+    return frozen_nf4().apply(x, base, dtype)
+
+
+def share_dequant_buffer(model, dtype) -> int:
+    """Dequantize every 4-bit layer (no bias, no 16-bit cache) of ``model`` into one buffer per device; returns
+    the bytes allocated.
+
+    bitsandbytes allocates a new weight-sized tensor for every dequantization (112 MiB for a Mistral-7B MLP
+    projection, several per layer per pass); inside a CUDA graph's private memory pool, which does not use
+    expandable segments, those blocks fragment the pool.  One buffer of the largest weight, allocated here
+    (before any capture), is written and read in stream order instead: the fused LoRA path and the frozen
+    layers (``FrozenNF4``, on more than one token) take their weights from it.  Layers whose weights dequantize to
+    another dtype keep their own allocations."""
+    import bitsandbytes as bnb
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.bias is None
+              and getattr(m, "weight16", None) is None and getattr(m.weight, "quant_state", None) is not None
+              and m.weight.quant_state.dtype == dtype]
+    size: dict = {}
+    for m in layers:
+        dev = m.weight.device
+        size[dev] = max(size.get(dev, 0), m.weight.quant_state.shape.numel())
+    buffers = {dev: torch.empty(n, dtype=dtype, device=dev) for dev, n in size.items()}
+    for m in layers:
+        m._dequant_scratch = buffers[m.weight.device]
+        if not getattr(m, "_shared_patched", False):
+            m.forward = functools.partial(_shared_forward, m, m.forward)
+            m._shared_patched = True
+    return sum(b.numel() * b.element_size() for b in buffers.values())

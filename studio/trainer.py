@@ -1,20 +1,61 @@
-"""transformers' Trainer with the token count kept off the GPU's critical path.
+"""transformers' Trainer with the host's waits kept off the GPU's critical path.
 
-``include_num_input_tokens_seen`` (the Train tab's tokens/s) makes Trainer count each micro-batch's tokens
-with ``.item()`` right after queueing its backward: the host then waits for the GPU to finish that
-backward and the GPU idles while the host prepares the next micro-batch (about 10 ms a micro-batch at 16k
-tokens on an H100, 1% of a step; measured with ``bench.profile_step --gaps``).
+Two waits of the stock stack leave the GPU idle while the host prepares the next work (found with
+``bench.profile_step --gaps`` on an H100 at 16k tokens a micro-batch):
 
-Contract: ``studio_trainer_cls()`` returns a ``Trainer`` subclass that counts the same tokens (non-padding:
-the attention mask's sum, else tokens other than the pad id, else all) on the device without waiting, and
-adds them to ``state.num_input_tokens_seen`` (gathered over ranks, as Trainer does) before anything reads
-it: every ``log`` (which the callbacks' ``on_log`` runs inside; Trainer logs at the end of training too)
-and every checkpoint save.  Every rank runs those same calls, so the gather stays collective.
+- ``include_num_input_tokens_seen`` (the Train tab's tokens/s) makes Trainer count each micro-batch's
+  tokens with ``.item()`` right after queueing its backward (about 10 ms a micro-batch).
+- bitsandbytes' 8-bit optimizers call ``torch.cuda.synchronize()`` after every parameter's update (256
+  times a step for LoRA on q,k,v,o of Mistral-7B).  Their kernels run on the legacy default stream, which
+  is also where training runs, so the order of the updates and of everything after them holds without
+  those waits (bitsandbytes keeps them for callers on other streams).
+
+Contract: ``studio_trainer_cls()`` returns a ``Trainer`` subclass that
+- counts the same tokens (non-padding: the attention mask's sum, else tokens other than the pad id, else
+  all) on the device without waiting, and adds them to ``state.num_input_tokens_seen`` (gathered over
+  ranks, as Trainer does) before anything reads it: every ``log`` (which the callbacks' ``on_log`` runs
+  inside; Trainer logs at the end of training too) and every checkpoint save.  Every rank runs those same
+  calls, so the gather stays collective.
+- steps a bitsandbytes optimizer without its per-parameter synchronizations while the current stream is
+  the default stream (``without_param_syncs``); the updates are the same, bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
+import types
+
+
+def _no_sync(_tensor) -> None:
+    return None
+
+
+def without_param_syncs(optimizer) -> bool:
+    """Make a bitsandbytes optimizer's ``step`` skip ``sync_gpu`` while on the default CUDA stream; True if
+    ``optimizer`` is one (else it is left alone)."""
+    try:
+        import bitsandbytes.optim.optimizer as bnb_optim
+    except ImportError:
+        return False
+    if not isinstance(optimizer, bnb_optim.Optimizer8bit) or getattr(optimizer, "_studio_no_syncs", False):
+        return False
+    step = optimizer.step
+
+    def stepped(self, *args, **kwargs):
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.current_stream() != torch.cuda.default_stream():
+            return step(*args, **kwargs)
+        sync, bnb_optim.sync_gpu = bnb_optim.sync_gpu, _no_sync
+        try:
+            return step(*args, **kwargs)
+        finally:
+            bnb_optim.sync_gpu = sync
+
+    # A bound method, as torch's LR schedulers expect of the step they wrap.
+    optimizer.step = types.MethodType(stepped, optimizer)
+    optimizer._studio_no_syncs = True
+    return True
 
 
 @functools.cache
@@ -24,6 +65,11 @@ def studio_trainer_cls():
 
     class StudioTrainer(Trainer):
         _pending_tokens = None
+
+        def create_optimizer(self, *args, **kwargs):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            without_param_syncs(self.optimizer)  # before the scheduler wraps step
+            return optimizer
 
         def _track_num_input_tokens(self, inputs):
             mode = self.args.include_num_input_tokens_seen

@@ -11,10 +11,11 @@ Events written (see ``studio.runs``): ``status``, ``data`` (counts and length st
 (step, epoch, loss, learning_rate, grad_norm, tokens_per_s, memory), ``eval`` (eval_loss,
 perplexity), ``sample`` (answers to fixed validation prompts at each evaluation), ``checkpoint``,
 and with the speed switches ``plan`` (what ``train.auto_batch`` chose for this GPU), ``weight_cache``
-(GiB of the 16-bit weight copy), ``fused_lora`` (LoRA layers fused), ``checkpoint_offload`` (layers
-whose checkpointed inputs live in CPU RAM; with ``offload_up_proj`` also ``up_proj`` layers whose MLP
-up-projection is kept there, ``host_gib``, or ``up_proj_note`` saying why not) and ``graphs`` (layers captured as CUDA graphs, shape,
-seconds, whether checkpointed and offloaded, memory after and peak during capture).
+(GiB of the 16-bit weight copy), ``fused_lora`` (LoRA layers fused; MiB of the shared dequantization
+buffer), ``checkpoint_offload`` (layers whose checkpointed inputs live in CPU RAM; with
+``offload_up_proj`` also ``up_proj`` layers whose MLP up-projection is kept there, ``host_gib``, or
+``up_proj_note`` saying why not) and ``graphs`` (layers captured as CUDA graphs, shape, seconds,
+whether checkpointed and offloaded, memory after and peak during capture).
 This module never imports gradio; it runs inside the worker process or a test.
 """
 
@@ -220,9 +221,11 @@ class Recipe:
             added = modeling.cache_dequantized(self.model, self.dtype)
             self.run.emit("weight_cache", gib=round(added / 2**30, 2))
         if cfg.train.fused_lora:
-            from studio.fused_lora import fuse_lora
+            from studio.fused_lora import fuse_lora, share_dequant_buffer
 
-            self.run.emit("fused_lora", layers=fuse_lora(self.model))
+            layers = fuse_lora(self.model)
+            shared = 0 if cfg.train.fsdp else share_dequant_buffer(self.model, self.dtype)
+            self.run.emit("fused_lora", layers=layers, shared_buffer_mib=round(shared / 2**20, 1))
         self.trainer = self._trainer()
 
     @property
@@ -285,7 +288,10 @@ class Recipe:
             include_num_input_tokens_seen="non_padding",
             ddp_find_unused_parameters=False if t.num_gpus > 1 else None,
             use_liger_kernel=t.liger,
-            dataloader_num_workers=0,
+            # On a GPU, worker processes read and collate the next micro-batches while the GPU trains: in the main
+            # process the GPU would wait for them at every optimizer step (the host syncs there).
+            dataloader_num_workers=2 if self.hw.device == "cuda" else 0,
+            dataloader_persistent_workers=self.hw.device == "cuda",
             disable_tqdm=True,
             remove_unused_columns=False,  # our datasets hold exactly input_ids and labels
         )

@@ -351,3 +351,53 @@ def test_up_proj_stays_on_the_gpu_path_when_cpu_ram_is_short(tiny_model_dir):
     assert not any(getattr(m, "_keep_output", False) for m in model.modules())
     done = keep_up_proj_if_room(model, tokens, 2, free=2 * need, residual_bytes=4, ranks=2)
     assert done["up_proj"] == cfg.num_hidden_layers and done["host_gib"] == round(need / 2**30, 2)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_shared_dequant_buffer_changes_nothing_learned(tiny_model_dir, tiny_tokenizer, monkeypatch, fused):
+    """Every 4-bit weight dequantized into one shared buffer (fused LoRA layers and frozen ones alike), under
+    offloaded checkpoints with kept up_proj products and dropout: bitsandbytes' loss and LoRA gradients, and its
+    own matmul is no longer called on more than one token."""
+    import bitsandbytes as bnb
+
+    from studio import offload
+    from studio.fused_lora import fuse_lora, share_dequant_buffer
+
+    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": 0.1,
+                                           "lora.target_modules": ["q_proj", "v_proj"]})
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
+    reference = _step(model, batch)
+    if fused:
+        fuse_lora(model)
+    bases = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    dtype = bases[0].weight.quant_state.dtype
+    largest = max(m.weight.quant_state.shape.numel() for m in bases)
+    assert share_dequant_buffer(model, dtype) == largest * dtype.itemsize
+    assert len({id(m._dequant_scratch) for m in bases}) == 1  # one buffer for the device
+    assert share_dequant_buffer(model, dtype) == largest * dtype.itemsize  # again: a new buffer, not a new wrapper
+    assert len({id(m._dequant_scratch) for m in bases}) == 1
+    offload.use_offloaded_checkpoints(model)
+    offload.keep_up_proj(model)
+    calls = []
+    matmul_4bit = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *a, **k: calls.append(a[0].shape) or matmul_4bit(*a, **k))
+    ours = _step(model, batch)
+    _assert_same(reference, ours, rtol=1e-5)
+    assert calls == []
+    model.eval()
+    with torch.no_grad():  # evaluation: the shared buffer on whole rows, bitsandbytes' own path on one token
+        assert torch.isfinite(model(**batch).loss) and calls == []
+        model(input_ids=batch["input_ids"][:1, :1])
+    assert len(calls) == len(bases)
+
+
+def test_shared_dequant_buffer_skips_other_dtypes_and_cached_weights(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from studio.fused_lora import share_dequant_buffer
+
+    model = _lora_model(tiny_model_dir)
+    bases = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    other = torch.float16 if bases[0].weight.quant_state.dtype != torch.float16 else torch.bfloat16
+    assert share_dequant_buffer(model, other) == 0  # weights that dequantize to another dtype keep their own path
+    assert not any(hasattr(m, "_dequant_scratch") for m in bases)

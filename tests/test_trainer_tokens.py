@@ -54,3 +54,33 @@ def test_engine_token_counts_match_the_batches(tmp_path):
 
     state = json.loads((run.dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["num_input_tokens_seen"] == sum(seen[:6])  # flushed before the checkpoint at step 3
+
+
+def test_bitsandbytes_optimizer_steps_without_its_per_parameter_syncs():
+    """The engine's 8-bit optimizer is wrapped so its step skips bitsandbytes' synchronize per parameter (on a GPU,
+    on the default stream; tests/gpu checks that no sync happens there and the updates are the same), the wrapped
+    step is a bound method an LR scheduler can wrap, and it updates as bitsandbytes does."""
+    import bitsandbytes as bnb
+    from transformers import get_cosine_schedule_with_warmup
+
+    from studio.trainer import without_param_syncs
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(256, 512)) for _ in range(2)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    initial = [p.detach().clone() for p in params]
+    ours, theirs = bnb.optim.AdamW8bit(params, lr=1e-2), bnb.optim.AdamW8bit(twins, lr=1e-2)
+    assert without_param_syncs(ours) and not without_param_syncs(ours)  # once
+    assert not without_param_syncs(torch.optim.AdamW(twins))  # other optimizers are left alone
+    schedules = [get_cosine_schedule_with_warmup(o, 1, 4) for o in (ours, theirs)]
+    for i in range(3):
+        for a, b in zip(params, twins):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ours.step()
+        theirs.step()
+        for s in schedules:
+            s.step()
+    assert schedules[0].get_last_lr() == schedules[1].get_last_lr() != [1e-2]
+    assert all(torch.equal(a, b) for a, b in zip(params, twins))
+    assert not any(torch.equal(a, b) for a, b in zip(params, initial))  # the steps did update
