@@ -213,8 +213,8 @@ def _shared_forward(base, forward, x, *args, **kwargs):
     import torch
 
     qs = getattr(base.weight, "quant_state", None)
-    # One token at a time keeps bitsandbytes' own path (its kernel for that dequantizes nothing; so does it for
-    # more tokens), and so does a CPU weight repacked for inference.
+    # One token at a time keeps bitsandbytes' own path (its one-token kernel reads the 4-bit weight directly, with
+    # nothing dequantized), and so does a CPU weight repacked for inference.
     if (args or kwargs or qs is None or getattr(qs, "packing_format_for_cpu", False)
             or x.numel() == x.shape[-1]):
         return forward(x, *args, **kwargs)
@@ -231,8 +231,8 @@ def share_dequant_buffer(model, dtype) -> int:
     projection, several per layer per pass); inside a CUDA graph's private memory pool, which does not use
     expandable segments, those blocks fragment the pool.  One buffer of the largest weight, allocated here
     (before any capture), is written and read in stream order instead: the fused LoRA path and the frozen
-    layers (``FrozenNF4``, on more than one token) take their weights from it.  Layers whose weights dequantize to
-    another dtype keep their own allocations."""
+    layers (``FrozenNF4``, on more than one token) take their weights from it.  Layers whose weights
+    dequantize to another dtype keep their own allocations."""
     import bitsandbytes as bnb
     import torch
 
