@@ -29,7 +29,7 @@ Contract:
   masks are peft's (tests compare both paths).
 - ``share_dequant_buffer(model, dtype) -> bytes``: every 4-bit layer's weight is dequantized into one
   buffer per device (the largest weight's size) instead of a new tensor per call; frozen layers then run
-  through ``FrozenNF4`` (bitsandbytes' own arithmetic) on more than one token.  Call it before capturing
+  through ``offload.frozen_linear4bit`` (bitsandbytes' own arithmetic) on more than one token.  Call it before capturing
   CUDA graphs.
 """
 
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 
-from studio.offload import current_layer, fetch_previous, kept_output, recomputing, skipped
+from studio.offload import current_layer, fetch_previous, frozen_linear4bit, kept_output, recomputing, skipped
 
 
 def _dequantized(base, dtype):
@@ -178,37 +178,6 @@ def fuse_lora(model) -> int:
     return n
 
 
-def _frozen_function():
-    import torch
-
-    class FrozenNF4(torch.autograd.Function):
-        """A frozen 4-bit layer without bias, as bitsandbytes computes it in training (``y = x W^T``,
-        ``dx = dy W`` in the compute dtype, W dequantized in the forward and again in the backward), but with W
-        written into the device's shared buffer instead of a new weight-sized tensor each time."""
-
-        @staticmethod
-        def forward(ctx, x, base, dtype):
-            ctx.base, ctx.dtype, ctx.x_dtype = base, dtype, x.dtype
-            with torch.autocast(x.device.type, enabled=False):
-                out = torch.mm(x.reshape(-1, x.shape[-1]).to(dtype), _dequantized(base, dtype).t())
-            return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
-
-        @staticmethod
-        def backward(ctx, dy):
-            if not ctx.needs_input_grad[0]:
-                return None, None, None
-            with torch.autocast(dy.device.type, enabled=False):
-                dx = torch.mm(dy.reshape(-1, dy.shape[-1]).to(ctx.dtype), _dequantized(ctx.base, ctx.dtype))
-            return dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype), None, None
-
-    return FrozenNF4
-
-
-@functools.cache
-def frozen_nf4():
-    return _frozen_function()
-
-
 def _shared_forward(base, forward, x, *args, **kwargs):
     import torch
 
@@ -220,7 +189,7 @@ def _shared_forward(base, forward, x, *args, **kwargs):
         return forward(x, *args, **kwargs)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else (base.compute_dtype or x.dtype)
-    return frozen_nf4().apply(x, base, dtype)
+    return frozen_linear4bit().apply(x, base, dtype, None, None, True)  # computed, from the shared buffer
 
 
 def share_dequant_buffer(model, dtype) -> int:
@@ -231,7 +200,7 @@ def share_dequant_buffer(model, dtype) -> int:
     projection, several per layer per pass); inside a CUDA graph's private memory pool, which does not use
     expandable segments, those blocks fragment the pool.  One buffer of the largest weight, allocated here
     (before any capture), is written and read in stream order instead: the fused LoRA path and the frozen
-    layers (``FrozenNF4``, on more than one token) take their weights from it.  Layers whose weights
+    layers (``offload.frozen_linear4bit``, on more than one token) take their weights from it.  Layers whose weights
     dequantize to another dtype keep their own allocations."""
     import bitsandbytes as bnb
     import torch

@@ -272,14 +272,22 @@ def _frozen_cls():
     import torch
 
     class FrozenLinear4bit(torch.autograd.Function):
-        """A frozen 4-bit linear layer whose output is already known (kept) or never read (empty): no matmul
-        in the forward; the backward gives the input's gradient ``dy W``."""
+        """A frozen 4-bit linear layer without bias whose output is already known (kept), never read (empty), or,
+        with ``compute``, its ordinary product ``x W^T`` in the compute dtype as bitsandbytes computes it in
+        training.  The backward gives the input's gradient ``dy W``.  W is dequantized by
+        ``fused_lora._dequantized``: into the device's shared buffer where the layer has one."""
 
         @staticmethod
-        def forward(ctx, x, base, dtype, given=None, layer=None):
+        def forward(ctx, x, base, dtype, given=None, layer=None, compute=False):
+            from studio.fused_lora import _dequantized
+
             ctx.base, ctx.dtype, ctx.x_dtype, ctx.layer = base, dtype, x.dtype, layer
             if given:  # in a list, so not an input returned as-is: the forward's own product, in x's dtype as bnb gives
                 return given.pop().to(x.dtype)
+            if compute:
+                with torch.autocast(x.device.type, enabled=False):
+                    out = torch.mm(x.reshape(-1, x.shape[-1]).to(dtype), _dequantized(base, dtype).t())
+                return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
             return x.new_empty(*x.shape[:-1], base.out_features)
 
         @staticmethod
@@ -291,7 +299,7 @@ def _frozen_cls():
                 dx = torch.mm(dy.reshape(-1, dy.shape[-1]).to(ctx.dtype), w)
             fetch_previous(ctx.layer)
             ctx.layer = None
-            return dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype), None, None, None, None
+            return dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype), None, None, None, None, None
 
     return FrozenLinear4bit
 
