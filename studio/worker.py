@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,10 +75,18 @@ def _launch(run: Run, resume: bool, env: dict | None = None) -> int:
     run.pid_path.write_text(str(proc.pid))
     run.emit("status", status="queued", pid=proc.pid, resume=resume)
     _PROCS[proc.pid] = proc
+    # A child that exits stays a zombie of the app until someone waits for it; the app never calls wait(),
+    # so a daemon thread does, and forgets the process once it is gone.
+    threading.Thread(target=_reap, args=(proc,), name=f"reap-{proc.pid}", daemon=True).start()
     return proc.pid
 
 
-_PROCS: dict[int, subprocess.Popen] = {}  # reaped by wait() so finished workers don't linger as zombies
+_PROCS: dict[int, subprocess.Popen] = {}  # workers this process started and has not yet reaped
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    proc.wait()
+    _PROCS.pop(proc.pid, None)
 
 
 def start(store: RunStore, cfg, name: str = "", env: dict | None = None) -> Run:
@@ -109,7 +118,6 @@ def wait(run: Run, timeout: float = 600.0, poll: float = 0.2) -> str:
         p = _PROCS.get(pid)
         if p is not None:
             if p.poll() is not None:
-                _PROCS.pop(pid, None)
                 break
         elif not pid_alive(pid):
             break
