@@ -12,8 +12,10 @@ demo: install
 test: install-dev browser
 	$(BIN)/python -m pytest
 
-test-gpu: install
-	$(BIN)/python -m pytest -m gpu -s
+# The GPU tier runs on the machine's own Python (its CUDA torch); what is missing goes into .gpu-site/, from
+# WHEELS=DIR when given (a machine without internet), else the registry.  ORDER=reverse|random[:SEED].
+test-gpu:
+	$(PY) scripts/gpu_tier.py $(if $(WHEELS),--wheels $(WHEELS)) $(if $(ORDER),--order $(ORDER))
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt

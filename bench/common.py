@@ -24,8 +24,20 @@ WORDS = ("the rate of return on capital interest loan equity bond yield market p
          "inflation budget investment savings account balance payment principal period annual monthly").split()
 
 
+COMPLETE = ".complete"  # written last into a model folder: its presence means every file is there
+
+
 def random_model(out_dir: str | Path, arch_name: str = "mistralai/Mistral-7B-v0.1", seed: int = 0,
                  layers: int | None = None) -> Path:
+    """Build (once) a random-weight model of ``arch_name``'s shape; safe against crashes and concurrent builders.
+
+    The folder is written under a temporary name and renamed when complete, so a build that dies half-way
+    leaves nothing that a later call would mistake for a model; a folder without the marker is rebuilt.
+    """
+    import os
+    import shutil
+    import tempfile
+
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
@@ -33,20 +45,34 @@ def random_model(out_dir: str | Path, arch_name: str = "mistralai/Mistral-7B-v0.
     from studio.tiny_model import ensure_tiny_model
 
     out = Path(out_dir)
-    if (out / "model.safetensors.index.json").exists() or (out / "model.safetensors").exists():
+    if (out / COMPLETE).exists():
         return out
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_tiny_model()))  # before the GPU work: it may build
     a = KNOWN[arch_name]
     cfg = MistralConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=layers or a.layers,
                         num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab,
                         max_position_embeddings=32768, rope_theta=1e6 if a.vocab == 32768 else 1e4,
                         sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = MistralForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="5GB")
-    AutoTokenizer.from_pretrained(str(ensure_tiny_model())).save_pretrained(str(out))
-    del model
-    torch.cuda.empty_cache()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        torch.manual_seed(seed)
+        with torch.device("cuda"):
+            model = MistralForCausalLM(cfg).to(torch.bfloat16)
+        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
+        tokenizer.save_pretrained(str(tmp))
+        del model
+        torch.cuda.empty_cache()
+        (tmp / COMPLETE).write_text(f"{arch_name} layers={layers or a.layers} seed={seed}\n")
+        if out.exists() and not (out / COMPLETE).exists():
+            shutil.rmtree(out)  # a half-written folder from an older build
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / COMPLETE).exists():  # another builder won the race with the same model: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -172,7 +172,30 @@ def load_base(cfg: RunConfig, tokenizer, hw: Hardware | None = None, token: str 
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
+    one_cpu_4bit_path(model)
     return model
+
+
+def one_cpu_4bit_path(model) -> int:
+    """Keep every 4-bit layer on bitsandbytes' dequantize-and-matmul path on the CPU; returns the layers pinned.
+
+    On a CPU with AVX-512 BF16, bitsandbytes (0.50) switches a ``Linear4bit`` called in eval mode without
+    gradients to an inference kernel: it repacks the weight in place, rounds its absmax to bf16 (undoing
+    double quantization, and redoing it lossily when saved) and multiplies in bf16.  Evaluation during
+    training, the Playground and Evaluate would then run a model numerically different from the one trained,
+    and which one a comparison saw would depend on the CPU and on which call touched the layer first.  With
+    the switch off, every CPU computes what training computed.  GPUs never take that path.
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # noqa: BLE001 - no bitsandbytes, no 4-bit layers
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def local_rank() -> int:

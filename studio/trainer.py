@@ -65,6 +65,7 @@ def studio_trainer_cls():
 
     class StudioTrainer(Trainer):
         _pending_tokens = None
+        skip_eval_logits = False  # set when the model computes its loss with Liger's fused kernel
 
         def create_optimizer(self, *args, **kwargs):
             optimizer = super().create_optimizer(*args, **kwargs)
@@ -94,6 +95,13 @@ def studio_trainer_cls():
         def log(self, logs, *args, **kwargs):
             self.flush_tokens()
             return super().log(logs, *args, **kwargs)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            # With Liger's fused loss (studio.liger) an evaluation that only wants the loss never builds logits,
+            # as Trainer does for its own use_liger_kernel.
+            if prediction_loss_only and self.skip_eval_logits:
+                inputs = {**inputs, "skip_logits": True}
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
         def _save_checkpoint(self, *args, **kwargs):
             self.flush_tokens()

@@ -287,7 +287,7 @@ class Recipe:
             gradient_checkpointing_kwargs=dict(modeling.GC_KWARGS),
             include_num_input_tokens_seen="non_padding",
             ddp_find_unused_parameters=False if t.num_gpus > 1 else None,
-            use_liger_kernel=t.liger,
+            use_liger_kernel=False,  # train.liger: applied to this model instance in _trainer (studio.liger)
             # On a GPU, worker processes read and collate the next micro-batches while the GPU trains: in the main
             # process the GPU would wait for them at every optimizer step (the host syncs there).
             dataloader_num_workers=2 if self.hw.device == "cuda" else 0,
@@ -342,9 +342,14 @@ class Recipe:
         from studio.trainer import studio_trainer_cls
 
         self.callback = _events_callback_cls()(self)
+        if self.cfg.train.liger:
+            from studio.liger import apply_liger
+
+            self.run.emit("liger", kernels=apply_liger(self.model))
         trainer = studio_trainer_cls()(model=self.model, args=self._args(), train_dataset=self.prepared.train,
                                        eval_dataset=self.prepared.validation, data_collator=self.collator(),
                                        processing_class=self.tokenizer, callbacks=[self.callback])
+        trainer.skip_eval_logits = self.cfg.train.liger
         if trainer.is_fsdp_enabled:
             from peft.utils.other import fsdp_auto_wrap_policy
 

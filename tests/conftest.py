@@ -4,6 +4,7 @@ must never appear in any file, log or payload the studio writes (see test_securi
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -44,3 +45,33 @@ def tiny_tokenizer(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     ensure_pad_token(tok)
     return tok
+
+
+# ---- test order --------------------------------------------------------------------------------------------
+# STUDIO_TEST_ORDER=reverse or random[:SEED] runs the collected tests in another order, to prove that no test
+# depends on what an earlier one left behind (in the process or on disk).
+def _order() -> tuple[str, int | None]:
+    raw = os.environ.get("STUDIO_TEST_ORDER", "").strip()
+    kind, _, seed = raw.partition(":")
+    if kind == "random":
+        return kind, int(seed) if seed else int.from_bytes(os.urandom(2), "big")
+    return kind, None
+
+
+_ORDER = _order()
+
+
+def pytest_report_header(config):
+    kind, seed = _ORDER
+    return f"test order: {kind or 'as written'}" + (f" (seed {seed}: STUDIO_TEST_ORDER=random:{seed})"
+                                                     if seed is not None else "")
+
+
+def pytest_collection_modifyitems(config, items):
+    kind, seed = _ORDER
+    if kind == "reverse":
+        items.reverse()
+    elif kind == "random":
+        random.Random(seed).shuffle(items)
+    elif kind:
+        raise pytest.UsageError(f"STUDIO_TEST_ORDER={kind!r}: use reverse or random[:SEED]")

@@ -1,0 +1,72 @@
+"""Liger's fused kernels on one model instance, and nowhere else in the process.
+
+Liger's own ``apply_liger_kernel_to_<model>`` (and Trainer's ``use_liger_kernel``, which calls it) also
+rebinds names in transformers' modeling module: the RMSNorm and MLP classes and ``apply_rotary_pos_emb``.
+Every model built afterwards in that process, the app's Playground model or a tiny CPU model included, then
+runs Triton kernels, which fail on CPU tensors.  Here the kernels go on this instance's modules only:
+
+- RMSNorm, SwiGLU MLP and the fused linear cross-entropy forward: Liger patches instances for these.
+- RoPE: each attention module gets its own copy of its class's forward whose global
+  ``apply_rotary_pos_emb`` is Liger's (same code, other globals), since Liger patches RoPE only module-wide.
+
+Contract: ``apply_liger(model)`` returns what it applied (a list of kernel names); transformers' modules are
+left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+
+def _modeling_module(base):
+    return sys.modules[type(base).__module__]
+
+
+def _with_liger_rope(forward, rope):
+    """``forward``'s code with ``apply_rotary_pos_emb`` bound to Liger's in its own globals."""
+    f = forward
+    g = dict(f.__globals__)
+    g["apply_rotary_pos_emb"] = rope
+    new = types.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__)
+    new.__kwdefaults__ = f.__kwdefaults__
+    new.__dict__.update(f.__dict__)
+    return new
+
+
+def apply_liger(model) -> list[str]:
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    module = _modeling_module(base)
+    before = dict(vars(module))
+    applied = []
+    try:
+        _apply_liger_kernel_to_instance(model=base, rope=False, rms_norm=True, swiglu=True,
+                                        fused_linear_cross_entropy=True, cross_entropy=False)
+    finally:
+        # Whatever Liger rebound in the modeling module goes back: other models in this process keep theirs.
+        for name, value in before.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+        for name in set(vars(module)) - set(before):
+            delattr(module, name)
+    if "forward" in base.__dict__:
+        applied.append("fused_linear_cross_entropy")
+    if any("_get_name" in m.__dict__ and "Liger" in m._get_name() for m in base.modules()):
+        applied.append("swiglu")
+    if any("forward" in m.__dict__ and "RMSNorm" in type(m).__name__ for m in base.modules()):
+        applied.append("rms_norm")
+    ropes = 0
+    for m in base.modules():
+        fwd = type(m).forward
+        if "apply_rotary_pos_emb" in fwd.__code__.co_names and fwd.__globals__ is vars(module):
+            m.forward = types.MethodType(_with_liger_rope(fwd, liger_rotary_pos_emb), m)
+            ropes += 1
+    if ropes:
+        applied.append("rope")
+    base._studio_liger = True
+    return applied
+

@@ -1,0 +1,63 @@
+"""GPU tier: what a run switches on stays on its own model.
+
+A run with Liger's kernels leaves transformers' Mistral module exactly as it was, so a model built afterwards
+in the same process (the app's Playground model, or the tiny CPU model, as a later test builds) runs its own
+code; and the instance-level kernels learn what the plain model learns (first losses within 1e-2 relative:
+fused linear cross-entropy, RMSNorm, SwiGLU and RoPE kernels against transformers' fp16 ops).
+"""
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _run(tmp_path, name, liger):
+    from bench.common import random_model, synthetic_alpaca
+    from studio.presets import load_preset
+    from studio.runs import RunStore
+    from studio.training import Recipe
+
+    work = Path(os.environ.get("STUDIO_BENCH_WORK", "/tmp/qlora-bench"))
+    model_dir = random_model(work / "mistral-7b-width-2-layers", layers=2)
+    data = synthetic_alpaca(tmp_path / "data.jsonl", 96, seed=5)
+    cfg = load_preset("mistral-7b-finance-fast").replace({
+        "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "",
+        "data.train_samples": 0, "data.val_samples": 16, "train.max_steps": 4, "train.logging_steps": 1,
+        "train.eval_steps": 2, "train.save_steps": 0, "train.sample_prompts": 1, "train.liger": liger,
+        "output.adapter_dir": ""})
+    run = RunStore(tmp_path / "runs").create(cfg, name)
+    assert Recipe(run).execute() == "completed", run.last_status()
+    return run
+
+
+def test_liger_stays_on_its_model_and_learns_the_same(tmp_path):
+    import transformers.models.mistral.modeling_mistral as mm
+    from transformers import AutoModelForCausalLM
+
+    from studio.tiny_model import ensure_tiny_model
+
+    before = dict(vars(mm))
+    liger = _run(tmp_path, "liger", True)
+    kernels = [e for e in liger.all_events() if e["type"] == "liger"]
+    assert kernels and set(kernels[0]["kernels"]) == {"fused_linear_cross_entropy", "swiglu", "rms_norm", "rope"}
+    assert [k for k, v in vars(mm).items() if before.get(k) is not v] == []
+    assert set(vars(mm)) == set(before)
+
+    plain = _run(tmp_path, "plain", False)
+    first = [[e["loss"] for e in r.all_events() if e["type"] == "metric"] for r in (plain, liger)]
+    assert len(first[0]) == len(first[1]) == 4 and all(math.isfinite(x) for x in first[0] + first[1])
+    assert abs(first[1][0] - first[0][0]) / first[0][0] < 1e-2, first
+    evals = [[e["eval_loss"] for e in r.all_events() if e["type"] == "eval"] for r in (plain, liger)]
+    assert evals[0] and evals[1] and abs(evals[1][-1] - evals[0][-1]) / evals[0][-1] < 1e-2, evals
+
+    # A model built afterwards in this process runs transformers' own (CPU) code.
+    tiny = AutoModelForCausalLM.from_pretrained(str(ensure_tiny_model()), dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 11]])
+    with torch.no_grad():
+        out = tiny(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss) and out.logits.shape[-1] == tiny.config.vocab_size
