@@ -8,6 +8,10 @@ studio's own worker (``studio.worker.start``) for both runs with the same effect
 (per-GPU batch halves when GPUs double).  Prints tokens/s of each, per-GPU peak memory and how
 closely the loss curves agree (different GPUs see different example orders, so they agree in
 trend and level, not bit for bit); writes JSON.
+
+Each run's adapter is then checked as a user would use it: its tensors counted and whether every LoRA
+weight left its initial value, and its eval loss on the held-out examples recomputed with plain
+transformers + peft (``reload_eval_loss``) beside the eval loss the run logged.
 """
 
 from __future__ import annotations
@@ -19,7 +23,56 @@ import time
 from pathlib import Path
 
 
-def one_run(store, cfg, name):
+def adapter_tensors(folder) -> dict:
+    """How many tensors the saved adapter holds, and how many LoRA B matrices left their zero start."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        b = [k for k in keys if "lora_B" in k]
+        return {"tensors": len(keys), "lora_B": len(b), "lora_B_trained": sum(bool(f.get_tensor(k).any()) for k in b)}
+
+
+def reload_eval_loss(run, model_dir) -> dict:
+    """The run's adapter loaded with plain transformers + peft onto the 4-bit base: eval loss on the run's
+    held-out examples, batched as the run's evaluation batched them (per-GPU batch size, in order: under
+    several GPUs each rank takes whole batches in turn, so the batches are the same), with and without it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq
+
+    from studio.data.pipeline import prepare
+
+    cfg = run.config()
+    tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                           bnb_4bit_use_double_quant=cfg.model.double_quant)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=q, device_map={"": 0},
+                                                dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir)).eval()
+    val = prepare(cfg, tok).validation
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    b = cfg.train.batch_size
+
+    def loss() -> float:
+        total, n = 0.0, 0
+        for i in range(0, len(val), b):
+            batch = {k: v.cuda() for k, v in collate([val[j] for j in range(i, min(i + b, len(val)))]).items()}
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                total += float(model(**batch).loss) * len(batch["input_ids"])
+            n += len(batch["input_ids"])
+        return total / n
+
+    tuned = loss()
+    with model.disable_adapter():
+        untuned = loss()
+    logged = [e["eval_loss"] for e in run.all_events() if e["type"] == "eval"]
+    del model, base
+    torch.cuda.empty_cache()
+    return {"reloaded_eval_loss": tuned, "base_eval_loss": untuned, "logged_eval_loss": logged[-1] if logged else None}
+
+
+def one_run(store, cfg, name, model_dir=None):
     from studio import worker
 
     run = worker.start(store, cfg, name)
@@ -32,9 +85,14 @@ def one_run(store, cfg, name):
     tps = (b["tokens_seen"] - a["tokens_seen"]) / (b["elapsed"] - a["elapsed"])
     losses = {e["step"]: e["loss"] for e in metrics}
     gpus = metrics[-1]["memory"].get("gpus", [])
-    return {"status": status, "tokens_per_s": tps, "losses": losses,
-            "peak_alloc_gib_rank0": max(e["memory"]["peak"] for e in metrics) / 2**30,
-            "gpu_used_gib": [round(g["used"] / 2**30, 2) for g in gpus]}
+    out = {"status": status, "run": run.id, "tokens_per_s": tps, "losses": losses,
+           "peak_alloc_gib_rank0": max(e["memory"]["peak"] for e in metrics) / 2**30,
+           "gpu_used_gib": [round(g["used"] / 2**30, 2) for g in gpus],
+           "adapter": adapter_tensors(run.adapter_dir),
+           "adapter_files": sorted(p.name for p in run.adapter_dir.iterdir())}
+    if model_dir is not None:
+        out.update(reload_eval_loss(run, model_dir))
+    return out
 
 
 def main() -> None:
@@ -60,7 +118,7 @@ def main() -> None:
     eff = 16
     base = load_preset("mistral-7b-finance-fast").replace({
         "model.base_model": str(model), "model.compute_dtype": "bf16", "data.path": str(data), "data.hub_dataset": "",
-        "data.train_samples": 0, "data.val_samples": 0, "data.max_length": 512, "train.max_steps": a.steps,
+        "data.train_samples": 0, "data.val_samples": 32, "data.max_length": 512, "train.max_steps": a.steps,
         "train.logging_steps": 1, "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0,
         "train.grad_accum": 1, "output.adapter_dir": "", "lora.dropout": 0.0})
     store = RunStore()
@@ -70,7 +128,7 @@ def main() -> None:
     for n, fsdp in variants:
         key = f"{n}gpu" + ("-fsdp" if fsdp else "")
         cfg = base.replace({"train.num_gpus": n, "train.batch_size": eff // n, "train.fsdp": fsdp})
-        res["runs"][key] = one_run(store, cfg, f"mgpu-{key}")
+        res["runs"][key] = one_run(store, cfg, f"mgpu-{key}", model)
         print(key, {k: v for k, v in res["runs"][key].items() if k != "losses"}, flush=True)
     r1, rn = res["runs"]["1gpu"], res["runs"][f"{a.gpus}gpu"]
     if "losses" in r1 and "losses" in rn:
@@ -89,6 +147,19 @@ def main() -> None:
         res["fsdp_agreement"] = {"max_abs_diff": max(abs(r1["losses"][s] - rf["losses"][s]) for s in steps),
                                  "speedup": rf["tokens_per_s"] / r1["tokens_per_s"]}
         print("fsdp", json.dumps(res["fsdp_agreement"]), flush=True)
+    print(f"\n| run | tokens/s | peak alloc rank 0 | loss vs 1 GPU (max per-step diff) | adapter | eval loss: logged / "
+          "reloaded with peft / base |\n|---|---:|---:|---:|---|---|")
+    for key, r in res["runs"].items():
+        if "losses" not in r:
+            print(f"| {key} | {r['status']} | | | | |")
+            continue
+        steps = sorted(set(res["runs"]["1gpu"].get("losses", {})) & set(r["losses"]))
+        diff = max(abs(res["runs"]["1gpu"]["losses"][s] - r["losses"][s]) for s in steps) if steps else float("nan")
+        ad = r["adapter"]
+        print(f"| {key} | {r['tokens_per_s']:,.0f} | {r['peak_alloc_gib_rank0']:.2f} GiB | "
+              f"{'—' if key == '1gpu' else f'{diff:.4f}'} | {ad['tensors']} tensors, {ad['lora_B_trained']}/"
+              f"{ad['lora_B']} B trained | {r['logged_eval_loss']:.4f} / {r['reloaded_eval_loss']:.4f} / "
+              f"{r['base_eval_loss']:.4f} |", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"multi_gpu-{res['date']}-{a.gpus}x{res['gpu'].replace(' ', '_')}.json"

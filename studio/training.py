@@ -26,6 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
+from studio import adapters
 from studio.config import ConfigError, RunConfig
 from studio.runs import Run
 
@@ -115,6 +116,7 @@ def _events_callback_cls():
             self._t = time.time()  # tokens/s measures training, not evaluation
 
         def on_save(self, args, state, control, **kw):
+            self.r.finish_checkpoint(state.global_step)
             self._t = time.time()
 
             self.run.emit("checkpoint", step=state.global_step,
@@ -372,16 +374,17 @@ class Recipe:
         cfg = self.cfg
         out = self.run.adapter_dir
         tmp = out.with_name("adapter.partial")
-        if self.trainer.is_fsdp_enabled:
-            # Every rank takes part in gathering the sharded adapter; rank 0 writes it.
-            self.trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-            self.trainer.save_model(str(tmp))
+        weights = adapters.lora_weights(self.trainer)  # every rank takes part: FSDP gathers the shards
         if not self.trainer.is_world_process_zero():
-            return  # with several GPUs rank 0 holds the same adapter and writes it
-        if not self.trainer.is_fsdp_enabled:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.trainer.model.save_pretrained(str(tmp), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(tmp))
+            return  # rank 0 holds the full adapter and writes it
+        shutil.rmtree(tmp, ignore_errors=True)
+        peft_model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        adapters.write_adapter(peft_model, weights, tmp, self.tokenizer)
+        try:
+            adapters.check_adapter(tmp, peft_model, trained=self.trainer.state.global_step > 0)
+        except adapters.AdapterError:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-made is left; adapter/ keeps what it held
+            raise
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # the adapter folder appears whole or not at all
         if cfg.output.adapter_dir:
@@ -397,6 +400,22 @@ class Recipe:
                 url = export.push(self.run, cfg.output.hub_repo, token=self.token, private=cfg.output.hub_private,
                                   merged=merged is not None)
                 self.run.emit("log", message=f"pushed to {url}")
+
+    def finish_checkpoint(self, step: int) -> None:
+        """Make the checkpoint Trainer just wrote hold the full, checked adapter (every rank calls this).
+
+        Under FSDP Trainer's checkpoint keeps sharded state for resuming but no loadable adapter: the gathered
+        one is written beside it, so every checkpoint can be compared, exported or resumed alike.
+        """
+        trainer = self.trainer
+        folder = self.run.checkpoints_dir / f"checkpoint-{step}"
+        weights = adapters.lora_weights(trainer) if trainer.is_fsdp_enabled else None
+        if not trainer.is_world_process_zero():
+            return
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+        if weights is not None:
+            adapters.write_adapter(peft_model, weights, folder)
+        adapters.check_adapter(folder, peft_model, trained=step > 0, checkpoint=True)
 
     def cleanup(self):
         import gc
@@ -461,6 +480,11 @@ class Recipe:
         except (ConfigError, DataError, ModelError, SecurityError) as e:
             self.run.emit("status", status="failed", step=step(), reason="input", message=str(e),
                           remedy="fix the named field or file and start again.")
+            return "failed"
+        except adapters.AdapterError as e:
+            self.run.emit("status", status="failed", step=step(), reason="adapter_incomplete", message=str(e),
+                          remedy="resume the run from its last checkpoint, or start it on one GPU; the adapter "
+                                 "folder was not replaced.")
             return "failed"
         except OSError as e:
             full = _disk_full(e)
