@@ -5,8 +5,8 @@ Contract:
   offers: one process, data parallel (every rank holds them whole) and QLoRA + FSDP (each rank holds a shard;
   the full tensors are gathered onto rank 0 with ``summon_full_params``).  Every rank must call it (under
   FSDP it is collective); rank 0 gets ``{peft parameter name: CPU tensor}``, the others ``None``.
-- ``write_adapter(peft_model, weights, folder, tokenizer)`` writes only what loading needs: peft's
-  ``adapter_config.json`` and ``adapter_model.safetensors``, and the tokenizer files.  No pickles.
+- ``write_adapter(peft_model, weights, folder, tokenizer)`` writes only what loading needs, in peft's format:
+  ``adapter_config.json``, ``adapter_model.safetensors`` and the tokenizer files.  No pickles.
 - ``check_adapter(folder, peft_model, trained, checkpoint=False)`` reads the saved tensors back and compares their names and
   shapes with the model's LoRA layers (and, when ``trained``, that the B matrices left their zero start);
   any difference, or a pickle in the folder, raises ``AdapterError`` naming what is wrong.  A run never
@@ -44,18 +44,31 @@ def lora_weights(trainer) -> dict | None:
         # Inside the context rank 0 sees every original parameter whole (as nn.Parameter views), the other
         # ranks their flat shards; nothing is written back.
         with FSDP.summon_full_params(trainer.model_wrapped, writeback=False, rank0_only=True, offload_to_cpu=True):
-            weights = _collect(peft_model) if trainer.is_world_process_zero() else None
-        return weights
+            return _collect(peft_model) if trainer.is_world_process_zero() else None
     return _collect(peft_model) if trainer.is_world_process_zero() else None
 
 
-def write_adapter(peft_model, weights: dict, folder: Path, tokenizer=None) -> None:
+def write_adapter(peft_model, weights: dict, folder: Path, tokenizer=None, adapter: str = "default") -> None:
+    """peft's on-disk format, written from ``weights`` directly: tensor names without the adapter's name.
+
+    peft's own ``save_pretrained(state_dict=...)`` picks an adapter's entries by matching them against the
+    model's module names, which under FSDP carry wrapper names: it kept none of them and wrote an empty file.
+    """
+    import copy
+    import re
+
+    from safetensors.torch import save_file
+
     folder = Path(folder)
-    peft_model.save_pretrained(str(folder), state_dict=weights, safe_serialization=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    strip = re.compile(r"(\.lora_[A-Za-z_]+)\." + re.escape(adapter) + r"(?=\.)")
+    tensors = {strip.sub(r"\1", k): v.contiguous() for k, v in weights.items() if f".{adapter}." in k}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(peft_model.peft_config[adapter])
+    config.inference_mode = True  # as peft saves it: loading gives a frozen adapter unless asked otherwise
+    config.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-    for name in ("training_args.bin",):  # never written here; removed if an earlier writer left it
-        (folder / name).unlink(missing_ok=True)
 
 
 def expected_shapes(peft_model, adapter: str = "default") -> dict[str, tuple[int, ...]]:
@@ -97,8 +110,9 @@ def check_adapter(folder: Path, peft_model, trained: bool, checkpoint: bool = Fa
             detail = (f"{len(missing)} of {len(want)} LoRA tensors missing (first: {missing[0]})" if missing else
                       f"{len(wrong)} with the wrong shape (first: {wrong[0]}: {got[wrong[0]]}, expected "
                       f"{want[wrong[0]]})" if wrong else "the model has no LoRA layers")
-            raise AdapterError(f"the saved adapter does not hold the trained LoRA weights: {detail}. The run's "
-                               "checkpoints are kept; report this with logs/worker.log.")
+            saved = f"; the file holds {len(got)} tensors" + (f" (first: {sorted(got)[0]})" if got else "")
+            raise AdapterError(f"the saved adapter does not hold the trained LoRA weights: {detail}{saved}. The "
+                               "run's checkpoints are kept; report this with logs/worker.log.")
         if trained:
             zero_b = [k for k in want if k.endswith("lora_B.weight") and not f.get_tensor(k).any()]
             if len(zero_b) == sum(k.endswith("lora_B.weight") for k in want):
