@@ -7,6 +7,8 @@ Contract:
   FSDP it is collective); rank 0 gets ``{peft parameter name: CPU tensor}``, the others ``None``.
 - ``write_adapter(peft_model, weights, folder, tokenizer)`` writes only what loading needs, in peft's format:
   ``adapter_config.json``, ``adapter_model.safetensors`` and the tokenizer files.  No pickles.
+- ``restore_lora(trainer, checkpoint)`` puts a checkpoint's adapter back into an FSDP-sharded model when a run
+  resumes (every rank calls it).
 - ``check_adapter(folder, peft_model, trained, checkpoint=False)`` reads the saved tensors back and compares their names and
   shapes with the model's LoRA layers (and, when ``trained``, that the B matrices left their zero start);
   any difference, or a pickle in the folder, raises ``AdapterError`` naming what is wrong.  A run never
@@ -48,6 +50,34 @@ def lora_weights(trainer) -> dict | None:
     return _collect(peft_model) if trainer.is_world_process_zero() else None
 
 
+def _disk_name(name: str, adapter: str = "default") -> str:
+    import re
+
+    return re.sub(r"(\.lora_[A-Za-z_]+)\." + re.escape(adapter) + r"(?=\.)", r"\1", _clean(name))
+
+
+def restore_lora(trainer, folder: Path) -> int:
+    """Put a checkpoint's saved adapter back into the FSDP-sharded model (every rank calls this); returns how
+    many tensors were restored.  Trainer's resume restores the sharded optimizer and schedule, but the LoRA
+    weights it loads under QLoRA + FSDP were not the trained ones (a resumed run restarted near the initial
+    loss); the gathered adapter the studio wrote into the checkpoint is the truth."""
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    saved = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    n = 0
+    with FSDP.summon_full_params(trainer.model_wrapped, writeback=True, rank0_only=False):
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.data.copy_(saved[_disk_name(name)].to(device=p.device, dtype=p.dtype))
+                n += 1
+    if n != len(saved):
+        raise AdapterError(f"{Path(folder).name}: restored {n} of its {len(saved)} LoRA tensors; the checkpoint does "
+                           "not match this model.")
+    return n
+
+
 def write_adapter(peft_model, weights: dict, folder: Path, tokenizer=None, adapter: str = "default") -> None:
     """peft's on-disk format, written from ``weights`` directly: tensor names without the adapter's name.
 
@@ -55,14 +85,12 @@ def write_adapter(peft_model, weights: dict, folder: Path, tokenizer=None, adapt
     model's module names, which under FSDP carry wrapper names: it kept none of them and wrote an empty file.
     """
     import copy
-    import re
 
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    strip = re.compile(r"(\.lora_[A-Za-z_]+)\." + re.escape(adapter) + r"(?=\.)")
-    tensors = {strip.sub(r"\1", k): v.contiguous() for k, v in weights.items() if f".{adapter}." in k}
+    tensors = {_disk_name(k, adapter): v.contiguous() for k, v in weights.items() if f".{adapter}." in k}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(peft_model.peft_config[adapter])
     config.inference_mode = True  # as peft saves it: loading gives a frozen adapter unless asked otherwise

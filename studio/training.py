@@ -68,6 +68,9 @@ def _events_callback_cls():
                 # After Trainer's gradient_checkpointing_enable, which installs torch's checkpoint function.
                 layers = use_offloaded_checkpoints(model)
                 self.run.emit("checkpoint_offload", layers=layers, **self.r.keep_up_proj(model))
+            if self.r.resumed_from is not None and self.r.trainer.is_fsdp_enabled:
+                n = adapters.restore_lora(self.r.trainer, self.r.resumed_from)
+                self.run.emit("log", message=f"restored {n} LoRA tensors from {self.r.resumed_from.name}")
             if cfg.train.cuda_graphs and model is not None:
                 self.r.capture_graphs(model)  # after the Trainer patched the model (Liger), before step 1
             self.run.emit("status", status="running", step=state.global_step, max_steps=state.max_steps,
@@ -190,6 +193,7 @@ class Recipe:
         self.trainer = None
         self.callback = None
         self.sample_examples = []
+        self.resumed_from: Path | None = None  # the checkpoint train() resumes from
 
     # ---- steps --------------------------------------------------------------------------------
     def setup(self):
@@ -360,6 +364,7 @@ class Recipe:
 
     def train(self, resume: bool = False):
         ckpt = self.run.last_checkpoint() if resume else None
+        self.resumed_from = ckpt
         if ckpt is not None:
             self.run.emit("status", status="resuming", checkpoint=str(ckpt.relative_to(self.run.dir)))
         self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
