@@ -107,8 +107,12 @@ class Gate:
         origin = headers.get("origin")
         if origin is not None and not self._same_site(origin, headers.get("host", "")):
             return await _reply(scope, send, 403, {"detail": "cross-site requests are refused"})
-        if kind == "login" and not _logged_in(scope["app"], headers):
+        logged_in = _logged_in(scope["app"], headers)
+        if kind == "login" and not logged_in:
             return await _reply(scope, send, 401, {"detail": {"error": "Not authenticated"}})
+        if path == "/" and not logged_in:
+            # Gradio's login page embeds the whole API description (endpoint names, parameters, server paths).
+            return await self.app(scope, receive, _without_api_info(send))
         return await self.app(scope, receive, send)
 
 
@@ -122,6 +126,31 @@ def _logged_in(app, headers: dict) -> bool:
     cid = app.cookie_id
     token = cookies.get(f"access-token-{cid}") or cookies.get(f"access-token-unsecure-{cid}")
     return bool(token) and token in app.tokens
+
+
+_API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.DOTALL)
+
+
+def _without_api_info(send):
+    """A ``send`` that holds the page's body and blanks ``window.gradio_api_info`` before it leaves."""
+    start, chunks = {}, []
+
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            start.update(message)
+            return
+        if message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = _API_INFO.sub(b'window.gradio_api_info = {"named_endpoints": {}, "unnamed_endpoints": {}};</script>',
+                             b"".join(chunks))
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
 
 
 async def _reply(scope, send, status: int, body: dict):
