@@ -138,6 +138,9 @@ def main(argv=None, block: bool = True):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     os.environ.setdefault("GRADIO_TEMP_DIR", str(studio_home() / "gradio_tmp"))
+    from studio.security import CONFINE_ENV
+
+    os.environ[CONFINE_ENV] = "1"  # model folders a browser names: studio folders or --allow-path only (workers too)
     runs_root().mkdir(parents=True, exist_ok=True)
     demo = build_app().queue(default_concurrency_limit=4)
     demo.launch(prevent_thread_lock=not block, quiet=not block, **kw)

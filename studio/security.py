@@ -151,6 +151,15 @@ def readable_path(value: str, key: str, kind: str, base: Path | None = None) -> 
     return p
 
 
+CONFINE_ENV = "STUDIO_CONFINE_PATHS"  # "1" in the served app and its workers (app.py sets it)
+
+
+def confined() -> bool:
+    """Whether model folders named by a user are held to ``read_roots("model")``: always in the served app and the
+    workers it starts; the command line (the operator at their own shell) reads where it is told."""
+    return os.environ.get(CONFINE_ENV) == "1"
+
+
 def local_model(value: str, key: str = "model.base_model") -> Path | None:
     """A base model named as a local folder (the rule ``modeling.resolve_base`` loads by: it exists, or it starts with
     ``/``, ``.`` or ``~``), checked like any readable path; ``None`` for a Hub id."""

@@ -11,6 +11,7 @@ the field.  A real tiny run through ``/start`` shows the seed recipe's relative 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def served(tmp_path, tiny_model_dir):
     port = free_port()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STUDIO_HOME", str(home))
+        mp.setenv("STUDIO_CONFINE_PATHS", "1")  # app.main sets it; the context restores it afterwards
         mp.setenv("GRADIO_TEMP_DIR", str(home / "gradio_tmp"))
         mp.delenv("STUDIO_PASSWORD", raising=False)
         demo = app.main(["--port", str(port)], block=False)
@@ -179,3 +181,58 @@ def test_the_command_line_refuses_an_outside_output_with_one_line(tmp_path):
     assert _intact(victim)
     with contextlib.suppress(FileNotFoundError):
         assert not list((Path(os.environ["STUDIO_HOME"]) / "runs").iterdir())
+
+
+def test_files_and_models_a_browser_names_stay_inside_the_studio(served, tmp_path, tiny_model_dir):
+    """Data files, validation files and local model folders named through /start, /preview and /estimate."""
+    import shutil
+
+    from gradio_client import Client
+
+    from studio.runs import RunStore
+
+    home = served["home"]
+    outside_model = tmp_path / "outside-model"
+    shutil.copytree(tiny_model_dir, outside_model)  # a real model folder the operator did not offer
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"instruction": "private", "output": "data"}\n')
+    client = Client(served["url"], verbose=False)
+    for value in (str(outside_model), f"{outside_model}/", "/etc", "../" * 10 + str(outside_model).lstrip("/"),
+                  "~", str(home.parent)):
+        _, message = _start(client, "", param_4=value)
+        assert message.startswith("⚠️") and "model.base_model" in message, (value, message)
+        out = client.predict(base_model=value, api_name="/preview")
+        assert "tokenized with" not in json.dumps(out, default=str), value
+        assert "outside the folders" in json.dumps(out, default=str), (value, out)
+    for key in ("param_52", "param_59"):  # data.path, data.val_path
+        for value in ("/etc/passwd", str(secret), "../../../../etc/passwd", f"{ROOT}/samples/../app.py"):
+            _, message = _start(client, "", **{key: value})
+            assert message.startswith("⚠️") and ("reads only" in message or "no such file" in message), message
+    for value in ("/etc/passwd", str(secret), f"{ROOT}/samples/../app.py"):
+        out = json.dumps(client.predict(path=value, api_name="/preview"), default=str)
+        assert "private" not in out and "root:x" not in out and "reads only" in out, out[:300]
+    assert RunStore(home / "runs").list() == []
+
+
+def test_an_allowed_folder_is_readable_by_the_served_app(tmp_path, tiny_model_dir):
+    import shutil
+
+    import app
+    from gradio_client import Client
+
+    shared = tmp_path / "shared"
+    shutil.copytree(tiny_model_dir, shared / "model")
+    port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STUDIO_HOME", str(tmp_path / "home"))
+        mp.setenv("STUDIO_CONFINE_PATHS", "1")
+        mp.setenv("STUDIO_ALLOWED_PATHS", "")
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path / "home" / "gradio_tmp"))
+        mp.delenv("STUDIO_PASSWORD", raising=False)
+        demo = app.main(["--port", str(port), "--allow-path", str(shared)], block=False)
+        with contextlib.closing(demo):
+            out = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(base_model=str(shared / "model"),
+                                                                             api_name="/preview")
+    assert f"tokenized with the {shared / 'model'} tokenizer" in json.dumps(out, default=str)
+    with pytest.raises(SystemExit):
+        app.main(["--port", str(free_port()), "--allow-path", "relative/dir"], block=False)

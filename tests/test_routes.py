@@ -88,6 +88,7 @@ def app_with_password(tmp_path_factory):
         mp.setenv("STUDIO_HOME", str(home))
         mp.setenv("STUDIO_PASSWORD", PASSWORD)
         mp.setenv("STUDIO_USERNAME", "ana")
+        mp.setenv("STUDIO_CONFINE_PATHS", "1")  # app.main sets it; the context restores it afterwards
         mp.setenv("GRADIO_TEMP_DIR", str(home / "gradio_tmp"))
         demo = app.main(["--port", str(port)], block=False)
         try:
@@ -230,6 +231,7 @@ def test_without_a_password_loopback_only_and_the_same_routes_off(tmp_path):
     port = free_port()
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("STUDIO_PASSWORD", raising=False)
+        mp.setenv("STUDIO_CONFINE_PATHS", "1")  # app.main sets it; the context restores it afterwards
         mp.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio_tmp"))
         demo = app.main(["--port", str(port)], block=False)
         with contextlib.closing(demo):
