@@ -243,3 +243,16 @@ def test_without_a_password_loopback_only_and_the_same_routes_off(tmp_path):
                 status, _, _ = _request(port, "POST", "/gradio_api/queue/join", b"{}",
                                         {"Content-Type": "application/json", **extra})
                 assert status == 403, extra
+
+
+def test_a_password_cannot_be_guessed_at_speed(app_with_password):
+    """Last in this module: it locks this client out of logging in for a minute."""
+    from studio.ui.gate import LOGIN_TRIES
+
+    port, form = app_with_password["port"], {"Content-Type": "application/x-www-form-urlencoded"}
+    statuses = [_request(port, "POST", "/login", f"username=ana&password=guess-{i}".encode(), form)[0]
+                for i in range(LOGIN_TRIES + 2)]
+    assert 429 in statuses and all(s != 200 for s in statuses), statuses
+    status, headers, _ = _request(port, "POST", "/login", f"username=ana&password={PASSWORD}".encode(), form)
+    assert status == 429 and "set-cookie" not in headers  # even the right password waits out the window
+    assert _request(port, "GET", "/config", headers={"Cookie": app_with_password["cookie"]})[0] == 200

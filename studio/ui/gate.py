@@ -11,6 +11,8 @@ before any Gradio code runs:
   proxy, media streams, custom components, vibe editing, PWA files, the legacy ``/api`` and ``/run``
   predict routes, FastAPI's own ``/openapi.json``) and any unknown path answers 404 to everyone: the studio
   does not use them, so they do nothing.
+- Failed logins are counted per client address: after ``LOGIN_TRIES`` within ``LOGIN_WINDOW_S`` seconds every
+  login attempt from it answers 429 until the window has passed (a password cannot be guessed at speed).
 - On a loopback bind the ``Host`` header must name the loopback (or a name in ``STUDIO_ALLOWED_HOSTS``) so
   a DNS-rebinding page cannot drive the studio, and a request whose ``Origin`` is another site is refused.
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+from collections import defaultdict, deque
 from urllib.parse import urlsplit
 
 API = "/gradio_api"
@@ -55,6 +59,7 @@ LOGIN = [
 ]
 _PUBLIC = [(m, re.compile(p)) for m, p in PUBLIC]
 _LOGIN = [(m, re.compile(p)) for m, p in LOGIN]
+LOGIN_TRIES, LOGIN_WINDOW_S = 10, 60.0
 GATE_HEADER = "x-studio-gate"  # on every answer the gate gives itself: no route of the app ran
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
@@ -85,6 +90,7 @@ class Gate:
         extra = {h.strip().lower() for h in os.environ.get("STUDIO_ALLOWED_HOSTS", "").split(",") if h.strip()}
         self.extra = extra
         self.hosts = LOOPBACK_HOSTS | extra
+        self.failed_logins: dict[str, deque] = defaultdict(deque)
 
     def _same_site(self, origin: str, host: str) -> bool:
         # "null" (a sandboxed frame, a file:// page) is another site too.
@@ -107,6 +113,8 @@ class Gate:
         origin = headers.get("origin")
         if origin is not None and not self._same_site(origin, headers.get("host", "")):
             return await _reply(scope, send, 403, {"detail": "cross-site requests are refused"})
+        if scope.get("method") == "POST" and path.rstrip("/") == "/login":
+            return await self._login(scope, receive, send)
         logged_in = _logged_in(scope["app"], headers)
         if kind == "login" and not logged_in:
             return await _reply(scope, send, 401, {"detail": {"error": "Not authenticated"}})
@@ -114,6 +122,22 @@ class Gate:
             # Gradio's login page embeds the whole API description (endpoint names, parameters, server paths).
             return await self.app(scope, receive, _without_api_info(send))
         return await self.app(scope, receive, send)
+
+
+    async def _login(self, scope, receive, send):
+        client = (scope.get("client") or ("?", 0))[0]
+        tries, now = self.failed_logins[client], time.monotonic()
+        while tries and now - tries[0] > LOGIN_WINDOW_S:
+            tries.popleft()
+        if len(tries) >= LOGIN_TRIES:
+            return await _reply(scope, send, 429, {"detail": "too many failed logins; wait a minute and try again"})
+
+        async def counting(message):
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                tries.append(time.monotonic())
+            await send(message)
+
+        return await self.app(scope, receive, counting)
 
 
 def _logged_in(app, headers: dict) -> bool:
