@@ -236,3 +236,15 @@ def test_an_allowed_folder_is_readable_by_the_served_app(tmp_path, tiny_model_di
     assert f"tokenized with the {shared / 'model'} tokenizer" in json.dumps(out, default=str)
     with pytest.raises(SystemExit):
         app.main(["--port", str(free_port()), "--allow-path", "relative/dir"], block=False)
+
+
+def test_a_preset_is_chosen_by_name_never_by_path(studio_home, tmp_path):
+    from studio.ui import presets as presets_ui
+
+    elsewhere = tmp_path / "evil.yaml"
+    elsewhere.write_text(yaml.safe_dump({"name": "evil", "output": {"adapter_dir": "fine"}}))
+    for name in (str(elsewhere), "../../etc/passwd.yaml", "/etc/passwd", f"{ROOT}/presets/tiny-demo.yaml",
+                 "tiny-demo.yaml", "../presets/tiny-demo"):
+        status = presets_ui.choose_preset(name)[-1]
+        assert status.startswith("⚠️") and "Loaded" not in status, (name, status)
+    assert presets_ui.choose_preset("tiny-demo")[-1] == "Loaded preset **tiny-demo**."
