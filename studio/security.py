@@ -169,6 +169,15 @@ def local_model(value: str, key: str = "model.base_model") -> Path | None:
     return readable_path(v, key, "model", base=Path.cwd())
 
 
+def local_dataset(value: str, key: str = "data.hub_dataset") -> Path | None:
+    """A "hub dataset" that ``datasets.load_dataset`` would read from a local folder or file (it exists, or it starts
+    with ``/``, ``.`` or ``~``): in the served app it must lie where a data file may (``read_roots("data")``)."""
+    v = str(value).strip()
+    if not v or not (v.startswith(("/", ".", "~")) or Path(v).expanduser().exists()):
+        return None
+    return readable_path(v, key, "data", base=Path.cwd()) if confined() else None
+
+
 def output_dir(value: str, key: str = "output.adapter_dir") -> Path:
     """Where a user-named output folder goes.  A relative value lands under ``<studio home>/outputs/``; an absolute
     one must lie inside the studio home or an allowed folder (not be one of them), and never inside the studio's

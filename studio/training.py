@@ -383,10 +383,13 @@ class Recipe:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # the adapter folder appears whole or not at all
         if cfg.output.adapter_dir:
-            from studio.security import output_dir, replace_output
+            from studio.security import SecurityError, output_dir, replace_output
 
             # Only inside the studio's outputs or an allowed folder, and never over a folder the studio did not make.
-            dest = replace_output(out, output_dir(cfg.output.adapter_dir), note={"run": self.run.id})
+            try:
+                dest = replace_output(out, output_dir(cfg.output.adapter_dir), note={"run": self.run.id})
+            except SecurityError as e:
+                raise SecurityError(f"{e} The adapter itself is saved in the run folder ({out}).") from None
             self.run.emit("log", message=f"adapter copied to {dest}")
         self.run.emit("log", message=f"adapter saved to {out.relative_to(self.run.dir)}")
         if cfg.output.merge or cfg.output.push_to_hub:

@@ -248,3 +248,21 @@ def test_a_preset_is_chosen_by_name_never_by_path(studio_home, tmp_path):
         status = presets_ui.choose_preset(name)[-1]
         assert status.startswith("⚠️") and "Loaded" not in status, (name, status)
     assert presets_ui.choose_preset("tiny-demo")[-1] == "Loaded preset **tiny-demo**."
+
+
+def test_a_hub_dataset_id_cannot_name_a_local_folder(served, tmp_path):
+    """``datasets.load_dataset`` reads a local folder given as the id: the served app holds it to the studio's."""
+    from gradio_client import Client
+
+    from studio.runs import RunStore
+
+    private = tmp_path / "private-data"
+    private.mkdir()
+    (private / "train.jsonl").write_text('{"instruction": "private", "output": "secret answer"}\n' * 20)
+    client = Client(served["url"], verbose=False)
+    for value in (str(private), f"{private}/", "../" * 10 + str(private).lstrip("/"), f"{private}/train.jsonl"):
+        out = json.dumps(client.predict(path="", hub_dataset=value, api_name="/preview"), default=str)
+        assert "secret answer" not in out and "outside the folders" in out, (value, out[:300])
+        _, message = _start(client, "", param_52="", param_53=value)
+        assert message.startswith("⚠️") and "data.hub_dataset" in message, (value, message)
+    assert RunStore(served["home"] / "runs").list() == []
