@@ -266,3 +266,17 @@ def test_a_hub_dataset_id_cannot_name_a_local_folder(served, tmp_path):
         _, message = _start(client, "", param_52="", param_53=value)
         assert message.startswith("⚠️") and "data.hub_dataset" in message, (value, message)
     assert RunStore(served["home"] / "runs").list() == []
+
+
+def test_a_playground_checkpoint_is_a_name_inside_its_run(studio_home, tmp_path):
+    from studio.playground import ModelHolder
+    from studio.runs import RunStore
+    from studio.security import SecurityError
+
+    run = RunStore().create(load_preset("tiny-demo"), "pg-run")
+    evil = tmp_path / "evil-adapter"
+    evil.mkdir()
+    (evil / "adapter_model.safetensors").write_bytes(b"{}")
+    for ck in (str(evil), "../../../" + str(evil).lstrip("/"), "../checkpoints/../../pg-run", "checkpoint-1/../../x"):
+        with pytest.raises(SecurityError):
+            ModelHolder().load(run, [ck])
