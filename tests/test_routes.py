@@ -193,8 +193,9 @@ def test_with_the_login_the_studio_works_and_turned_off_routes_stay_off(app_with
     status, _, body = _request(port, "GET", "/config", headers=cookie)
     assert status == 200 and b"export-token" in body
     assert json.loads(body).get("run_history") is False  # the browser records no call, no token
-    status, _, body = _request(port, "GET", "/gradio_api/info", headers=cookie)
-    assert status == 200 and b"/start" in body and b"/push" in body
+    status, _, info = _request(port, "GET", "/gradio_api/info", headers=cookie)
+    assert status == 200 and b"/start" in info and b"/push" in info
+    assert CANARY.encode() not in body + info and PASSWORD.encode() not in body + info  # the server's secrets
     status, _, body = _request(port, "GET", f"/gradio_api/file={s['run_file']}", headers=cookie)
     assert status == 200 and body == s["run_file"].read_bytes()
     for method, path in GRADIO_ROUTES_OFF:

@@ -40,13 +40,13 @@ PUBLIC = [
     ({"GET"}, r"/(assets|svelte|static)/[^\x00]*"),
     ({"GET"}, r"/favicon\.ico|/robots\.txt|/theme\.css|/gradio_api/theme\.css"),
     ({"GET"}, r"/gradio_api/login_check/?"),  # says only whether this browser is logged in
-    # launch() itself calls it, without a login, to run the startup events once; afterwards it does nothing.
-    ({"GET"}, r"/gradio_api/startup-events"),
 ]
 LOGIN = [
     ({"GET"}, r"/config/?"),
     ({"GET"}, r"/gradio_api/(info/?|openapi\.json)"),  # the "Use via API" page and gradio_client
     ({"GET"}, r"/gradio_api/(user|app_id)/?"),
+    # launch() itself calls it once, without a login, to run the startup events (see Gate.__call__).
+    ({"GET"}, r"/gradio_api/startup-events"),
     ({"GET"}, r"/gradio_api/heartbeat/[^/]+"),
     ({"POST"}, r"/gradio_api/queue/join"),
     ({"GET"}, r"/gradio_api/queue/(data|status)"),
@@ -116,6 +116,8 @@ class Gate:
         if scope.get("method") == "POST" and path.rstrip("/") == "/login":
             return await self._login(scope, receive, send)
         logged_in = _logged_in(scope["app"], headers)
+        if path == "/gradio_api/startup-events" and not getattr(scope["app"], "startup_events_triggered", True):
+            logged_in = True  # launch()'s own call, before anyone is served
         if kind == "login" and not logged_in:
             return await _reply(scope, send, 401, {"detail": {"error": "Not authenticated"}})
         if path == "/" and not logged_in:
