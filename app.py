@@ -137,6 +137,10 @@ def main(argv=None, block: bool = True):
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if a.auth:
+        print("note: --auth shows the password in the process list; STUDIO_PASSWORD keeps it private.", file=sys.stderr)
+    # The login lives in the server from here on: training workers and anything else the app starts never see it.
+    os.environ.pop("STUDIO_PASSWORD", None)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(studio_home() / "gradio_tmp"))
     from studio.security import CONFINE_ENV
 

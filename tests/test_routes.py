@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import re
 import urllib.parse
 from pathlib import Path
@@ -196,6 +197,8 @@ def test_with_the_login_the_studio_works_and_turned_off_routes_stay_off(app_with
     status, _, info = _request(port, "GET", "/gradio_api/info", headers=cookie)
     assert status == 200 and b"/start" in info and b"/push" in info
     assert CANARY.encode() not in body + info and PASSWORD.encode() not in body + info  # the server's secrets
+    # Workers are started with the app's environment: the password is no longer in it once the app serves.
+    assert PASSWORD not in os.environ.values()
     status, _, body = _request(port, "GET", f"/gradio_api/file={s['run_file']}", headers=cookie)
     assert status == 200 and body == s["run_file"].read_bytes()
     for method, path in GRADIO_ROUTES_OFF:
