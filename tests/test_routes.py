@@ -167,6 +167,8 @@ def test_every_route_answers_only_with_the_login(app_with_password):
     assert not [r for r in routes if "run-history" in r[1] or "/mcp" in r[1]]  # not even registered
     probes = [(m, _fill(t, s["run_file"])) for m, t in routes] + GRADIO_ROUTES_OFF
     probes += [(m, v) for v in VARIANTS for m in ("GET", "POST")]
+    probes += [(m, p) for p in ("/", "/config", "/gradio_api/queue/join", "/gradio_api/upload", "/login")
+               for m in ("OPTIONS", "PUT", "DELETE", "PATCH", "TRACE")]
     before = _tree(home)
     leaks, acted = [], []
     for method, path in probes:
@@ -185,7 +187,7 @@ def test_every_route_answers_only_with_the_login(app_with_password):
     after = _tree(home)
     assert after == before, sorted(set(after) ^ set(before))  # no upload kept, no run created, nothing written
     assert not Path("/tmp/studio-probe-victim").exists()
-    assert len(probes) > 150
+    assert len(probes) > 180
 
 
 def test_with_the_login_the_studio_works_and_turned_off_routes_stay_off(app_with_password):

@@ -71,8 +71,7 @@ def classify(method: str, path: str) -> str:
         for methods, rx in table:
             if method in methods and rx.fullmatch(path):
                 return kind
-    if method == "OPTIONS":  # CORS preflight: answered by Gradio's CORS middleware, no route runs
-        return "public"
+    # A real CORS preflight never gets here: Gradio's CORS middleware, outside the gate, answers it.
     return "off"
 
 
