@@ -15,6 +15,9 @@ before any Gradio code runs:
   login attempt from it answers 429 until the window has passed (a password cannot be guessed at speed).
 - On a loopback bind the ``Host`` header must name the loopback (or a name in ``STUDIO_ALLOWED_HOSTS``) so
   a DNS-rebinding page cannot drive the studio, and a request whose ``Origin`` is another site is refused.
+- The login page a logged-out browser gets carries no API description (Gradio embeds it in the page);
+  ``/gradio_api/startup-events`` answers without a login only to ``launch()``'s own first call.
+- Every answer the gate gives itself carries the ``x-studio-gate: refused`` header: no route of the app ran.
 
 The login check is Gradio's own (its session cookie, looked up in the app's token table), so logging in
 and out work unchanged.  This module knows routes, not the engine.
