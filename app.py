@@ -6,7 +6,12 @@
 
 Binds 127.0.0.1 by default.  A non-loopback address or a share link is refused without a username
 and password (``--auth`` or ``STUDIO_USERNAME``/``STUDIO_PASSWORD``; on a Hugging Face Space set them
-as secrets).  Only the runs root and Gradio's own cache are served.  This file only composes tabs.
+as secrets; prefer the variables: a command line is visible to every user of the machine).  Only the
+runs root and Gradio's own cache are served.  Every request passes ``studio.ui.gate`` first: the routes
+the studio uses need the login when a password is set, every other Gradio route (run history, MCP,
+monitoring, deep links, ...) is off, and Gradio's run history, analytics and MCP server are not started.
+``--allow-path DIR`` (or ``STUDIO_ALLOWED_PATHS``) lets users name files and output folders in DIR
+besides the studio home.  This file only composes tabs.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ def build_app(ctx=None):
     from studio.ui.context import UIContext
 
     ctx = ctx or UIContext()
-    with gr.Blocks(title="QLoRA Studio", fill_width=True) as demo:
+    # No analytics: the studio sends nothing anywhere but to the browsers it serves.
+    with gr.Blocks(title="QLoRA Studio", fill_width=True, analytics_enabled=False) as demo:
         gr.Markdown("# QLoRA Studio\nData → preset → train → chat → evaluate → export, on one GPU or the offline demo.")
         with gr.Tabs():
             with gr.Tab("1 · Data", id="data"):
@@ -82,28 +88,67 @@ def launch_kwargs(host: str, port: int, share: bool, auth) -> dict:
                           "pass --auth user:password or set STUDIO_PASSWORD.")
     if auth and len(auth[1]) < 8:
         raise LaunchError("the password must have at least 8 characters.")
+    from studio.ui.gate import gate_middleware
+
     home = studio_home()
     return dict(server_name=host, server_port=port, share=share, auth=auth,
                 allowed_paths=[str(runs_root())], blocked_paths=[str(home / "presets"), str(ROOT / ".git")],
-                max_file_size=os.environ.get("STUDIO_MAX_UPLOAD_MB", "1024") + "mb", show_error=False)
+                max_file_size=os.environ.get("STUDIO_MAX_UPLOAD_MB", "1024") + "mb", show_error=False,
+                # Gradio features the studio does not use are not started: run history (it kept every call's
+                # inputs, a typed Hub token included, in the browser's localStorage, and its routes used the
+                # server's HF_TOKEN), the MCP server, monitoring, the PWA files and server-side rendering.
+                run_history=False, mcp_server=False, enable_monitoring=False, pwa=False, ssr_mode=False,
+                footer_links=["api", "gradio", "settings"],
+                app_kwargs={"openapi_url": None,
+                            "middleware": gate_middleware(loopback=is_loopback(host) and not share)})
 
 
-def main(argv=None) -> None:
+def allow_paths(paths: list[str] | None) -> None:
+    """Add ``--allow-path`` folders to ``STUDIO_ALLOWED_PATHS`` (the workers inherit it)."""
+    from studio.security import ALLOW_ENV
+
+    extra = []
+    for raw in paths or []:
+        p = Path(raw).expanduser()
+        if not p.is_absolute() or not p.is_dir() or p.resolve() == Path(p.anchor):
+            raise LaunchError(f"--allow-path {raw}: give an existing folder by its absolute path (not /).")
+        extra.append(str(p.resolve()))
+    if extra:
+        old = [x for x in os.environ.get(ALLOW_ENV, "").split(os.pathsep) if x]
+        os.environ[ALLOW_ENV] = os.pathsep.join(old + extra)
+
+
+def main(argv=None, block: bool = True):
+    """Parse the command line and serve; with ``block=False`` return the running ``Blocks`` (tests close it)."""
     p = argparse.ArgumentParser(description="QLoRA Studio")
     in_space = bool(os.environ.get("SPACE_ID"))
     p.add_argument("--host", default=os.environ.get("STUDIO_HOST", "0.0.0.0" if in_space else "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("STUDIO_PORT", 7860))))
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs --auth)")
-    p.add_argument("--auth", help="user:password required to open the studio")
+    p.add_argument("--auth", help="user:password required to open the studio (STUDIO_PASSWORD keeps it off the "
+                   "process list)")
+    p.add_argument("--allow-path", action="append", metavar="DIR",
+                   help="a folder users may name for data, models and output folders, besides the studio home "
+                        "(repeatable; also STUDIO_ALLOWED_PATHS, separated by ':')")
     a = p.parse_args(argv)
     try:
+        allow_paths(a.allow_path)
         kw = launch_kwargs(a.host, a.port, a.share, auth_from(a.auth))
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if a.auth:
+        print("note: --auth shows the password in the process list; STUDIO_PASSWORD keeps it private.", file=sys.stderr)
+    # The login lives in the server from here on: training workers and anything else the app starts never see it.
+    os.environ.pop("STUDIO_PASSWORD", None)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(studio_home() / "gradio_tmp"))
+    from studio.security import CONFINE_ENV
+
+    os.environ[CONFINE_ENV] = "1"  # model folders a browser names: studio folders or --allow-path only (workers too)
     runs_root().mkdir(parents=True, exist_ok=True)
-    build_app().queue(default_concurrency_limit=4).launch(**kw)
+    demo = build_app().queue(default_concurrency_limit=4)
+    demo.launch(prevent_thread_lock=not block, quiet=not block, **kw)
+    return demo
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ class OutputSection:
     """What is kept after training."""
 
     run_name: str = _f("", "Name of the run folder; empty picks one from the preset and time.")
-    adapter_dir: str = _f("", "Also copy the final adapter to this folder (e.g. ./mistral-lora-finance-adapter-fast).")
+    adapter_dir: str = _f("", "Also copy the final adapter here: a relative name goes under studio_home/outputs/, an "
+                          "absolute one must be in a folder the operator allowed (STUDIO_ALLOWED_PATHS).")
     merge: bool = _f(False, "Merge the adapter into a 16-bit copy of the base after training.")
     push_to_hub: bool = _f(False, "Push the adapter (and merged model if made) to the Hub after training.")
     hub_repo: str = _f("", "Hub repository (owner/name) to push to.")
@@ -258,6 +259,13 @@ class RunConfig:
             from studio.security import check_name  # local: security imports nothing of ours at module level
 
             check_name(o.run_name, "output.run_name")
+        if o.adapter_dir.strip():
+            from studio.security import PathRefused, output_dir
+
+            try:
+                output_dir(o.adapter_dir, "output.adapter_dir")
+            except PathRefused as e:
+                raise ConfigError(e.key, str(e).split(": ", 1)[1]) from None
 
     @property
     def effective_batch(self) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from studio.config import ConfigError, RunConfig
 from studio.hardware import Hardware, detect, resolve_dtype
-from studio.security import redact, safe_load_kwargs
+from studio.security import SecurityError, confined, local_model, redact, safe_load_kwargs
 
 TINY = "studio-tiny-mistral"
 # Reentrant checkpointing (peft's default for k-bit training): on an H100 it ran the fast preset at
@@ -38,6 +38,11 @@ def resolve_base(name: str) -> str:
         return str(ensure_tiny_model())
     p = Path(name).expanduser()
     if p.exists() or name.startswith((".", "/", "~")):
+        if confined():  # the served app: only the studio's folders or ones the operator allowed
+            try:
+                local_model(name)
+            except SecurityError as e:
+                raise ModelError(str(e)) from None
         if not p.is_dir():
             raise ModelError(f"model.base_model: {name} is not a folder; give a model folder or a hub id.")
         if not (p / "config.json").exists():

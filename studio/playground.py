@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from studio.runs import Run, RunStore, studio_home
+from studio.security import check_name, inside
 
 
 class PlaygroundError(RuntimeError):
@@ -67,7 +68,7 @@ class ModelHolder:
         if (run.adapter_dir / "adapter_model.safetensors").exists():
             adapters["final"] = run.adapter_dir
         for ck in checkpoints or []:
-            p = run.checkpoints_dir / ck
+            p = inside(run.checkpoints_dir, check_name(str(ck), "checkpoint"))  # a name, never a path elsewhere
             if (p / "adapter_model.safetensors").exists():
                 adapters[f"ckpt-{ck.split('-')[-1]}"] = p
         if not adapters:

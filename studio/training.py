@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from pathlib import Path
 
 from studio import adapters
 from studio.config import ConfigError, RunConfig
@@ -205,6 +204,10 @@ class Recipe:
         from transformers import set_seed
 
         cfg = self.cfg
+        if cfg.output.adapter_dir:
+            from studio.security import check_output_free, output_dir
+
+            check_output_free(output_dir(cfg.output.adapter_dir))  # refuse now, not after the whole run
         self.hw = modeling.preflight(cfg, detect(), self.token)
         self.run.emit("status", status="starting", device=self.hw.device, gpu=self.hw.name)
         self._plan_batch()
@@ -393,9 +396,14 @@ class Recipe:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # the adapter folder appears whole or not at all
         if cfg.output.adapter_dir:
-            dest = Path(cfg.output.adapter_dir).expanduser()
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(out, dest)
+            from studio.security import SecurityError, output_dir, replace_output
+
+            # Only inside the studio's outputs or an allowed folder, and never over a folder the studio did not make.
+            try:
+                dest = replace_output(out, output_dir(cfg.output.adapter_dir), note={"run": self.run.id})
+            except SecurityError as e:
+                raise SecurityError(f"{e} The adapter itself is saved in the run folder ({out}).") from None
+            self.run.emit("log", message=f"adapter copied to {dest}")
         self.run.emit("log", message=f"adapter saved to {out.relative_to(self.run.dir)}")
         if cfg.output.merge or cfg.output.push_to_hub:
             from studio import export

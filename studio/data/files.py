@@ -144,6 +144,12 @@ def read_hub(dataset_id: str, config: str = "", split: str = "train", token: str
         import datasets
     except ImportError:  # pragma: no cover - datasets is a requirement
         raise DataError("the 'datasets' package is not installed.") from None
+    from studio.security import SecurityError, local_dataset
+
+    try:
+        local_dataset(dataset_id)  # load_dataset reads a local folder too: in the served app, only the studio's
+    except SecurityError as e:
+        raise DataError(str(e)) from None
     try:
         ds = datasets.load_dataset(dataset_id, config or None, split=split, token=token)
     except Exception as e:

@@ -8,7 +8,9 @@ Contract:
   ``push`` (run id, repo, private, merged, token -> status, cleared token).
 - The Hub token is typed into a password box (empty falls back to ``HF_TOKEN``), used for the one
   call and never echoed: every status passes through ``redact`` (which also hides the typed value),
-  and the token box is cleared after each push.
+  and the token box is cleared after each push.  Nothing keeps it in the browser: Gradio's run history
+  (which stored every call's inputs in localStorage) is off (``app.py``) and the box asks the browser's
+  password manager not to offer saving it.
 - Errors (no adapter yet, no token, no network) become the status line, never a traceback.
 """
 
@@ -70,6 +72,8 @@ def push(store: RunStore, run_id: str | None, repo: str, private: bool, merged: 
                           merged=bool(merged))
     except USER_ERRORS as e:
         return f"**Could not push:** {message(e, token)}", ""
+    except Exception as e:  # noqa: BLE001 - anything else must not reach Gradio's log or the browser unscrubbed
+        return f"**Could not push:** {type(e).__name__}: {message(e, token)}", ""
     what = "merged model" if merged else "adapter"
     return scrub(f"Pushed the {what} to {url} ({'private' if private else 'public'}).", token), ""
 
@@ -106,8 +110,10 @@ def build(ctx) -> ExportUI:
     with gr.Group():
         with gr.Row():
             repo = gr.Textbox(label="Hub repo", placeholder="owner/name", elem_id="export-repo")
+            # autocomplete off: the browser's password manager is not offered the token either.
             token = gr.Textbox(label="Hub token", type="password", placeholder="empty: use HF_TOKEN",
-                               info="Write access; used for this push only, never stored.", elem_id="export-token")
+                               info="Write access; used for this push only, never stored.", elem_id="export-token",
+                               html_attributes=gr.InputHTMLAttributes(autocomplete="off", spellcheck=False))
         with gr.Row():
             private = gr.Checkbox(value=True, label="private repo", elem_id="export-private")
             merged = gr.Checkbox(value=False, label="push the merged model (instead of the adapter)",

@@ -24,8 +24,8 @@ import gradio as gr
 
 from studio.config import ConfigError, RunConfig, field_specs, field_type
 from studio.estimate import GPUS, GiB, advice, arch_for, describe_plan, estimate, plan
-from studio.presets import list_presets, load_preset, parse_yaml, save_preset
-from studio.security import SecurityError
+from studio.presets import find_preset, list_presets, load_preset, parse_yaml, save_preset
+from studio.security import SecurityError, check_name
 from studio.ui.widgets import get_value, to_config, widget
 
 SECTIONS = (("Model & quantization", "model"), ("LoRA", "lora"), ("Training", "train"), ("Output", "output"))
@@ -95,8 +95,9 @@ def choose_preset(name: str):
     if not name:
         return _keep("")
     try:
-        cfg = load_preset(name)
-    except ConfigError as e:
+        # A name from the list, never a path: the event can be sent by hand with any string.
+        cfg = load_preset(find_preset(check_name(name, "preset")))
+    except (ConfigError, SecurityError) as e:
         return _keep(f"⚠️ {e}")
     return _fill(cfg, f"Loaded preset **{name}**.")
 

@@ -34,7 +34,7 @@ from studio import worker
 from studio.config import ConfigError, RunConfig
 from studio.data.files import DataError, check_size
 from studio.runs import LIVE, TERMINAL, Run, RunStore, status_of
-from studio.security import SecurityError, redact
+from studio.security import SecurityError, check_output_free, local_dataset, local_model, output_dir, redact
 from studio.ui.data import check_data_path
 from studio.ui.messages import message
 from studio.ui.widgets import to_config
@@ -406,6 +406,12 @@ def check_data(cfg: RunConfig) -> None:
             check_size(check_data_path(value))  # only samples and uploads: a browser names no other file
     if not d.path and not d.hub_dataset:
         raise DataError("data.path: no data chosen; upload a file in the Data tab or name a hub dataset.")
+    # A local model folder only from the studio's own folders or ones the operator allowed; an output folder
+    # that exists and was not made by the studio is refused now, not after the whole run.
+    local_model(cfg.model.base_model)
+    local_dataset(d.hub_dataset)  # datasets.load_dataset would read a local folder of that name
+    if cfg.output.adapter_dir:
+        check_output_free(output_dir(cfg.output.adapter_dir))
 
 
 # ---- actions (the event handlers' engine side) --------------------------------------------------
