@@ -23,14 +23,30 @@ from studio.config import ConfigError
 
 
 def _parse_set(items: list[str]) -> dict:
+    """``--set key=value`` pairs.  A text field takes the value exactly as typed (YAML would read a template
+    starting with ``###`` as a comment, ``yes`` as true, ``{instruction}`` as a mapping); numbers, switches,
+    lists and the mapping are read as YAML, then checked against the field like any preset value."""
     import yaml
+
+    from studio.config import field_type
 
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(item, "--set takes key=value, e.g. train.learning_rate=1e-4.")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        k = k.strip()
+        try:
+            typ = field_type(k)
+        except (KeyError, TypeError, AttributeError):
+            typ = None  # an unknown key: RunConfig names it with the known ones
+        if typ is str:
+            out[k] = v
+            continue
+        try:
+            out[k] = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(k, f"could not read {v!r} ({str(e).splitlines()[0]}).") from None
     return out
 
 
