@@ -116,15 +116,30 @@ def read_records(path: str | Path) -> Records:
 _TOO_DEEP = "nested too deeply to read (hundreds of levels of [ or {); flatten that value or remove it"
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object hook: a key given twice in one object would silently keep only its last value."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
 def _jsonl(name: str, text: str) -> Records:
     out, lines = [], []
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
         except RecursionError:
             raise DataError(f"{name} line {n}: {_TOO_DEEP}.") from None
+        except _DuplicateKey as e:
+            raise DataError(f"{name} line {n}: key '{e}' appears twice in one object; keep one of them.") from None
         except json.JSONDecodeError as e:
             hint = " (is this a JSON array? rename the file to .json)" if n == 1 and line.lstrip().startswith("[") \
                 else ""
@@ -139,9 +154,11 @@ def _jsonl(name: str, text: str) -> Records:
 
 def _json(name: str, text: str) -> Records:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise DataError(f"{name}: {_TOO_DEEP}.") from None
+    except _DuplicateKey as e:
+        raise DataError(f"{name}: key '{e}' appears twice in one object; keep one of them.") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             raise DataError(f"{name} line {e.lineno}: more than one JSON value; if each line is one example, "
