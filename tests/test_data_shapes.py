@@ -397,6 +397,26 @@ def test_every_response_cut_by_max_length_is_refused_by_preview_and_run_alike(ti
     assert status == f"⚠️ {e.value}" and "every example's response is cut off at 8 tokens" in status
 
 
+def test_start_refuses_what_the_preview_refuses_with_the_same_sentence(studio_home, tiny_model_dir):
+    from studio.runs import RunStore
+    from studio.ui import data, train
+
+    path = str(SAMPLES / "finance_alpaca.jsonl")
+    base = load_preset("tiny-demo").to_dict()
+    cases = [(["data.max_length"], [8], (8, 0)), (["data.val_samples"], [400], (128, 400))]
+    for keys, values, (max_length, val_samples) in cases:
+        *_, status = data.refresh(path, "", "", "train", "instruction", "input", "output", "", "", "alpaca", "",
+                                  "{response}", max_length, False, TINY, 2, 0, val_samples, 0.0, "", 42)
+        rid, msg = train.start_run(RunStore(), ["data.path", *keys], base, "", [path, *values])
+        assert status.startswith("⚠️") and rid is None and msg == status, (status, msg)
+    assert RunStore().list() == []
+    # What the preview calls ready, Start starts.
+    *_, status = data.refresh(path, "", "", "train", "instruction", "input", "output", "", "", "alpaca", "",
+                              "{response}", 128, False, TINY, 2, 0, 24, 0.0, "", 42)
+    assert status.startswith("✅")
+    train.check_data(train.to_config(RunConfig.from_dict(base), ["data.path"], [path]))
+
+
 def test_some_responses_cut_away_are_counted_by_the_preview_as_the_run_drops_them(tmp_path, tiny_model_dir,
                                                                                  tiny_tokenizer, studio_home):
     from studio.ui import data

@@ -152,6 +152,27 @@ def check_tokenized(train_tok: list[Tokenized], d, measured_all: bool = True) ->
     return dropped
 
 
+@dataclass
+class Readiness:
+    """What the Data tab's preview and Start know before a run: the selection and the measured tokens."""
+
+    selection: Selection
+    measured: list[Example]  # the first ``limit`` examples of the file, in file order
+    tokens: list[Tokenized]  # one per measured example
+    dropped: int  # measured training examples whose whole response is cut away
+
+
+def check_ready(d, records: list[dict], val_records: list[dict] | None, tokenizer, limit: int = 5000) -> Readiness:
+    """The refusals of ``prepare`` that come before the model, on at most ``limit`` examples (DataError)."""
+    sel = select(d, records, val_records)
+    measured = sel.examples[:limit]
+    toks = tokenize_examples(measured, TemplateSpec.from_config(d), tokenizer, d.max_length, d.train_on_inputs)
+    by_id = {id(ex): t for ex, t in zip(measured, toks)}
+    train_toks = [by_id[id(ex)] for ex in sel.train if id(ex) in by_id]
+    dropped = check_tokenized(train_toks, d, measured_all=len(train_toks) == len(sel.train))
+    return Readiness(sel, measured, toks, dropped)
+
+
 def prepare(cfg, tokenizer, token: str | None = None, records: list[dict] | None = None) -> Prepared:
     d = cfg.data
     records = records if records is not None else load_raw(d, token)

@@ -36,7 +36,7 @@ import gradio as gr
 
 from studio.config import ConfigError, DataSection, RunConfig
 from studio.data.files import SUFFIXES, DataError, check_size, read_hub, read_records
-from studio.data.pipeline import check_tokenized, preview, select, tokenize_examples
+from studio.data.pipeline import check_ready, preview, select
 from studio.data.schema import detect
 from studio.data.stats import length_stats
 from studio.data.templates import TemplateSpec, describe, render
@@ -300,21 +300,18 @@ def refresh(path: str, hub_dataset: str, hub_config: str, split: str, instructio
         spec = TemplateSpec.from_config(d)
         records = read_source(path, hub_dataset, hub_config, split)
         val_records = read_source(d.val_path) if d.val_path else None
-        sel = select(d, records, val_records)
-        examples, skipped = sel.examples, sel.skipped
         tok, why = tokenizer_for(base_model)
         if tok is None:
+            sel = select(d, records, val_records)
             if spec.name == "chat":
                 raise DataError(f"data.template: the chat template needs the model's tokenizer. {why}")
-            return (_text_pieces(examples, spec, n, train_on_inputs), [], None, "",
-                    f"⚠️ {why}{_skip_note(skipped, len(records))}")
+            return (_text_pieces(sel.examples, spec, n, train_on_inputs), [], None, "",
+                    f"⚠️ {why}{_skip_note(sel.skipped, len(records))}")
+        ready = check_ready(d, records, val_records, tok, STATS_LIMIT)
+        sel, measured, dropped = ready.selection, ready.measured, ready.dropped
+        examples, skipped = sel.examples, sel.skipped
         pieces, rows = _token_pieces(preview(examples, spec, tok, d.max_length, train_on_inputs, n))
-        measured = examples[:STATS_LIMIT]
-        toks = tokenize_examples(measured, spec, tok, d.max_length, d.train_on_inputs)
-        by_id = {id(ex): t for ex, t in zip(measured, toks)}
-        train_toks = [by_id[id(ex)] for ex in sel.train if id(ex) in by_id]
-        dropped = check_tokenized(train_toks, d, measured_all=len(train_toks) == len(sel.train))
-        lengths = [t.full_length for t in toks]
+        lengths = [t.full_length for t in ready.tokens]
     except (DataError, ConfigError, ValueError, KeyError) as e:
         return (*empty, f"⚠️ {e}")
     except Exception as e:  # noqa: BLE001 - the preview shows a sentence, never a bare "Error"
@@ -329,6 +326,22 @@ def refresh(path: str, hub_dataset: str, hub_config: str, split: str, instructio
     status = f"✅ {len(examples)} examples ready{split_note}, tokenized with the {base_model} tokenizer." \
         + drop_note + _skip_note(skipped, len(records))
     return pieces, rows, length_figure(lengths, d.max_length), stats.summary + part, status
+
+
+def check_before_start(cfg: RunConfig) -> None:
+    """Start's data check: the preview's own (``check_ready``) on a local file, so Start refuses what the
+    preview refuses, with the same sentence, before any run folder exists.  A hub split, or a base model
+    whose tokenizer cannot load here, is left to the worker, whose ``prepare`` runs the same checks."""
+    d = cfg.data
+    if not d.path:
+        return
+    records = read_source(d.path)
+    val_records = read_source(d.val_path) if d.val_path else None
+    tok, _ = tokenizer_for(cfg.model.base_model)
+    if tok is None:
+        select(d, records, val_records)
+        return
+    check_ready(d, records, val_records, tok, STATS_LIMIT)
 
 
 def template_changed(template: str, custom_prompt: str, custom_response: str):

@@ -35,7 +35,7 @@ from studio.config import ConfigError, RunConfig
 from studio.data.files import DataError, check_size
 from studio.runs import LIVE, TERMINAL, Run, RunStore, status_of
 from studio.security import SecurityError, redact
-from studio.ui.data import check_data_path
+from studio.ui.data import check_before_start, check_data_path
 from studio.ui.messages import message
 from studio.ui.widgets import to_config
 
@@ -406,6 +406,7 @@ def check_data(cfg: RunConfig) -> None:
             check_size(check_data_path(value))  # only samples and uploads: a browser names no other file
     if not d.path and not d.hub_dataset:
         raise DataError("data.path: no data chosen; upload a file in the Data tab or name a hub dataset.")
+    check_before_start(cfg)  # the Data tab preview's own checks: Start refuses what the preview refuses
 
 
 # ---- actions (the event handlers' engine side) --------------------------------------------------
