@@ -459,3 +459,38 @@ def test_a_separate_validation_file_is_read_by_the_preview(tiny_model_dir):
                               "output", "", "", "alpaca", "", "{response}", 128, False, TINY, 2, 0, 0, 0.0,
                               "/etc/passwd", 42)
     assert status.startswith("⚠️") and "reads only its samples and uploaded files" in status
+
+
+@pytest.mark.parametrize("sep,shown", [(";", "semicolons"), ("\t", "tabs")])
+def test_a_csv_saved_with_another_separator_is_named(tmp_path, sep, shown):
+    p = _w(tmp_path, "eu.csv", f"instruction{sep}output\nq{sep}a\n")
+    with pytest.raises(DataError, match=rf"eu\.csv line 1: the columns are separated by {shown}, not commas"):
+        read_records(p)
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_data_error():
+    from studio.data.schema import Example
+
+    class Strict:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, **kw):
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    with pytest.raises(DataError, match=r"data.template: the model's chat template refused this conversation "
+                                        r"\(ValueError: Conversation roles must alternate"):
+        render(Example(instruction="q", system="s", response="a"), TemplateSpec("chat"), Strict())
+
+
+def test_start_refuses_fewer_examples_than_the_batch_as_the_run_does(tmp_path, studio_home, tiny_model_dir,
+                                                                       tiny_tokenizer):
+    from studio.runs import RunStore
+    from studio.ui import data, train
+
+    f = _jsonl(tmp_path, "three.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(3)])
+    path, *_ = data.on_upload(str(f), "")
+    base = load_preset("tiny-demo").to_dict()
+    rid, msg = train.start_run(RunStore(), ["data.path", "data.val_samples"], base, "", [path, 0])
+    with pytest.raises(DataError) as e:
+        prepare(RunConfig.from_dict({"data": {"path": path}, "train": {"batch_size": 8}}), tiny_tokenizer)
+    assert rid is None and msg == f"⚠️ {e.value}" and "only 3 training examples but the batch size is 8" in msg

@@ -188,6 +188,11 @@ def _csv(name: str, text: str) -> Records:
         cols = [c.strip() for c in header or []]
         if not any(cols):
             raise DataError(f"{name}: the first line must name the columns.")
+        sep = next((c for c in (";", "\t", "|") if len(cols) == 1 and c in cols[0]), None)
+        if sep:
+            shown = {";": "semicolons", "\t": "tabs", "|": "'|'"}[sep]
+            raise DataError(f"{name} line 1: the columns are separated by {shown}, not commas; save the file as "
+                            "comma-separated CSV.")
         # An unnamed column (a spreadsheet's index, a trailing comma) gets a name the mapping can show.
         cols = [c or f"column {i + 1}" for i, c in enumerate(cols)]
         seen = set()

@@ -173,6 +173,12 @@ def check_ready(d, records: list[dict], val_records: list[dict] | None, tokenize
     return Readiness(sel, measured, toks, dropped)
 
 
+def check_batch(n_train: int, batch_size: int) -> None:
+    if n_train < batch_size:
+        raise DataError(f"train.batch_size: only {n_train} training examples but the batch size is "
+                        f"{batch_size}; lower the batch size or add examples.")
+
+
 def prepare(cfg, tokenizer, token: str | None = None, records: list[dict] | None = None) -> Prepared:
     d = cfg.data
     records = records if records is not None else load_raw(d, token)
@@ -183,9 +189,7 @@ def prepare(cfg, tokenizer, token: str | None = None, records: list[dict] | None
     val_tok = tokenize_examples(val_ex, spec, tokenizer, d.max_length, d.train_on_inputs)
     check_tokenized(train_tok, d)
     train_ds, dropped = _dataset(train_tok)
-    if len(train_ds) < cfg.train.batch_size:
-        raise DataError(f"train.batch_size: only {len(train_ds)} training examples but the batch size is "
-                        f"{cfg.train.batch_size}; lower the batch size or add examples.")
+    check_batch(len(train_ds), cfg.train.batch_size)
     val_ds = _dataset(val_tok)[0] if val_tok else None
     stats = length_stats([t.full_length for t in train_tok], d.max_length)
     return Prepared(train_ds, val_ds, train_ex, val_ex, stats, sel.detection, sel.skipped, dropped)

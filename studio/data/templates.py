@@ -97,6 +97,14 @@ def _chat_messages(ex: Example) -> list[dict]:
     return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": ex.response}]
 
 
+def _apply_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - a model's Jinja template raises its own errors (roles, system turns)
+        raise DataError(f"data.template: the model's chat template refused this conversation ({type(e).__name__}: "
+                        f"{str(e)[:200]}); choose alpaca, qa or custom, or change the data.") from None
+
+
 def _prompt(ex: Example, spec: TemplateSpec, tokenizer) -> str:
     if spec.name == "alpaca":
         head = f"{ex.system}\n\n" if ex.system else ""
@@ -110,7 +118,7 @@ def _prompt(ex: Example, spec: TemplateSpec, tokenizer) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError("data.template: this model has no chat template; choose alpaca, qa or custom.")
         msgs = _chat_messages(ex)[:-1]
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return _apply_chat(tokenizer, msgs, add_generation_prompt=True)
     check_custom(spec)
     return spec.custom_prompt.format(system=ex.system, instruction=ex.instruction, input=ex.input, response="")
 
@@ -122,7 +130,7 @@ def render(ex: Example, spec: TemplateSpec, tokenizer=None) -> tuple[str, str]:
     if spec.name == "qa":
         return prompt, f"{ex.response}\n\n### End"
     if spec.name == "chat":
-        full = tokenizer.apply_chat_template(_chat_messages(ex), tokenize=False)
+        full = _apply_chat(tokenizer, _chat_messages(ex))
         if full.startswith(prompt):
             return prompt, full[len(prompt):]
         return prompt, ex.response

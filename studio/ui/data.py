@@ -36,7 +36,7 @@ import gradio as gr
 
 from studio.config import ConfigError, DataSection, RunConfig
 from studio.data.files import SUFFIXES, DataError, check_size, read_hub, read_records
-from studio.data.pipeline import check_ready, preview, select
+from studio.data.pipeline import check_batch, check_ready, preview, select
 from studio.data.schema import detect
 from studio.data.stats import length_stats
 from studio.data.templates import TemplateSpec, describe, render
@@ -341,7 +341,10 @@ def check_before_start(cfg: RunConfig) -> None:
     if tok is None:
         select(d, records, val_records)
         return
-    check_ready(d, records, val_records, tok, STATS_LIMIT)
+    ready = check_ready(d, records, val_records, tok, STATS_LIMIT)
+    train_n = len(ready.selection.train)
+    if not cfg.train.auto_batch and train_n <= STATS_LIMIT:  # auto_batch may change the batch on a GPU
+        check_batch(train_n - ready.dropped, cfg.train.batch_size)
 
 
 def template_changed(template: str, custom_prompt: str, custom_response: str):
