@@ -8,6 +8,9 @@
     python -m studio estimate --preset NAME
     python -m studio build-tiny
 
+``--set KEY=VALUE`` takes a text field's VALUE exactly as typed (write newlines with bash's ``$'...'``);
+other fields read VALUE as YAML (numbers, true/false, ``[a, b]``, ``{instruction: user}``).
+
 ``train`` launches the training worker (as the UI does) and follows its events with a progress
 bar; Ctrl+C asks the worker to stop at the next step.  Every error prints one line naming the field
 or file, and exits with status 2; no traceback reaches the user.

@@ -494,3 +494,35 @@ def test_start_refuses_fewer_examples_than_the_batch_as_the_run_does(tmp_path, s
     with pytest.raises(DataError) as e:
         prepare(RunConfig.from_dict({"data": {"path": path}, "train": {"batch_size": 8}}), tiny_tokenizer)
     assert rid is None and msg == f"⚠️ {e.value}" and "only 3 training examples but the batch size is 8" in msg
+
+
+def test_records_handed_over_with_numpy_values_are_read_as_their_values(tiny_tokenizer):
+    import numpy as np
+
+    recs = [{"messages": np.array([U("What is ROI?"), A("Return on investment.")], dtype=object)},
+            {"messages": np.array([U("q"), A("a"), A("a again")], dtype=object)}]
+    assert detect(recs).kind == "messages"
+    exs, skipped = to_examples(recs, {"messages": "messages"}, "frame")
+    assert [e.instruction for e in exs] == ["What is ROI?"] and "frame example 2" in skipped[0]
+    assert text_of(np.int64(7), "x") == "7" and text_of(np.float64("nan"), "x") == ""
+    with pytest.raises(DataError, match="holds a list of 2 values"):
+        text_of(np.array(["a", "b"]), "x")
+
+
+@pytest.mark.parametrize("roles,match", [
+    (["output", "", "output", "", ""], r"mapping: column 'output' is mapped to both 'instruction' and 'response'"),
+    (["instruction", "", "output", "", "input"], r"mapping: 'messages' is mapped to 'input', so instruction, "
+                                                 r"response would be ignored"),
+])
+def test_a_mapping_that_would_train_the_wrong_text_is_refused_by_preview_and_start(roles, match, studio_home,
+                                                                                   tiny_model_dir):
+    from studio.runs import RunStore
+    from studio.ui import data, train
+
+    path = str(SAMPLES / "finance_alpaca.jsonl")
+    *_, status = data.refresh(path, "", "", "train", *roles, "alpaca", "", "{response}", 128, False, TINY, 2)
+    assert re.search(match, status), status
+    mapping = {r: c for r, c in zip(data.ROLE_ORDER, roles) if c}
+    rid, msg = train.start_run(RunStore(), ["data.path", "data.mapping"], load_preset("tiny-demo").to_dict(), "",
+                               [path, mapping])
+    assert rid is None and msg == status

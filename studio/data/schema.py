@@ -87,6 +87,8 @@ def _as_turns(value: Any) -> Any:
 
 def _turns_kind(value: Any) -> str | None:
     value = _as_turns(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        value = value.tolist()
     if not isinstance(value, list) or not value or not isinstance(value[0], dict):
         return None
     first = value[0]
@@ -103,8 +105,7 @@ def detect(records: list[dict]) -> Detection:
     for cand in _CANDIDATES["messages"]:
         if cand in lower:
             # The first record that has a conversation decides (the first may hold an empty one).
-            value = next((r.get(lower[cand]) for r in records[:200] if r.get(lower[cand])), None)
-            kind = _turns_kind(value)
+            kind = next((k for r in records[:200] if (k := _turns_kind(r.get(lower[cand])))), None)
             if kind:
                 return Detection(kind, {"messages": lower[cand]}, cols,
                                  f"Found a conversation column '{lower[cand]}' ({kind} format).")
@@ -142,6 +143,16 @@ def check_mapping(mapping: dict[str, str], columns: list[str]) -> None:
     if not mapping.get("messages") and not (mapping.get("instruction") and mapping.get("response")):
         raise DataError("mapping: map 'instruction' and 'response' to columns, or 'messages' to a "
                         "conversation column.")
+    flat = [r for r in ("instruction", "input", "response", "system") if mapping.get(r)]
+    if mapping.get("messages") and flat:
+        # A conversation carries its own roles; the flat ones would be ignored without a word.
+        raise DataError(f"mapping: 'messages' is mapped to '{mapping['messages']}', so {', '.join(flat)} would be "
+                        "ignored; map either a conversation column or the flat roles, not both.")
+    for i, r in enumerate(flat):
+        other = next((o for o in flat[i + 1:] if mapping[o] == mapping[r]), None)
+        if other:
+            raise DataError(f"mapping: column '{mapping[r]}' is mapped to both '{r}' and '{other}'; each role "
+                            "needs its own column.")
 
 
 def _part_text(part: Any, where: str, n: int) -> str:
@@ -162,6 +173,8 @@ def text_of(value: Any, where: str) -> str:
         return ""
     if isinstance(value, str):
         return value
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return text_of(value.tolist(), where)  # numpy scalars and arrays from callers' own records
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -196,6 +209,8 @@ def text_of(value: Any, where: str) -> str:
 def _norm_turns(value: Any, where: str) -> list[dict]:
     """Normalized role/content turns of one conversation, checked (see the module docstring)."""
     value = _as_turns(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        value = value.tolist()
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise DataError(f"{where}: the conversation is missing.")
     if not isinstance(value, list):
