@@ -526,3 +526,50 @@ def test_a_mapping_that_would_train_the_wrong_text_is_refused_by_preview_and_sta
     rid, msg = train.start_run(RunStore(), ["data.path", "data.mapping"], load_preset("tiny-demo").to_dict(), "",
                                [path, mapping])
     assert rid is None and msg == status
+
+
+def test_the_served_preview_names_file_line_and_field(tmp_path, studio_home, tiny_model_dir):
+    """As a browser or API client sends them: uploaded files, then the /preview endpoint."""
+    import socket
+
+    import gradio as gr
+    from gradio_client import Client
+
+    from studio.ui import data
+    from studio.ui.context import UIContext
+
+    def upload(name, text):
+        f = _w(tmp_path, name, text)
+        return data.on_upload(str(f), "")[0]
+
+    chat = upload("chat.jsonl", json.dumps({"conversations": [{"from": "human", "value": "q"},
+                                                              {"from": "gpt", "value": "a1"},
+                                                              {"from": "gpt", "value": "a2"}]}) + "\n")
+    deep = upload("deep.json", "[" * 50_000 + "]" * 50_000)
+    parts = upload("parts.jsonl", json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]},
+                                                           {"role": "assistant", "content": "Hello."}]}) + "\n")
+    with gr.Blocks() as demo:
+        data.build(UIContext())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+
+        def status(path, roles, template="alpaca", prompt="", response="{response}", **kw):
+            return client.predict(path, "", "", "train", *roles, template, prompt, response, 128, False, TINY, 2,
+                                  0, 0, 0.0, "", 42, api_name="/preview")[-1]
+
+        # Empty roles: as detected (an API client cannot set a dropdown to a column the page has not listed).
+        s = status(chat, ["", "", "", "", ""])
+        assert "chat-" in s and ".jsonl line 1, field 'conversations' turn 3: a second 'assistant' turn in a row" in s
+        s = status(deep, ["", "", "", "", ""])
+        assert s.startswith("⚠️ deep-") and "nested too deeply to read" in s
+        s = status(parts, ["", "", "", "", ""])
+        assert s.startswith("✅ 1 examples ready")
+        s = status(str(SAMPLES / "finance_alpaca.jsonl"), ["instruction", "input", "output", "", ""], "custom",
+                   "Q: {instruction}\nA: ", "{response:>10}")
+        assert s == "⚠️ data.custom_response: placeholder {response:>10} has a format spec; write it bare, as {response}."
+    finally:
+        demo.close()
