@@ -573,3 +573,19 @@ def test_the_served_preview_names_file_line_and_field(tmp_path, studio_home, tin
         assert s == "⚠️ data.custom_response: placeholder {response:>10} has a format spec; write it bare, as {response}."
     finally:
         demo.close()
+
+
+def test_a_lone_surrogate_escaped_in_json_is_refused_with_the_place(tmp_path, tiny_tokenizer):
+    p = _w(tmp_path, "s.jsonl", '{"instruction": "q", "output": "a"}\n{"instruction": "bad \\ud800 here", "output": "a"}\n')
+    exs, skipped = _examples(p)
+    assert len(exs) == 1 and skipped == ["s.jsonl line 2, field 'instruction' holds an invalid character ('\\ud800', "
+                                         "half of a UTF-16 pair, at character 5); fix or remove it."]
+    assert len(prepare(_cfg(p), tiny_tokenizer).train) == 1  # the run skips it too, instead of a TypeError
+
+
+def test_files_joined_with_cat_keep_their_lines_and_an_empty_parquet_says_so(tmp_path):
+    joined = '\ufeff{"instruction": "a", "output": "b"}\n'.encode() + '\ufeff{"instruction": "c", "output": "d"}\n'.encode()
+    assert [r["instruction"] for r in read_records(_w(tmp_path, "j.jsonl", joined))] == ["a", "c"]
+    p = _parquet(tmp_path, "empty.parquet", {"instruction": __import__("pyarrow").array([], "string")})
+    with pytest.raises(DataError, match=r"empty\.parquet: no examples found"):
+        read_records(p)

@@ -99,14 +99,15 @@ def read_records(path: str | Path) -> Records:
         raise DataError(f"{path.name}: unsupported file type '{suffix}'; use one of {', '.join(SUFFIXES)}.")
     check_size(path)
     if suffix == ".parquet":
-        return _parquet(path)
-    text = _text(path)
-    if suffix == ".jsonl":
-        records = _jsonl(path.name, text)
-    elif suffix == ".json":
-        records = _json(path.name, text)
+        records = _parquet(path)
     else:
-        records = _csv(path.name, text)
+        text = _text(path)
+        if suffix == ".jsonl":
+            records = _jsonl(path.name, text)
+        elif suffix == ".json":
+            records = _json(path.name, text)
+        else:
+            records = _csv(path.name, text)
     if not records:
         raise DataError(f"{path.name}: no examples found; the file has no records.")
     return records
@@ -132,6 +133,7 @@ def _unique_keys(pairs: list) -> dict:
 def _jsonl(name: str, text: str) -> Records:
     out, lines = [], []
     for n, line in enumerate(text.split("\n"), 1):
+        line = line.lstrip("\ufeff")  # files joined with cat keep each one's BOM at the start of a line
         if not line.strip():
             continue
         try:

@@ -172,6 +172,11 @@ def text_of(value: Any, where: str) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no tokenizer can read it
+            raise DataError(f"{where} holds an invalid character ({value[e.start]!r}, half of a UTF-16 pair, at "
+                            f"character {e.start + 1}); fix or remove it.") from None
         return value
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return text_of(value.tolist(), where)  # numpy scalars and arrays from callers' own records
