@@ -60,6 +60,9 @@ def _config(args):
     overrides = _parse_set(args.set)
     if getattr(args, "data", None):
         overrides["data.path"] = args.data
+        # The preset's column mapping names its own dataset's columns (the fast recipe's user/system/assistant);
+        # a file of your own is detected afresh unless --set data.mapping says otherwise.
+        overrides.setdefault("data.mapping", {})
     if getattr(args, "name", None):
         overrides["output.run_name"] = args.name
     return cfg.replace(overrides) if overrides else cfg

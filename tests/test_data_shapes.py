@@ -589,3 +589,16 @@ def test_files_joined_with_cat_keep_their_lines_and_an_empty_parquet_says_so(tmp
     p = _parquet(tmp_path, "empty.parquet", {"instruction": __import__("pyarrow").array([], "string")})
     with pytest.raises(DataError, match=r"empty\.parquet: no examples found"):
         read_records(p)
+
+
+def test_cli_data_of_your_own_is_detected_afresh_on_a_preset_with_a_mapping():
+    class Args:
+        preset, name, set = "mistral-7b-finance-fast", None, None
+        data = str(SAMPLES / "finance_alpaca.jsonl")
+
+    cfg = _config(Args)
+    assert cfg.data.path == Args.data and cfg.data.mapping == {}
+    Args.set = ["data.mapping={instruction: instruction, response: output}"]
+    assert _config(Args).data.mapping == {"instruction": "instruction", "response": "output"}
+    Args.data, Args.set = None, None
+    assert _config(Args).data.mapping == {"instruction": "user", "input": "system", "response": "assistant"}
