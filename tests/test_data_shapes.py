@@ -602,3 +602,9 @@ def test_cli_data_of_your_own_is_detected_afresh_on_a_preset_with_a_mapping():
     assert _config(Args).data.mapping == {"instruction": "instruction", "response": "output"}
     Args.data, Args.set = None, None
     assert _config(Args).data.mapping == {"instruction": "user", "input": "system", "response": "assistant"}
+
+
+def test_a_binary_file_with_many_zero_bytes_is_not_called_utf16(tmp_path):
+    blob = b"PK\x03\x04" + b"\x00" * 3000 + bytes(range(1, 256)) * 4
+    with pytest.raises(DataError, match="binary file"):
+        read_records(_w(tmp_path, "z.json", blob))

@@ -68,7 +68,10 @@ def _text(path: Path) -> str:
     encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), None)
     if encoding is None and b"\x00" in raw[:8192]:
         head = raw[:8192]
-        if head[1::2].count(0) > len(head) // 4 or head[0::2].count(0) > len(head) // 4:
+        even, odd = head[0::2], head[1::2]
+        # UTF-16 of mostly ASCII text: every other byte is zero, the others almost never are.
+        if len(head) >= 16 and any(a.count(0) > 0.9 * len(a) and b.count(0) < 0.1 * len(b)
+                                   for a, b in ((odd, even), (even, odd))):
             raise DataError(f"{path.name}: this looks like UTF-16 text without a byte-order mark; save the file "
                             "as UTF-8.")
         raise DataError(f"{path.name}: this is a binary file (an image or archive?), not text; "
