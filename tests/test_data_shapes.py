@@ -324,6 +324,8 @@ def test_json_array_items_are_named_by_their_position(tmp_path):
     ("Q: {instruction}\nA: {response}", "{response}", "data.custom_prompt", r"holds \{response\}"),
     ("Q: {instruction}\nA: ", "{{response}}", "data.custom_response", r"must contain \{response\}"),
     ("Q: {instruction\nA: ", "{response}", "data.custom_prompt", r"unmatched '\{'"),
+    ("Q: {{instruction}}\nA: ", "{response}", "data.custom_prompt", r"has no \{instruction\}: every example would "
+                                                                   r"get the same prompt"),
     ("", "{response}", "data.custom_prompt", r"is empty"),
     ("  \n ", "{response}", "data.custom_prompt", r"is empty"),
 ])
@@ -372,8 +374,8 @@ def test_set_a_template_starting_with_hashes_reaches_the_config_intact():
 
     cfg = _config(Args)
     assert (cfg.data.custom_prompt, cfg.data.custom_response) == ("### Q: {instruction}\n### A: ", " {response}")
-    Args.set = ["data.template=custom", "data.custom_prompt=### all of this is a comment to YAML"]
-    assert _config(Args).data.custom_prompt == "### all of this is a comment to YAML"
+    Args.set = ["data.template=custom", "data.custom_prompt=### all of this is a comment to YAML: {instruction}"]
+    assert _config(Args).data.custom_prompt == "### all of this is a comment to YAML: {instruction}"
     Args.set = ["data.template=custom", "data.custom_prompt=### Q: {question}"]
     with pytest.raises(ConfigError, match=r"data.custom_prompt: unknown placeholder \{question\}"):
         _config(Args)

@@ -8,9 +8,10 @@ Contract:
   ``val_samples`` which wins over ``val_fraction``; ``train_samples`` then samples the train part.
 - ``prepare(cfg, tokenizer)`` runs the whole path and returns ``Prepared`` with HF ``Dataset``s of
   ``input_ids``/``labels``, length stats and the skipped-record notes.
-- ``select(data_cfg, records, val_records)`` and ``check_tokenized(toks, data_cfg)`` are the steps and
-  refusals ``prepare`` runs before any dataset is built; the Data tab's preview calls the same two, so
-  the preview never says ready where training would refuse.
+- ``select`` (map, skip, split, sample), ``check_tokenized`` (some response survives max_length) and
+  ``check_batch`` are the refusals ``prepare`` makes before any dataset is built; ``check_ready`` runs the
+  first two on at most ``limit`` examples for the Data tab's preview and for Start, so neither says
+  ready where training would refuse.
 - ``preview(...)`` returns per-example text, token pieces and which of them carry loss.
 """
 

@@ -80,6 +80,9 @@ def custom_problem(custom_prompt: str, custom_response: str) -> tuple[str, str] 
                                       "data.custom_response.")
     if "response" not in found["data.custom_response"]:
         return "data.custom_response", "must contain {response}."
+    if "instruction" not in found["data.custom_prompt"] | found["data.custom_response"]:
+        # Without it every example would be trained on the same prompt ({{instruction}} is literal text).
+        return "data.custom_prompt", "has no {instruction}: every example would get the same prompt; add it."
     return None
 
 
