@@ -610,3 +610,20 @@ def test_a_binary_file_with_many_zero_bytes_is_not_called_utf16(tmp_path):
     blob = b"PK\x03\x04" + b"\x00" * 3000 + bytes(range(1, 256)) * 4
     with pytest.raises(DataError, match="binary file"):
         read_records(_w(tmp_path, "z.json", blob))
+
+
+def test_json_keys_with_stray_spaces_or_capitals_are_still_detected():
+    recs = [{" Instruction ": "q", "Output ": "a"}]
+    det = detect(recs)
+    assert det.mapping == {"instruction": " Instruction ", "response": "Output "}
+    (ex,), _ = to_examples(recs, det.mapping)
+    assert (ex.instruction, ex.response) == ("q", "a")
+
+
+def test_mixed_flat_and_conversation_records_name_each_skip(tmp_path):
+    p = _jsonl(tmp_path, "mix.jsonl", [{"messages": GOOD_CONV}, {"instruction": "q", "output": "a"},
+                                       {"messages": {"0": U("q")}}])
+    exs, skipped = _examples(p)
+    assert len(exs) == 1
+    assert skipped == ["mix.jsonl line 2, field 'messages': the conversation is missing.",
+                       "mix.jsonl line 3, field 'messages': the conversation is not a list of turns (found dict)."]

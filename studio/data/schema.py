@@ -101,7 +101,7 @@ def _turns_kind(value: Any) -> str | None:
 
 def detect(records: list[dict]) -> Detection:
     cols = columns_of(records)
-    lower = {c.lower(): c for c in cols}
+    lower = {c.strip().lower(): c for c in cols}  # "Instruction" or " output " (JSON keys are not trimmed)
     for cand in _CANDIDATES["messages"]:
         if cand in lower:
             # The first record that has a conversation decides (the first may hold an empty one).
