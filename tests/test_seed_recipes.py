@@ -11,7 +11,9 @@ No hub is reachable here: the fast preset's dataset is stood in for by ``samples
 which has that dataset's three columns (some rows with an empty system), read through the preset's own
 mapping.  The text is compared as a string and as the tokens the model is trained on (decoded back),
 and the Playground's prompt (``render_prompt``, what ``generate`` sends) must be the recipe's text up to
-the answer.
+the answer, and its ids (``encode_prompt``) the masked start of the training ids.  The text is tokenized
+as one string, as the recipes do: a Llama/Mistral-style sentencepiece tokenizer (built here, offline)
+would otherwise put a space before every answer that is in neither the template nor the data.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from conftest import SAMPLES
 from studio.data.files import read_records
 from studio.data.pipeline import prepare, select
 from studio.data.templates import TemplateSpec, describe, render, render_prompt, stop_strings
-from studio.data.tokenize import IGNORE, tokenize_pair
+from studio.data.tokenize import IGNORE, encode_prompt, tokenize_pair
 from studio.presets import list_presets, load_preset
 
 
@@ -120,9 +122,14 @@ def test_the_tokens_trained_on_spell_the_recipe_text(name, tiny_tokenizer):
     for ex, row in list(zip(prep.train_examples, prep.train.rows))[:40]:
         prompt, answer = render(ex, TemplateSpec.from_config(cfg.data), tok)
         assert (prompt, answer) in expected
-        assert tok.decode(row["input_ids"]) == tok.bos_token + prompt + answer + tok.eos_token
-        n_answer = sum(1 for x in row["labels"] if x != IGNORE)
-        assert tok.decode(row["input_ids"][-n_answer:]) == answer + tok.eos_token
+        ids = row["input_ids"]
+        assert tok.decode(ids) == tok.bos_token + prompt + answer + tok.eos_token
+        n_prompt = sum(1 for x in row["labels"] if x == IGNORE)
+        # The loss covers the answer (with the space "### Answer: " ends in, which joins its first word) and EOS;
+        # the Playground sends exactly the masked ids, so the tuned model continues where training did.
+        assert tok.decode(ids[:n_prompt]) == tok.bos_token + prompt.rstrip(" ")
+        assert ids[:n_prompt] == encode_prompt(tok, render_prompt(ex.instruction, TemplateSpec.from_config(cfg.data),
+                                                                  tok, input=ex.input, system=ex.system))
     assert prep.stats.count == len(prep.train)
 
 
@@ -140,3 +147,35 @@ def test_qa_with_a_system_prompt_or_an_input_keeps_the_blank_lines(tiny_tokenize
     assert p + a == "Be brief.\n\n### Question: What is ROI?\nGain 5, cost 50\n\n### Answer: 10%.\n\n### End"
     t = tokenize_pair(p, a, tiny_tokenizer, 128)
     assert tiny_tokenizer.decode(t.input_ids) == "<s>" + p + a + "</s>"
+
+
+def _sentencepiece_legacy_tokenizer():
+    """A tokenizer that, like Llama's and Mistral's, prepends a word-start "▁" to every text it encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    rows = read_records(SAMPLES / "finance_alpaca.jsonl")
+    corpus = [f"### Instruction:\n{r['instruction']}\n\n### Response:\n{r['output']}" for r in rows]
+    corpus += [f"### Question: {r['instruction']}\n\n### Answer: {r['output']}\n\n### End" for r in rows]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # Words start with "▁", and every encoded text gets one in front (sentencepiece's dummy prefix).
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("template", ["alpaca", "qa"])
+def test_a_sentencepiece_tokenizer_sees_no_space_the_recipe_does_not_write(template):
+    from studio.data.schema import Example
+
+    tok = _sentencepiece_legacy_tokenizer()
+    assert tok.decode(tok("Return", add_special_tokens=False)["input_ids"] * 2) == "Return Return"  # the "▁" it adds
+    prompt, answer = render(Example(instruction="What is ROI?", response="Return on investment."), TemplateSpec(template))
+    t = tokenize_pair(prompt, answer, tok, 128)
+    assert tok.decode(t.input_ids) == "<s> " + prompt + answer + "</s>"  # the decoder's usual leading-space strip
+    n_prompt = t.labels.count(IGNORE)
+    assert t.input_ids[:n_prompt] == encode_prompt(tok, prompt)
+    assert tok.decode(t.input_ids[n_prompt:]).lstrip() == answer + "</s>"
