@@ -18,7 +18,9 @@ preview itself, its counts and length histogram; length, validation and sampling
 accordion below.
 
 Handlers are plain functions, tested directly: ``store_upload``, ``load_source``, ``refresh``
-(served as ``api_name="preview"`` with simple values) and ``mapping_state``.
+(served as ``api_name="preview"`` with simple values) and ``mapping_state``.  ``refresh`` says ready only
+where a run would start: it checks the values with ``RunConfig`` and the data with the pipeline's own
+``check_ready``; ``check_before_start`` runs the same for the Train tab's Start, so both refuse alike.
 """
 
 from __future__ import annotations
