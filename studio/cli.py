@@ -31,8 +31,9 @@ def _parse_set(items: list[str]) -> dict:
     lists and the mapping are read as YAML, then checked against the field like any preset value."""
     import yaml
 
-    from studio.config import field_type
+    from studio.config import field_specs, field_type
 
+    specs = field_specs()
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -44,10 +45,11 @@ def _parse_set(items: list[str]) -> dict:
         except (KeyError, TypeError, AttributeError):
             typ = None  # an unknown key: RunConfig names it with the known ones
         if typ is str:
-            out[k] = v
+            # A choice (data.template = qa) is a word; free text keeps its spaces.
+            out[k] = v.strip() if k in specs and "choices" in specs[k].metadata else v
             continue
         try:
-            out[k] = yaml.safe_load(v) if v.strip() else ""
+            out[k] = yaml.safe_load(v) if v.strip() else None  # empty: {} for the mapping, an error for a number
         except yaml.YAMLError as e:
             raise ConfigError(k, f"could not read {v!r} ({str(e).splitlines()[0]}).") from None
     return out

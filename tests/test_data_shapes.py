@@ -627,3 +627,12 @@ def test_mixed_flat_and_conversation_records_name_each_skip(tmp_path):
     assert len(exs) == 1
     assert skipped == ["mix.jsonl line 2, field 'messages': the conversation is missing.",
                        "mix.jsonl line 3, field 'messages': the conversation is not a list of turns (found dict)."]
+
+
+def test_set_choices_are_words_and_an_empty_mapping_clears_it():
+    over = _parse_set(["data.template = qa", "data.mapping=", "data.custom_response= {response}"])
+    assert over == {"data.template": "qa", "data.mapping": None, "data.custom_response": " {response}"}
+    cfg = load_preset("mistral-7b-finance-fast").replace(over)
+    assert cfg.data.template == "qa" and cfg.data.mapping == {} and cfg.data.custom_response == " {response}"
+    with pytest.raises(ConfigError, match=r"train.epochs: expected float, got None"):
+        load_preset("tiny-demo").replace(_parse_set(["train.epochs="]))
