@@ -8,6 +8,8 @@
     python -m studio estimate --preset NAME
     python -m studio build-tiny
 
+``--data FILE`` trains on your file with its columns detected afresh (a preset's ``data.mapping`` names its
+own dataset's columns) unless ``--set data.mapping=...`` says otherwise.
 ``--set KEY=VALUE`` takes a text field's VALUE exactly as typed (write newlines with bash's ``$'...'``);
 other fields read VALUE as YAML (numbers, true/false, ``[a, b]``, ``{instruction: user}``).
 
