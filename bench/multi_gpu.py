@@ -118,6 +118,7 @@ def main() -> None:
     eff = 16
     base = load_preset("mistral-7b-finance-fast").replace({
         "model.base_model": str(model), "model.compute_dtype": "bf16", "data.path": str(data), "data.hub_dataset": "",
+        "data.mapping": {},
         "data.train_samples": 0, "data.val_samples": 32, "data.max_length": 512, "train.max_steps": a.steps,
         "train.logging_steps": 1, "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0,
         "train.grad_accum": 1, "output.adapter_dir": "", "lora.dropout": 0.0})

@@ -73,7 +73,7 @@ def studio_config(variant: str, model_dir: str, data: str, steps: int, overrides
         from studio import modeling
 
         modeling.GC_KWARGS = {"use_reentrant": False}
-    base = {"model.base_model": model_dir, "data.path": data, "data.hub_dataset": "", "data.val_samples": 0,
+    base = {"model.base_model": model_dir, "data.path": data, "data.hub_dataset": "", "data.mapping": {}, "data.val_samples": 0,
             "data.val_fraction": 0.0, "data.train_samples": 0, "train.max_steps": steps,
             "train.logging_steps": 1 if "@" in variant else 5,
             "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0, "train.tensorboard": False,

@@ -8,6 +8,11 @@
     python -m studio estimate --preset NAME
     python -m studio build-tiny
 
+``--data FILE`` trains on your file with its columns detected afresh (a preset's ``data.mapping`` names its
+own dataset's columns) unless ``--set data.mapping=...`` says otherwise.
+``--set KEY=VALUE`` takes a text field's VALUE exactly as typed (write newlines with bash's ``$'...'``);
+other fields read VALUE as YAML (numbers, true/false, ``[a, b]``, ``{instruction: user}``).
+
 ``train`` launches the training worker (as the UI does) and follows its events with a progress
 bar; Ctrl+C asks the worker to stop at the next step.  Every error prints one line naming the field
 or file, and exits with status 2; no traceback reaches the user.
@@ -23,14 +28,32 @@ from studio.config import ConfigError
 
 
 def _parse_set(items: list[str]) -> dict:
+    """``--set key=value`` pairs.  A text field takes the value exactly as typed (YAML would read a template
+    starting with ``###`` as a comment, ``yes`` as true, ``{instruction}`` as a mapping); numbers, switches,
+    lists and the mapping are read as YAML, then checked against the field like any preset value."""
     import yaml
 
+    from studio.config import field_specs, field_type
+
+    specs = field_specs()
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(item, "--set takes key=value, e.g. train.learning_rate=1e-4.")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        k = k.strip()
+        try:
+            typ = field_type(k)
+        except (KeyError, TypeError, AttributeError):
+            typ = None  # an unknown key: RunConfig names it with the known ones
+        if typ is str:
+            # A choice (data.template = qa) is a word; free text keeps its spaces.
+            out[k] = v.strip() if k in specs and "choices" in specs[k].metadata else v
+            continue
+        try:
+            out[k] = yaml.safe_load(v) if v.strip() else None  # empty: {} for the mapping, an error for a number
+        except yaml.YAMLError as e:
+            raise ConfigError(k, f"could not read {v!r} ({str(e).splitlines()[0]}).") from None
     return out
 
 
@@ -41,6 +64,9 @@ def _config(args):
     overrides = _parse_set(args.set)
     if getattr(args, "data", None):
         overrides["data.path"] = args.data
+        # The preset's column mapping names its own dataset's columns (the fast recipe's user/system/assistant);
+        # a file of your own is detected afresh unless --set data.mapping says otherwise.
+        overrides.setdefault("data.mapping", {})
     if getattr(args, "name", None):
         overrides["output.run_name"] = args.name
     return cfg.replace(overrides) if overrides else cfg

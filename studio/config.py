@@ -227,9 +227,13 @@ class RunConfig:
                               "turn it off or choose nf4.")
         if o.push_to_hub and "/" not in o.hub_repo:
             raise ConfigError("output.hub_repo", "must be owner/name when push_to_hub is on.")
-        if d.template == "custom" and not d.custom_prompt.strip():
-            raise ConfigError("data.custom_prompt", "is empty; a custom template needs a prompt with "
-                              "{placeholders}.")
+        if d.template == "custom":
+            # The same check as the Data tab's preview (a bad placeholder refused here, not at step 0).
+            from studio.data.templates import custom_problem  # local: config imports nothing of ours at load
+
+            problem = custom_problem(d.custom_prompt, d.custom_response)
+            if problem:
+                raise ConfigError(*problem)
         if d.val_samples and d.val_fraction:
             raise ConfigError("data.val_samples", "and data.val_fraction are both set; choose one.")
         if t.max_steps == 0 and t.epochs <= 0:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from studio.data.templates import TemplateSpec, render_prompt, stop_strings
+from studio.data.tokenize import encode_prompt
 
 
 @dataclass
@@ -62,10 +63,11 @@ def _cut(text: str, spec: TemplateSpec) -> str:
 
 
 def _inputs(model, tokenizer, prompt: str):
-    bos = tokenizer.bos_token
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=not (bos and prompt.startswith(bos)))
-    device = next(model.parameters()).device
-    return {k: v.to(device) for k, v in enc.items()}
+    import torch
+
+    # The ids training sequences of this template begin with (a trailing space belongs to the answer's token).
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=next(model.parameters()).device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def generate_text(model, tokenizer, text: str, spec: TemplateSpec, *, input: str = "", system: str = "",

@@ -112,8 +112,8 @@ def test_mixed_schemas_and_missing_fields_in_one_file(tmp_path, tiny_tokenizer):
     cfg = RunConfig.from_dict({"data": {"path": str(p)}, "train": {"batch_size": 2}})
     prep = prepare(cfg, tiny_tokenizer)
     assert len(prep.train) == 7  # six good rows and the number 42, read as the text "42"
-    assert [s.split(":")[0] for s in prep.skipped] == ["mixed.jsonl example 7", "mixed.jsonl example 8",
-                                                       "mixed.jsonl example 10"]
+    assert [s.split(":")[0] for s in prep.skipped] == ["mixed.jsonl line 7", "mixed.jsonl line 8",
+                                                       "mixed.jsonl line 10"]
     assert "field 'instruction' is empty or missing" in prep.skipped[0]
     assert "field 'output' is empty or missing" in prep.skipped[2]
 

@@ -58,8 +58,9 @@ def test_alpaca_template_exact_and_input_omitted_when_empty():
 
 
 def test_qa_template_exact():
+    # The thorough seed recipe: question, a blank line, answer, a blank line, ### End.
     p, r = render(Example(instruction="What is ROI?", response="Return on investment."), TemplateSpec("qa"))
-    assert p + r == "### Question: What is ROI?\n### Answer: Return on investment.\n### End"
+    assert p + r == "### Question: What is ROI?\n\n### Answer: Return on investment.\n\n### End"
 
 
 def test_custom_template_rejects_unknown_placeholder():

@@ -94,7 +94,7 @@ def test_skipped_records_are_summarised(tmp_path, tiny_model_dir):
     rows[2]["output"] = ""
     *_, status = run_preview(uploaded(tmp_path, "some.jsonl", "\n".join(json.dumps(r) for r in rows)))
     assert status.startswith("✅") and "1 of 4 records skipped" in status
-    assert "example 3" in status and "'output' is empty" in status
+    assert "some-3cf41d339b.jsonl line 3" in status and "'output' is empty" in status
 
 
 def test_only_samples_and_uploads_are_read(tmp_path):
@@ -167,7 +167,7 @@ def test_preset_switch_fills_widgets_and_changes_list_the_key():
     v = dict(zip(presets.KEYS, values))
     assert v["model.base_model"] == "mistralai/Mistral-7B-v0.1" and v["lora.r"] == 8
     assert v["lora.target_modules"] == "q_proj, v_proj" and v["train.optimizer"] == "paged_adamw_8bit"
-    assert "mistral-7b-finance-fast" in desc and base["data"]["hub_dataset"] == "gbharti/finance-alpaca"
+    assert "mistral-7b-finance-fast" in desc and base["data"]["hub_dataset"] == "Josephgflowers/Finance-Instruct-500k"
     assert presets.changes(base, *values).startswith("No changes")
     values[presets.KEYS.index("lora.r")] = 16
     values[presets.KEYS.index("lora.target_modules")] = "q_proj,v_proj"  # same list, written differently

@@ -9,11 +9,23 @@ Contract:
   empty instruction or response raise ``DataError`` naming the record and the field; callers decide
   whether to skip or stop.
 Roles: ``system``, ``instruction``, ``input``, ``response`` (flat schemas) or ``messages``
-(a list of turns, either role/content or ShareGPT from/value).
+(a list of turns, either role/content or ShareGPT from/value; in CSV, a cell may hold that list as
+JSON text).
+
+What counts as text (``text_of``): a string; a number (written as JSON writes it); null or a missing
+value (empty); content given as a list of parts (``[{"type": "text", "text": ...}]``, joined as the
+models' chat templates join them).  Anything else (a list of values, an object, an image part) is
+refused with the place and the field, never trained on as its Python text.  A conversation is an
+optional system turn, then user and assistant turns that alternate, ending with the assistant; tool
+or function turns, a second turn of the same role in a row, or a system turn later on are refused with
+the turn's number.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +43,11 @@ _CANDIDATES = {
 }
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "model": "assistant", "system": "system", "bot": "assistant"}
+_TOOL_ROLES = {"tool", "function", "ipython", "function_call", "function_response", "observation", "tool_call",
+               "tool_response", "tool_calls"}
+_NON_TEXT_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file"}
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlevel = 40, 40, 2
 
 
 @dataclass
@@ -58,7 +75,20 @@ def columns_of(records: list[dict], limit: int = 200) -> list[str]:
     return list(cols)
 
 
+def _as_turns(value: Any) -> Any:
+    """A conversation given as JSON text (a CSV cell) becomes the list it spells; anything else is unchanged."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            return value
+    return value
+
+
 def _turns_kind(value: Any) -> str | None:
+    value = _as_turns(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        value = value.tolist()
     if not isinstance(value, list) or not value or not isinstance(value[0], dict):
         return None
     first = value[0]
@@ -71,10 +101,11 @@ def _turns_kind(value: Any) -> str | None:
 
 def detect(records: list[dict]) -> Detection:
     cols = columns_of(records)
-    lower = {c.lower(): c for c in cols}
+    lower = {c.strip().lower(): c for c in cols}  # "Instruction" or " output " (JSON keys are not trimmed)
     for cand in _CANDIDATES["messages"]:
         if cand in lower:
-            kind = _turns_kind(records[0].get(lower[cand]))
+            # The first record that has a conversation decides (the first may hold an empty one).
+            kind = next((k for r in records[:200] if (k := _turns_kind(r.get(lower[cand])))), None)
             if kind:
                 return Detection(kind, {"messages": lower[cand]}, cols,
                                  f"Found a conversation column '{lower[cand]}' ({kind} format).")
@@ -112,53 +143,150 @@ def check_mapping(mapping: dict[str, str], columns: list[str]) -> None:
     if not mapping.get("messages") and not (mapping.get("instruction") and mapping.get("response")):
         raise DataError("mapping: map 'instruction' and 'response' to columns, or 'messages' to a "
                         "conversation column.")
+    flat = [r for r in ("instruction", "input", "response", "system") if mapping.get(r)]
+    if mapping.get("messages") and flat:
+        # A conversation carries its own roles; the flat ones would be ignored without a word.
+        raise DataError(f"mapping: 'messages' is mapped to '{mapping['messages']}', so {', '.join(flat)} would be "
+                        "ignored; map either a conversation column or the flat roles, not both.")
+    for i, r in enumerate(flat):
+        other = next((o for o in flat[i + 1:] if mapping[o] == mapping[r]), None)
+        if other:
+            raise DataError(f"mapping: column '{mapping[r]}' is mapped to both '{r}' and '{other}'; each role "
+                            "needs its own column.")
 
 
-def _s(v: Any) -> str:
-    if v is None:
+def _part_text(part: Any, where: str, n: int) -> str:
+    if isinstance(part, dict):
+        kind = str(part.get("type", "text")).lower()
+        if kind == "text" and isinstance(part.get("text"), str):
+            return part["text"]
+        if kind in _NON_TEXT_PARTS:
+            raise DataError(f"{where} part {n} is an '{kind}' part; only text can be trained on: remove that "
+                            "part or the example.")
+    raise DataError(f"{where} part {n} is not a text part {{'type': 'text', 'text': ...}} "
+                    f"(found {_short.repr(part)}).")
+
+
+def text_of(value: Any, where: str) -> str:
+    """The text a field holds (see the module docstring), or DataError naming ``where`` (place and field)."""
+    if value is None:
         return ""
-    if isinstance(v, float) and v != v:  # NaN from pandas
-        return ""
-    return str(v)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no tokenizer can read it
+            raise DataError(f"{where} holds an invalid character ({value[e.start]!r}, half of a UTF-16 pair, at "
+                            f"character {e.start + 1}); fix or remove it.") from None
+        return value
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return text_of(value.tolist(), where)  # numpy scalars and arrays from callers' own records
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):  # a missing value in pandas/Parquet
+            return ""
+        return json.dumps(value) if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(p, dict) for p in value):
+            # OpenAI-style content parts; chat templates write the text parts one after another.
+            return "".join(_part_text(p, where, i) for i, p in enumerate(value, 1))
+        raise DataError(f"{where} holds a list of {len(value)} values, not text; map a column that holds text "
+                        "(or give the text as a string).")
+    if isinstance(value, dict):
+        if "text" in value and isinstance(value.get("text"), str) and str(value.get("type", "text")) == "text":
+            return value["text"]
+        raise DataError(f"{where} holds an object ({_short.repr(value)}), not text; map a column that holds text.")
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{where} holds binary data, not UTF-8 text.") from None
+    import datetime
+    import decimal
+
+    if isinstance(value, (datetime.date, datetime.time, datetime.timedelta, decimal.Decimal)):
+        return str(value)
+    raise DataError(f"{where} holds a {type(value).__name__}, not text; map a column that holds text.")
 
 
 def _norm_turns(value: Any, where: str) -> list[dict]:
+    """Normalized role/content turns of one conversation, checked (see the module docstring)."""
+    value = _as_turns(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        value = value.tolist()
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise DataError(f"{where}: the conversation is missing.")
     if not isinstance(value, list):
-        raise DataError(f"{where}: the conversation is not a list of turns.")
+        raise DataError(f"{where}: the conversation is not a list of turns (found {type(value).__name__}).")
+    if not value:
+        raise DataError(f"{where}: the conversation is empty.")
     turns = []
-    for t in value:
+    for n, t in enumerate(value, 1):
+        at = f"{where} turn {n}"
         if not isinstance(t, dict):
-            raise DataError(f"{where}: a turn is not an object.")
+            raise DataError(f"{at}: a turn is not an object (found {type(t).__name__}).")
         if "role" in t:
-            role, content = str(t.get("role", "")).lower(), _s(t.get("content"))
+            raw_role, content = t.get("role"), t.get("content")
         else:
-            role, content = _SHAREGPT_ROLES.get(str(t.get("from", "")).lower(), ""), _s(t.get("value"))
-        if role not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: unknown role {role or t!r}; use system, user or assistant.")
-        turns.append({"role": role, "content": content})
-    return turns
+            raw_role, content = t.get("from"), t.get("value")
+        name = str(raw_role or "").strip().lower()
+        role = _SHAREGPT_ROLES.get(name, "")
+        if name in _TOOL_ROLES or (role == "assistant" and t.get("tool_calls")):
+            raise DataError(f"{at} is a tool or function turn ('{name}'{' with tool_calls' if t.get('tool_calls') else ''}); "
+                            "the templates here train on system, user and assistant text only: remove those turns "
+                            "or those conversations.")
+        if not role:
+            raise DataError(f"{at}: unknown role {_short.repr(raw_role)}; use system, user or assistant "
+                            "(ShareGPT: system, human, gpt).")
+        text = text_of(content, f"{at} ({role})")
+        turns.append({"role": role, "content": text})
+    return _check_order(turns, where)
+
+
+def _check_order(turns: list[dict], where: str) -> list[dict]:
+    numbered = list(enumerate(turns, 1))  # turn numbers in messages count the turns as written
+    if numbered[0][1]["role"] == "system" and not numbered[0][1]["content"].strip():
+        numbered = numbered[1:]  # an empty system turn says nothing
+    body = numbered[1:] if numbered and numbered[0][1]["role"] == "system" else numbered
+    if not body:
+        raise DataError(f"{where}: the conversation has no user turn.")
+    expected = "user"
+    for k, (n, t) in enumerate(body):
+        if t["role"] == "system":
+            raise DataError(f"{where} turn {n}: a system turn after the conversation began; only the first turn "
+                            "may be a system turn.")
+        if t["role"] != expected:
+            if k == 0:
+                raise DataError(f"{where} turn {n}: the conversation starts with an assistant turn; it must start "
+                                "with a user turn (after an optional system turn).")
+            raise DataError(f"{where} turn {n}: a second '{t['role']}' turn in a row; user and assistant turns "
+                            "must alternate (merge the two turns or remove one).")
+        if not t["content"].strip() and k < len(body) - 1:
+            raise DataError(f"{where} turn {n}: the {t['role']} turn is empty.")
+        expected = "assistant" if expected == "user" else "user"
+    if body[-1][1]["role"] != "assistant" or not body[-1][1]["content"].strip():
+        raise DataError(f"{where}: the conversation must end with a non-empty assistant turn.")
+    return [t for _, t in numbered]
 
 
 def to_example(record: dict, mapping: dict[str, str], where: str = "record") -> Example:
     if mapping.get("messages"):
-        turns = _norm_turns(record.get(mapping["messages"]), where)
-        if not turns or turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
-            raise DataError(f"{where}: the conversation must end with a non-empty assistant turn.")
+        col = mapping["messages"]
+        turns = _norm_turns(record.get(col), f"{where}, field '{col}'")
         system = turns[0]["content"] if turns[0]["role"] == "system" else ""
         body = turns[1:] if system else turns
-        users = [t for t in body[:-1] if t["role"] == "user"]
-        if not users:
-            raise DataError(f"{where}: the conversation has no user turn.")
         # Earlier turns become context so flat templates still see the whole dialogue.
         history = "\n".join(f"{t['role']}: {t['content']}" for t in body[:-2])
         return Example(instruction=body[-2]["content"], response=body[-1]["content"], input=history,
                        system=system, messages=turns)
-    ex = Example(
-        instruction=_s(record.get(mapping.get("instruction", ""), "")),
-        response=_s(record.get(mapping.get("response", ""), "")),
-        input=_s(record.get(mapping["input"], "")) if mapping.get("input") else "",
-        system=_s(record.get(mapping["system"], "")) if mapping.get("system") else "",
-    )
+
+    def get(role: str) -> str:
+        col = mapping.get(role)
+        return text_of(record.get(col), f"{where}, field '{col}'") if col else ""
+
+    ex = Example(instruction=get("instruction"), response=get("response"), input=get("input"), system=get("system"))
     if not ex.instruction.strip():
         raise DataError(f"{where}: field '{mapping.get('instruction')}' is empty or missing.")
     if not ex.response.strip():

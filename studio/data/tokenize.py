@@ -2,7 +2,9 @@
 
 Contract: ``tokenize_pair(prompt, response, tokenizer, max_length, train_on_inputs)`` returns a
 ``Tokenized`` with ``input_ids``, ``labels`` (-100 where no loss), the untruncated length and whether
-it was truncated.  EOS is appended so the model learns to stop (unless the response text already
+it was truncated.  The ids are those of ``prompt + response`` as one text (so they decode to exactly the
+template's text); the loss starts at the first token holding response characters.  ``encode_prompt``
+gives the ids generation sends for a prompt, which begin the training sequences of its template.  EOS is appended so the model learns to stop (unless the response text already
 ends with it, as chat templates do).  The loss mask depends on positions, not on token ids, so a
 pad token equal to EOS could never mask the EOS that ends a response.  ``ensure_pad_token`` gives a
 tokenizer a pad token distinct from EOS where it can.
@@ -50,13 +52,56 @@ def _encode(tokenizer, text: str, first: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=add)["input_ids"]
 
 
+def _whole(tokenizer, prompt: str, response: str) -> tuple[list[int], int] | None:
+    """Ids of ``prompt + response`` tokenized as one text, and how many of them belong to the prompt.
+
+    One text, as the seed recipes tokenize it: encoding the response on its own would let a sentencepiece
+    tokenizer (Llama, Mistral) put a word-start space before it ("### Response:\n Return", "Answer:  Return")
+    that is in neither the template nor the data.  A token that holds both prompt and response characters
+    (the space of "### Answer: " joined to the answer's first word) belongs to the response, as do the
+    prompt's trailing spaces.
+    None where the tokenizer cannot map tokens to characters (a slow tokenizer).
+    """
+    text = prompt + response
+    bos = tokenizer.bos_token
+    try:
+        enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+    ids, offsets = enc["input_ids"], enc.get("offset_mapping")
+    if offsets is None or len(offsets) != len(ids):
+        return None
+    # The prompt's trailing spaces go with the answer whether or not the tokenizer joins them to its first
+    # word, so the prompt's ids never depend on the answer (and ``encode_prompt`` can send exactly them).
+    boundary = len(prompt.rstrip(" "))
+    n_prompt = 0
+    for start, end in offsets:
+        if end > boundary:
+            break
+        n_prompt += 1
+    return ids, n_prompt
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The ids a generation prompt is sent as: the tokens that begin the training sequences of that template.
+
+    A prompt that ends in spaces ("### Answer: ") is sent without them: in training that space is part of the
+    answer's first token, so the model continues with it.
+    """
+    stripped = prompt.rstrip(" ")
+    return _encode(tokenizer, stripped if stripped else prompt, True)
+
+
 def tokenize_pair(prompt: str, response: str, tokenizer, max_length: int,
                   train_on_inputs: bool = False) -> Tokenized:
-    p_ids = _encode(tokenizer, prompt, True)
-    r_ids = _encode(tokenizer, response, False)
+    whole = _whole(tokenizer, prompt, response)
+    if whole is not None:
+        ids, n_prompt = whole
+    else:
+        p_ids = _encode(tokenizer, prompt, True)
+        ids, n_prompt = p_ids + _encode(tokenizer, response, False), len(p_ids)
     eos = tokenizer.eos_token_id
-    if eos is not None and not (r_ids and r_ids[-1] == eos):
-        r_ids = r_ids + [eos]
-    ids = p_ids + r_ids
-    labels = (list(ids) if train_on_inputs else [IGNORE] * len(p_ids) + list(r_ids))
+    if eos is not None and not (len(ids) > n_prompt and ids[-1] == eos):
+        ids = ids + [eos]
+    labels = (list(ids) if train_on_inputs else [IGNORE] * n_prompt + list(ids[n_prompt:]))
     return Tokenized(ids[:max_length], labels[:max_length], len(ids))

@@ -18,7 +18,9 @@ preview itself, its counts and length histogram; length, validation and sampling
 accordion below.
 
 Handlers are plain functions, tested directly: ``store_upload``, ``load_source``, ``refresh``
-(served as ``api_name="preview"`` with simple values) and ``mapping_state``.
+(served as ``api_name="preview"`` with simple values) and ``mapping_state``.  ``refresh`` says ready only
+where a run would start: it checks the values with ``RunConfig`` and the data with the pipeline's own
+``check_ready``; ``check_before_start`` runs the same for the Train tab's Start, so both refuse alike.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ import gradio as gr
 
 from studio.config import ConfigError, DataSection, RunConfig
 from studio.data.files import SUFFIXES, DataError, check_size, read_hub, read_records
-from studio.data.pipeline import preview, resolve_mapping, to_examples, tokenize_examples
+from studio.data.pipeline import check_batch, check_ready, preview, select
 from studio.data.schema import detect
 from studio.data.stats import length_stats
-from studio.data.templates import TemplateSpec, check_custom, describe, render
+from studio.data.templates import TemplateSpec, describe, render
 from studio.modeling import ModelError, load_tokenizer
 from studio.presets import REPO_ROOT, load_preset
 from studio.runs import studio_home
@@ -219,12 +221,6 @@ def mapping_state(detected: dict, *role_values) -> dict:
     return {} if chosen == {k: v for k, v in (detected or {}).items() if v} else chosen
 
 
-def _examples(records, role_values, source: str):
-    mapping = {r: v for r, v in zip(ROLE_ORDER, role_values) if v}
-    _, chosen = resolve_mapping(records, mapping)
-    return to_examples(records, chosen, source)
-
-
 def _skip_note(skipped: list[str], total: int) -> str:
     if not skipped:
         return ""
@@ -270,39 +266,87 @@ def length_figure(lengths: list[int], max_length: int):
     return fig
 
 
+def _data_config(path, hub_dataset, hub_config, split, roles, template, custom_prompt, custom_response,
+                 max_length, train_on_inputs, train_samples, val_samples, val_fraction, val_path, seed) -> DataSection:
+    """The ``data`` section these values make, checked by ``RunConfig`` exactly as Start checks it."""
+    if max_length is None or max_length < 8:
+        raise DataError("data.max_length: enter a number of tokens (at least 8).")
+    mapping = {r: v for r, v in zip(ROLE_ORDER, roles) if v}
+    values = {"path": path or "", "hub_dataset": hub_dataset or "", "hub_config": hub_config or "",
+              "split": split or "train", "template": template or "alpaca", "custom_prompt": custom_prompt or "",
+              "custom_response": custom_response if custom_response is not None else "{response}",
+              "mapping": mapping, "max_length": max_length, "train_on_inputs": bool(train_on_inputs),
+              "train_samples": train_samples or 0, "val_samples": val_samples or 0,
+              "val_fraction": val_fraction or 0.0, "val_path": val_path or "",
+              "seed": 42 if seed is None else seed}
+    return RunConfig.from_dict({"data": values}).data
+
+
 def refresh(path: str, hub_dataset: str, hub_config: str, split: str, instruction: str, input: str,
             response: str, system: str, messages: str, template: str, custom_prompt: str, custom_response: str,
-            max_length: float, train_on_inputs: bool, base_model: str, n_examples: float = 3):
-    """-> (highlighted tokens, per-example counts, length histogram, length summary, status)."""
+            max_length: float, train_on_inputs: bool, base_model: str, n_examples: float = 3,
+            train_samples: float = 0, val_samples: float = 0, val_fraction: float = 0.0, val_path: str = "",
+            seed: float = 42):
+    """-> (highlighted tokens, per-example counts, length histogram, length summary, status).
+
+    The status says ready only where training would start: the values pass ``RunConfig``'s checks and the
+    data passes the pipeline's own (``select``: mapping, skips, split; ``check_tokenized``: responses kept
+    within max length), the same calls ``prepare`` makes in the worker.
+    """
     roles = (instruction, input, response, system, messages)
     empty = ([], [], None, "")
     try:
-        if max_length is None or max_length < 8:
-            raise DataError("data.max_length: enter a number of tokens (at least 8).")
-        max_length, n = int(max_length), max(1, int(n_examples or 3))
-        spec = TemplateSpec(template or "alpaca", custom_prompt or "", custom_response or "")
-        if spec.name == "custom":
-            check_custom(spec)
+        n = max(1, int(n_examples or 3))
+        d = _data_config(path, hub_dataset, hub_config, split, roles, template, custom_prompt, custom_response,
+                         max_length, train_on_inputs, train_samples, val_samples, val_fraction, val_path, seed)
+        spec = TemplateSpec.from_config(d)
         records = read_source(path, hub_dataset, hub_config, split)
-        source = Path(path).name if (path or "").strip() else hub_dataset
-        examples, skipped = _examples(records, roles, source)
+        val_records = read_source(d.val_path) if d.val_path else None
         tok, why = tokenizer_for(base_model)
         if tok is None:
+            sel = select(d, records, val_records)
             if spec.name == "chat":
                 raise DataError(f"data.template: the chat template needs the model's tokenizer. {why}")
-            return (_text_pieces(examples, spec, n, train_on_inputs), [], None, "",
-                    f"⚠️ {why}{_skip_note(skipped, len(records))}")
-        pieces, rows = _token_pieces(preview(examples, spec, tok, max_length, train_on_inputs, n))
-        measured = examples[:STATS_LIMIT]
-        lengths = [t.full_length for t in tokenize_examples(measured, spec, tok, max_length, train_on_inputs)]
+            return (_text_pieces(sel.examples, spec, n, train_on_inputs), [], None, "",
+                    f"⚠️ {why}{_skip_note(sel.skipped, len(records))}")
+        ready = check_ready(d, records, val_records, tok, STATS_LIMIT)
+        sel, measured, dropped = ready.selection, ready.measured, ready.dropped
+        examples, skipped = sel.examples, sel.skipped
+        pieces, rows = _token_pieces(preview(examples, spec, tok, d.max_length, train_on_inputs, n))
+        lengths = [t.full_length for t in ready.tokens]
     except (DataError, ConfigError, ValueError, KeyError) as e:
         return (*empty, f"⚠️ {e}")
-    stats = length_stats(lengths, max_length)
+    except Exception as e:  # noqa: BLE001 - the preview shows a sentence, never a bare "Error"
+        return (*empty, f"⚠️ the data could not be previewed ({type(e).__name__}: {str(e)[:300]}).")
+    stats = length_stats(lengths, d.max_length)
     part = f" (measured on the first {len(measured)} of {len(examples)} examples)" if len(measured) < len(examples) \
         else ""
-    status = f"✅ {len(examples)} examples ready, tokenized with the {base_model} tokenizer." \
-        + _skip_note(skipped, len(records))
-    return pieces, rows, length_figure(lengths, max_length), stats.summary + part, status
+    split_note = f" ({len(sel.train)} for training, {len(sel.validation)} for validation)" if sel.validation else ""
+    drop_note = (f"\n\n⚠️ {dropped} training example{'s' if dropped != 1 else ''} lose{'s' if dropped == 1 else ''} "
+                 f"the whole response to the max length of {d.max_length} tokens and will be left out.") \
+        if dropped else ""
+    status = f"✅ {len(examples)} examples ready{split_note}, tokenized with the {base_model} tokenizer." \
+        + drop_note + _skip_note(skipped, len(records))
+    return pieces, rows, length_figure(lengths, d.max_length), stats.summary + part, status
+
+
+def check_before_start(cfg: RunConfig) -> None:
+    """Start's data check: the preview's own (``check_ready``) on a local file, so Start refuses what the
+    preview refuses, with the same sentence, before any run folder exists.  A hub split, or a base model
+    whose tokenizer cannot load here, is left to the worker, whose ``prepare`` runs the same checks."""
+    d = cfg.data
+    if not d.path:
+        return
+    records = read_source(d.path)
+    val_records = read_source(d.val_path) if d.val_path else None
+    tok, _ = tokenizer_for(cfg.model.base_model)
+    if tok is None:
+        select(d, records, val_records)
+        return
+    ready = check_ready(d, records, val_records, tok, STATS_LIMIT)
+    train_n = len(ready.selection.train)
+    if not cfg.train.auto_batch and train_n <= STATS_LIMIT:  # auto_batch may change the batch on a GPU
+        check_batch(train_n - ready.dropped, cfg.train.batch_size)
 
 
 def template_changed(template: str, custom_prompt: str, custom_response: str):
@@ -377,7 +421,8 @@ def build(ctx, base_model=None) -> DataUI:
     n0 = 3
     pieces0, rows0, fig0, summary0, status0 = refresh(
         path0, d.hub_dataset, d.hub_config, d.split, *roles0, d.template, d.custom_prompt, d.custom_response,
-        d.max_length, d.train_on_inputs, model0, n0)
+        d.max_length, d.train_on_inputs, model0, n0, d.train_samples, d.val_samples, d.val_fraction, d.val_path,
+        d.seed)
 
     gr.Markdown("Choose the examples to train on and check how the model will read them: green tokens carry "
                 "the loss, grey prompt tokens are masked.")
@@ -454,7 +499,8 @@ def build(ctx, base_model=None) -> DataUI:
 
     role_list = list(role_dds.values())
     preview_inputs = [path, hub, hub_config, split, *role_list, template, custom_prompt, custom_response,
-                      max_length, train_on_inputs, base_box, n_examples]
+                      max_length, train_on_inputs, base_box, n_examples, train_samples, val_samples, val_fraction,
+                      val_path, seed]
     preview_outputs = [highlighted, counts, histogram, length_summary, status]
 
     def reload(dep):
@@ -479,7 +525,8 @@ def build(ctx, base_model=None) -> DataUI:
     # user leaves it, so a half-typed model id is never looked up.
     model_triggers = [base_box.change] if base_model is not None else [base_box.blur, base_box.submit]
     gr.on([*(dd.input for dd in role_list), custom_prompt.input, custom_response.input, max_length.input,
-           train_on_inputs.input, n_examples.release, *model_triggers],
+           train_on_inputs.input, n_examples.release, *model_triggers, train_samples.input, val_samples.input,
+           val_fraction.input, val_path.change, seed.input],
           refresh, preview_inputs, preview_outputs, api_name="preview", trigger_mode="always_last")
 
     keys = ["data.path", "data.hub_dataset", "data.hub_config", "data.split", "data.train_samples",

@@ -35,7 +35,7 @@ from studio.config import ConfigError, RunConfig
 from studio.data.files import DataError, check_size
 from studio.runs import LIVE, TERMINAL, Run, RunStore, status_of
 from studio.security import SecurityError, check_output_free, local_dataset, local_model, output_dir, redact
-from studio.ui.data import check_data_path
+from studio.ui.data import check_before_start, check_data_path
 from studio.ui.messages import message
 from studio.ui.widgets import to_config
 
@@ -412,6 +412,7 @@ def check_data(cfg: RunConfig) -> None:
     local_dataset(d.hub_dataset)  # datasets.load_dataset would read a local folder of that name
     if cfg.output.adapter_dir:
         check_output_free(output_dir(cfg.output.adapter_dir))
+    check_before_start(cfg)  # the Data tab preview's own checks: Start refuses what the preview refuses
 
 
 # ---- actions (the event handlers' engine side) --------------------------------------------------

@@ -28,7 +28,7 @@ def test_fast_preset_trains_20_steps_on_mistral_7b_shape(tmp_path, preset):
     model_dir = random_model(work / "mistral-7b-random")
     data = synthetic_alpaca(tmp_path / "fast.jsonl", 400, seed=3)
     cfg = load_preset(preset).replace({
-        "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "",
+        "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {},
         "data.train_samples": 0, "data.val_samples": 40, "train.max_steps": 20, "train.logging_steps": 1,
         "train.eval_steps": 10, "train.save_steps": 10, "train.sample_prompts": 1,
         "output.adapter_dir": str(tmp_path / "mistral-lora-finance-adapter-fast")})

@@ -89,7 +89,7 @@ def test_fast_preset_with_cuda_graphs_trains_and_saves(tmp_path):
     model_dir = random_model(work / "mistral-7b-width-2-layers", layers=2)
     data = synthetic_alpaca(tmp_path / "fast.jsonl", 300, seed=3)
     cfg = load_preset("mistral-7b-finance-fast").replace({
-        "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "",
+        "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {},
         "data.train_samples": 0, "data.val_samples": 20, "train.max_steps": 12, "train.logging_steps": 1,
         "train.eval_steps": 6, "train.save_steps": 6, "train.sample_prompts": 1, "train.padding_free": True,
         "train.auto_batch": True, "train.cuda_graphs": True, "output.adapter_dir": str(tmp_path / "adapter")})

@@ -26,7 +26,7 @@ def _run(tmp_path, name, liger):
     model_dir = random_model(work / "mistral-7b-width-2-layers", layers=2)
     data = synthetic_alpaca(tmp_path / "data.jsonl", 96, seed=5)
     cfg = load_preset("mistral-7b-finance-fast").replace({
-        "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "",
+        "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {},
         "data.train_samples": 0, "data.val_samples": 16, "train.max_steps": 4, "train.logging_steps": 1,
         "train.eval_steps": 2, "train.save_steps": 0, "train.sample_prompts": 1, "train.liger": liger,
         "output.adapter_dir": ""})

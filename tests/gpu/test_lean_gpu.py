@@ -180,7 +180,7 @@ def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
     model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
     data = synthetic_alpaca(tmp_path / "fast.jsonl", 200, seed=3)
     cfg = load_preset("mistral-7b-finance-fast").replace({
-        "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.train_samples": 0,
+        "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {}, "data.train_samples": 0,
         "data.val_samples": 16, "train.max_steps": 8, "train.logging_steps": 1, "train.eval_steps": 4,
         "train.save_steps": 4, "train.sample_prompts": 1, "lora.target_modules": ALL,
         # graphs-dropout: per-layer graphs (no checkpointing) replaying the fused layers' dropout draws
