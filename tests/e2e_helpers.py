@@ -3,8 +3,10 @@ screenshots.
 
 Contract: ``serve_app(home)`` is a context manager yielding the studio's URL once its port answers; on exit
 it ends the app's process group and the process group of every training worker the app started under
-``home`` (a failed test must not leave a worker training on a shared machine).  ``chromium_path()`` returns
-the browser to launch or fails the test with the command that installs it (CI runs ``make browser``).
+``home`` (a failed test must not leave a worker training on a shared machine); ``serve_command`` does the
+same for any command serving on a given port (the installed ``qlora-studio``, a notebook's kernel).
+``chromium_path()`` returns the browser to launch or fails the test with the command that installs it (CI
+runs ``make browser``).
 """
 
 from __future__ import annotations
@@ -77,25 +79,37 @@ def serve_app(home: Path, log_path: Path):
     """Run ``python app.py --port N`` with ``STUDIO_HOME=home``; yield its URL once the port answers."""
     port = free_port()
     env = dict(os.environ, STUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        with serve_command([sys.executable, "app.py", "--port", str(port)], port, env, ROOT, log_path,
+                           name="app.py") as url:
+            yield url
+    finally:
+        _end_workers(home)
+
+
+@contextlib.contextmanager
+def serve_command(cmd: list[str], port: int, env: dict, cwd: Path, log_path: Path, *,
+                  timeout: float = START_TIMEOUT_S, name: str = ""):
+    """Start ``cmd`` in its own process group; yield ``http://127.0.0.1:port/`` once the port answers; end the
+    group on exit (whatever the command started under it goes too)."""
+    name = name or Path(cmd[0]).name
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
         while not answers(port):
             if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode} before serving:\n{tail(log_path)}",
+                pytest.fail(f"{name} exited with {proc.returncode} before serving:\n{tail(log_path)}",
                             pytrace=False)
             if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not answer on port {port} within {START_TIMEOUT_S:.0f} s:\n"
+                pytest.fail(f"{name} did not answer on port {port} within {timeout:.0f} s:\n"
                             f"{tail(log_path)}", pytrace=False)
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/"
     finally:
         _end_group(proc.pid)
         proc.wait(timeout=10)
-        _end_workers(home)
 
 
 def tail(path: Path, n: int = 40) -> str:
