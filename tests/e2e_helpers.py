@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,7 @@ def serve_app(home: Path, log_path: Path):
 def serve_command(cmd: list[str], port: int, env: dict, cwd: Path, log_path: Path, *,
                   timeout: float = START_TIMEOUT_S, name: str = ""):
     """Start ``cmd`` in its own process group; yield ``http://127.0.0.1:port/`` once the port answers; end the
-    group on exit (whatever the command started under it goes too)."""
+    group on exit, and every process the command started, in that group or not."""
     name = name or Path(cmd[0]).name
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -108,8 +109,18 @@ def serve_command(cmd: list[str], port: int, env: dict, cwd: Path, log_path: Pat
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/"
     finally:
+        # A notebook kernel starts in a session of its own, so its children are ended by pid as well.
+        descendants = []
+        with contextlib.suppress(psutil.Error):
+            descendants = psutil.Process(proc.pid).children(recursive=True)
         _end_group(proc.pid)
         proc.wait(timeout=10)
+        for p in descendants:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        for p in psutil.wait_procs(descendants, timeout=5)[1]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def tail(path: Path, n: int = 40) -> str:

@@ -52,7 +52,7 @@ def test_colab_notebook_starts_a_password_protected_share_link():
 
     nb = json.loads((ROOT / "notebooks" / "colab.ipynb").read_text())
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    assert "STUDIO_PASSWORD" in code and "app.py --share" in code and "HF_TOKEN" in code
+    assert "STUDIO_PASSWORD" in code and "qlora-studio --share" in code and "HF_TOKEN" in code
     with pytest.raises(SystemExit):
         app.launch_kwargs("127.0.0.1", 7860, True, None)
     kw = app.launch_kwargs("127.0.0.1", 7860, True, ("admin", "long-enough-pw"))
