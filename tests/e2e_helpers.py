@@ -90,13 +90,14 @@ def serve_app(home: Path, log_path: Path):
 
 @contextlib.contextmanager
 def serve_command(cmd: list[str], port: int, env: dict, cwd: Path, log_path: Path, *,
-                  timeout: float = START_TIMEOUT_S, name: str = ""):
-    """Start ``cmd`` in its own process group; yield ``http://127.0.0.1:port/`` once the port answers; end the
-    group on exit, and every process the command started, in that group or not."""
+                  timeout: float = START_TIMEOUT_S, name: str = "", **popen):
+    """Start ``cmd`` in its own process group (``popen``: more ``Popen`` arguments, e.g. ``user``); yield
+    ``http://127.0.0.1:port/`` once the port answers; end the group on exit, and every process the command
+    started, in that group or not."""
     name = name or Path(cmd[0]).name
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, **popen)
     try:
         deadline = time.monotonic() + timeout
         while not answers(port):
