@@ -12,6 +12,7 @@ runs ``make browser``).
 from __future__ import annotations
 
 import contextlib
+import http.cookiejar
 import os
 import shutil
 import signal
@@ -19,6 +20,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -122,6 +126,20 @@ def serve_command(cmd: list[str], port: int, env: dict, cwd: Path, log_path: Pat
         for p in psutil.wait_procs(descendants, timeout=5)[1]:
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def page_behind_password(url: str, user: str, password: str) -> str:
+    """The studio's page at ``url``, which must refuse its config without a login and give it with one."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url + "config", timeout=60)
+    assert refused.value.code == 401, "served without asking for the password"
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    form = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    with browser.open(url + "login", data=form, timeout=60) as r:
+        assert r.status == 200
+    with browser.open(url, timeout=60) as r:
+        assert r.status == 200
+        return r.read().decode()
 
 
 def tail(path: Path, n: int = 40) -> str:
