@@ -49,7 +49,8 @@ def test_from_a_clone_the_shipped_files_are_the_repos_and_the_studio_home_is_stu
                                           str(ROOT / "models" / "tiny-mistral")]
 
 
-def test_the_wheel_installs_into_a_fresh_venv_and_qlora_studio_serves_the_offline_demo(tmp_path, tiny_model_dir):
+def test_the_wheel_installs_into_a_fresh_venv_and_qlora_studio_trains_and_serves_the_offline_demo(tmp_path,
+                                                                                                  tiny_model_dir):
     wheel = build_wheel(checkout_copy(tmp_path / "src"), tmp_path / "dist")
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "studio").rglob("*.py") if "__pycache__" not in p.parts}
@@ -73,6 +74,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_qlora_studio_serves_the_offlin
 
     site = Path(installed("import studio; print(studio.__file__)")[0]).parent
     assert site.is_relative_to(tmp_path / "venv"), f"studio imported from {site}, not the fresh venv"
+    before = {p for p in site.rglob("*") if "__pycache__" not in p.parts}
     assert installed("from studio import paths; print(paths.studio_home(), paths.tiny_model_dir(), "
                      "paths.shipped_file('samples/finance_alpaca.jsonl'), sep='\\n')") == [
         str(home / ".qlora-studio"), str(home / ".qlora-studio" / "models" / "tiny-mistral"),
@@ -81,18 +83,25 @@ def test_the_wheel_installs_into_a_fresh_venv_and_qlora_studio_serves_the_offlin
                     "print(sorted(list_presets())); print(load_preset('tiny-demo').data.path)")
     assert cfg == [str(sorted(p.stem for p in (ROOT / "presets").glob("*.yaml"))), "samples/finance_alpaca.jsonl"]
 
+    # The tiny model CI built already (a fresh home would build its own, ~25 s, into home/.qlora-studio/models).
+    demo_env = dict(env, STUDIO_TINY_MODEL_DIR=str(tiny_model_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # The shipped preset's relative data path (samples/...) is found in the package, from any folder.
+    train = subprocess.run([str(bin_dir / "qlora-studio"), "train", "--preset", "tiny-demo", "--name", "installed",
+                            "--set", "train.epochs=1"], cwd=cwd, env=demo_env, capture_output=True, text=True,
+                           timeout=600)
+    assert train.returncode == 0 and "run installed: completed" in train.stdout, train.stdout + train.stderr
+    run_dir = home / ".qlora-studio" / "runs" / "installed"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"path: {site / 'shipped' / 'samples' / 'finance_alpaca.jsonl'}" in (run_dir / "config.yaml").read_text()
     runs = subprocess.run([str(bin_dir / "qlora-studio"), "runs"], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
-    assert runs.returncode == 0, runs.stderr
+    assert runs.returncode == 0 and "installed" in runs.stdout, runs.stderr
     helped = subprocess.run([str(bin_dir / "qlora-studio"), "--help"], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=300)
     assert helped.returncode == 0 and "train" in helped.stdout and "serve" in helped.stdout
 
-    before = {p for p in site.rglob("*") if "__pycache__" not in p.parts}
     port = free_port()
-    # The tiny model CI built already (a fresh home would build its own, ~25 s, into home/.qlora-studio/models).
-    serve_env = dict(env, STUDIO_TINY_MODEL_DIR=str(tiny_model_dir))
-    with serve_command([str(bin_dir / "qlora-studio"), "--port", str(port)], port, serve_env, cwd,
+    with serve_command([str(bin_dir / "qlora-studio"), "--port", str(port)], port, demo_env, cwd,
                        tmp_path / "serve.log") as url:
         with urllib.request.urlopen(url, timeout=60) as r:
             assert r.status == 200
