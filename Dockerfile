@@ -1,20 +1,23 @@
 # QLoRA Studio on a CUDA GPU server or as a Hugging Face Docker Space.
-# The install step is `make install`, the same command CI runs (through `make test`), so CI proves it.
+# The image pip-installs the package (pyproject.toml) with requirements.txt's pins, the versions CI tests;
+# tests/test_docker_steps.py runs these same steps (user, paths, environment) outside a container.
 # torch==2.13.0 from PyPI is the CUDA build on Linux and brings its own CUDA runtime; the host needs
 # the NVIDIA driver and the container toolkit (`docker run --gpus all ...`).
 FROM python:3.11-slim
 
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends make=4.3-4.1 \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 1000 user \
+RUN useradd --create-home --uid 1000 user \
     && mkdir -p /data \
     && chown user:user /data
 
 USER 1000
 WORKDIR /home/user/app
+ENV PATH=/home/user/venv/bin:$PATH \
+    STUDIO_TINY_MODEL_DIR=/home/user/models/tiny-mistral
 COPY --chown=user:user . .
-RUN make install
+# The offline demo's tiny model is built into the image, so the demo starts at once and without a network.
+RUN python -m venv /home/user/venv \
+    && pip install --no-cache-dir -r requirements.txt . \
+    && qlora-studio build-tiny
 
 # Runs, uploads and presets live on the volume; the model cache is configurable (HF_HOME).
 ENV STUDIO_HOME=/data/qlora-studio \
@@ -26,4 +29,4 @@ VOLUME ["/data"]
 EXPOSE 7860
 
 # Serving on 0.0.0.0 needs a password: set STUDIO_PASSWORD (a Space secret, or `docker run -e`).
-CMD [".venv/bin/python", "app.py"]
+CMD ["qlora-studio"]

@@ -130,17 +130,17 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     if not cfg.data.path and not cfg.data.hub_dataset:
         raise ConfigError("data.path", "no data: pass --data FILE or set data.hub_dataset.")
-    from pathlib import Path
-
     from studio.data.files import DataError, check_size
     from studio.modeling import preflight
+    from studio.paths import shipped_file
 
     for key in ("path", "val_path"):  # refuse now rather than start a run that fails a second later
         value = getattr(cfg.data, key)
         if value:
-            if not Path(value).is_file():
+            path = shipped_file(value)  # a preset's samples/... is found wherever the studio is installed
+            if not path.is_file():
                 raise DataError(f"data.{key}: {value}: no such file.")
-            check_size(Path(value))
+            check_size(path)
     preflight(cfg)
     run = worker.start(RunStore(), cfg)
     print(f"run {run.id} in {run.dir}")

@@ -12,17 +12,15 @@ from pathlib import Path
 
 import yaml
 
+from studio import paths
 from studio.config import ConfigError, RunConfig
+from studio.paths import user_presets_dir
 from studio.security import SecurityError, check_name, inside
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_DIR = REPO_ROOT / "presets"
-
-
-def user_presets_dir() -> Path:
-    from studio.runs import studio_home
-
-    return studio_home() / "presets"
+# The folder holding presets/ and samples/ (the repo root in a clone, studio/shipped/ when installed);
+# relative data paths in presets are read from it.
+REPO_ROOT = paths.shipped_root()
+BUILTIN_DIR = paths.presets_dir()
 
 
 def parse_yaml(text: str, source: str = "<text>") -> RunConfig:

@@ -27,19 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio.paths import runs_root, shipped_file, studio_home  # noqa: F401  (studio_home: re-exported)
 from studio.security import check_name, inside, redact
 
 TERMINAL = ("completed", "failed", "stopped", "halted")
 LIVE = ("queued", "starting", "running", "stopping")
-
-
-def studio_home() -> Path:
-    default = Path(__file__).resolve().parent.parent / "studio_home"
-    return Path(os.environ.get("STUDIO_HOME", default))
-
-
-def runs_root() -> Path:
-    return studio_home() / "runs"
 
 
 def _clean(v):
@@ -226,15 +218,14 @@ class RunStore:
         path = inside(self.root, run_id)
         path.mkdir(parents=True)
         (path / "logs").mkdir()
-        from studio.presets import REPO_ROOT, to_yaml
+        from studio.presets import to_yaml
 
         # Absolute data paths: the worker, evaluation and a restarted app may run from another folder.
         paths = {}
         for key in ("path", "val_path"):
             value = getattr(cfg.data, key)
             if value and not Path(value).is_absolute():
-                here = Path(value).resolve()
-                paths[key] = str(here if here.exists() else (REPO_ROOT / value).resolve())
+                paths[key] = str(shipped_file(value))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))
         (path / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         run = Run(run_id, path)

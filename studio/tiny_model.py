@@ -38,7 +38,8 @@ Contract
     The directory is written in a temporary sibling and then renamed, so nobody
     sees a half-written model and a crashed build leaves nothing that looks complete.
 ``default_tiny_model_dir() -> Path``
-    ``$STUDIO_TINY_MODEL_DIR`` if set, else ``<repo>/models/tiny-mistral``.
+    ``$STUDIO_TINY_MODEL_DIR`` if set, else ``<repo>/models/tiny-mistral`` in a clone and
+    ``<studio home>/models/tiny-mistral`` when installed (``studio.paths.tiny_model_dir``).
 ``ensure_tiny_model() -> Path``
     ``build_tiny_model(default_tiny_model_dir())``: builds on first use (or after
     ``samples/`` or the recipe changed), otherwise returns the existing path.
@@ -84,13 +85,14 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from studio import paths
+
 # The marker's fingerprint covers the constants below and the sample texts; bump this when
 # the build *code* changes in a way that alters the output, so old checkpoints get rebuilt.
 RECIPE_VERSION = 2
 MARKER_FILE = "tiny_model.json"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLES_DIR = REPO_ROOT / "samples"
+SAMPLES_DIR = paths.samples_dir()
 
 VOCAB_SIZE = 2048
 MODEL_MAX_LENGTH = 512
@@ -156,7 +158,7 @@ ROLE_VALUES = {"system", "user", "assistant", "human", "gpt"}
 
 
 def default_tiny_model_dir() -> Path:
-    return Path(os.environ.get("STUDIO_TINY_MODEL_DIR", REPO_ROOT / "models" / "tiny-mistral"))
+    return paths.tiny_model_dir()
 
 
 # ---------------------------------------------------------------- corpus
@@ -512,7 +514,8 @@ def _log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m studio.tiny_model", description="Build the tiny offline test model.")
-    parser.add_argument("out_dir", nargs="?", type=Path, default=None, help="default: $STUDIO_TINY_MODEL_DIR or models/tiny-mistral")
+    parser.add_argument("out_dir", nargs="?", type=Path, default=None, help="default: $STUDIO_TINY_MODEL_DIR, else models/tiny-mistral "
+                        "in a clone or under the studio home when installed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     args = parser.parse_args(argv)

@@ -3,13 +3,16 @@ screenshots.
 
 Contract: ``serve_app(home)`` is a context manager yielding the studio's URL once its port answers; on exit
 it ends the app's process group and the process group of every training worker the app started under
-``home`` (a failed test must not leave a worker training on a shared machine).  ``chromium_path()`` returns
-the browser to launch or fails the test with the command that installs it (CI runs ``make browser``).
+``home`` (a failed test must not leave a worker training on a shared machine); ``serve_command`` does the
+same for any command serving on a given port (the installed ``qlora-studio``, a notebook's kernel).
+``chromium_path()`` returns the browser to launch or fails the test with the command that installs it (CI
+runs ``make browser``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.cookiejar
 import os
 import shutil
 import signal
@@ -17,8 +20,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,25 +84,62 @@ def serve_app(home: Path, log_path: Path):
     """Run ``python app.py --port N`` with ``STUDIO_HOME=home``; yield its URL once the port answers."""
     port = free_port()
     env = dict(os.environ, STUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        with serve_command([sys.executable, "app.py", "--port", str(port)], port, env, ROOT, log_path,
+                           name="app.py") as url:
+            yield url
+    finally:
+        _end_workers(home)
+
+
+@contextlib.contextmanager
+def serve_command(cmd: list[str], port: int, env: dict, cwd: Path, log_path: Path, *,
+                  timeout: float = START_TIMEOUT_S, name: str = "", **popen):
+    """Start ``cmd`` in its own process group (``popen``: more ``Popen`` arguments, e.g. ``user``); yield
+    ``http://127.0.0.1:port/`` once the port answers; end the group on exit, and every process the command
+    started, in that group or not."""
+    name = name or Path(cmd[0]).name
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, **popen)
+    try:
+        deadline = time.monotonic() + timeout
         while not answers(port):
             if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode} before serving:\n{tail(log_path)}",
+                pytest.fail(f"{name} exited with {proc.returncode} before serving:\n{tail(log_path)}",
                             pytrace=False)
             if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not answer on port {port} within {START_TIMEOUT_S:.0f} s:\n"
+                pytest.fail(f"{name} did not answer on port {port} within {timeout:.0f} s:\n"
                             f"{tail(log_path)}", pytrace=False)
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/"
     finally:
+        # A notebook kernel starts in a session of its own, so its children are ended by pid as well.
+        descendants = []
+        with contextlib.suppress(psutil.Error):
+            descendants = psutil.Process(proc.pid).children(recursive=True)
         _end_group(proc.pid)
         proc.wait(timeout=10)
-        _end_workers(home)
+        for p in descendants:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        for p in psutil.wait_procs(descendants, timeout=5)[1]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def page_behind_password(url: str, user: str, password: str) -> str:
+    """The studio's page at ``url``, which must refuse its config without a login and give it with one."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url + "config", timeout=60)
+    assert refused.value.code == 401, "served without asking for the password"
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    form = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    with browser.open(url + "login", data=form, timeout=60) as r:
+        assert r.status == 200
+    with browser.open(url, timeout=60) as r:
+        assert r.status == 200
+        return r.read().decode()
 
 
 def tail(path: Path, n: int = 40) -> str:

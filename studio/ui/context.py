@@ -7,7 +7,7 @@ from pathlib import Path
 
 from studio.follow import Follower
 from studio.playground import ModelHolder
-from studio.presets import REPO_ROOT
+from studio.paths import samples_dir
 from studio.runs import RunStore
 
 
@@ -17,5 +17,5 @@ class UIContext:
     follower: Follower = field(default_factory=Follower)
     holder: ModelHolder = field(default_factory=ModelHolder)
     default_preset: str = "tiny-demo"
-    default_data: Path = REPO_ROOT / "samples" / "finance_alpaca.jsonl"
+    default_data: Path = field(default_factory=lambda: samples_dir() / "finance_alpaca.jsonl")
     timer_seconds: float = 1.0

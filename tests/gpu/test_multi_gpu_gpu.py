@@ -38,7 +38,8 @@ def setup(tmp_path_factory):
     data = synthetic_alpaca(tmp / "data.jsonl", 600, seed=7)
     base = load_preset("mistral-7b-finance-fast").replace({
         "model.base_model": str(model_dir), "model.compute_dtype": "bf16", "data.path": str(data),
-        "data.hub_dataset": "", "data.train_samples": 0, "data.val_samples": 32, "data.max_length": 256,
+        "data.hub_dataset": "", "data.mapping": {}, "data.train_samples": 0, "data.val_samples": 32,
+        "data.max_length": 256,
         "train.max_steps": STEPS, "train.logging_steps": 1, "train.eval_steps": 0, "train.save_steps": 6,
         "train.save_total_limit": 5, "train.sample_prompts": 0, "train.grad_accum": 1, "output.adapter_dir": "",
         "lora.dropout": 0.0})
