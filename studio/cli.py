@@ -135,11 +135,18 @@ def _run(args):
 
 
 def cmd_runs(args) -> int:
+    """One line per run; a run folder with unreadable parts is listed with a warning line, never hides the rest."""
     from studio.runs import RunStore
 
     for r in RunStore().list():
-        s = r.summary()
+        try:
+            s = r.summary()
+        except Exception as e:  # noqa: BLE001 - a folder the reader has not foreseen: list it, say so
+            s = {"id": r.id, "status": "unknown", "step": 0, "train_loss": None, "eval_loss": None,
+                 "warnings": [f"unreadable ({type(e).__name__})"]}
         print(f"{s['id']:40s} {s['status']:12s} step {s['step']:>6}  loss {s['train_loss']}  eval {s['eval_loss']}")
+        for w in s["warnings"]:
+            print("  warning: " + "".join(c if c.isprintable() else "?" for c in w))
     return 0
 
 
@@ -271,6 +278,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from studio.data.files import DataError
     from studio.export import ExportError
+    from studio.failures import DiskFull
     from studio.modeling import ModelError
     from studio.security import SecurityError, redact
     from studio.worker import Busy
@@ -278,6 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, ModelError, SecurityError, ExportError, Busy, ValueError) as e:
+    except (ConfigError, DataError, ModelError, SecurityError, ExportError, Busy, ValueError, DiskFull) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2

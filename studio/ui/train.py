@@ -338,13 +338,7 @@ def sample_rows(events: list[dict]) -> list[list]:
 
 def log_tail(run: Run, lines: int = LOG_LINES) -> str:
     """The last lines of the worker log, tokens redacted (again: the log may predate a token change)."""
-    try:
-        with open(run.log_path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(f.tell() - 64 * 1024, 0))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
+    text = run.log_tail(64 * 1024)  # never blocks on a FIFO nor follows a link planted in the run folder
     return redact("\n".join(text.splitlines()[-lines:]))
 
 
