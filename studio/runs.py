@@ -266,6 +266,11 @@ def parse_event(raw: bytes) -> tuple[dict | None, str | None]:
         ev, why = None, "not JSON"
     else:
         why = check_event(ev)
+        if why is None and (b"\\ud" in raw or b"\\uD" in raw):
+            try:  # an escaped lone surrogate decodes, yet no page, log or terminal can encode it
+                json.dumps(ev, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                why = "holds an unpaired surrogate"
         if why is None:
             return ev, None
     # A line torn by a crash and continued by the next write: the event after the tear is still whole.
@@ -306,6 +311,8 @@ def with_final(events: list[dict], final: dict | None) -> list[dict]:
     for ev in events:
         if ev.get("type") == "status":
             last = ev
+    if last is not None and last.get("t") == final["t"] and last.get("salvaged"):
+        return [e for e in events if e is not last] + [final]  # the whole record beats its torn copy
     if last is not None and (last.get("t", 0) > final["t"] or
                              (last.get("t") == final["t"] and last.get("status") == final["status"])):
         return events
