@@ -39,12 +39,21 @@ class Busy(RuntimeError):
 LOCK_NAME = ".train.lock"
 
 
-def _busy(store: RunStore, run_id: str | None = None) -> Busy:
-    if run_id is None:
-        try:  # the holder's record, written when it launched
-            run_id = json.loads(read_regular(store.root / LOCK_NAME, limit=4096) or b"{}").get("run")
+def _busy(store: RunStore, run_id: str | None = None, wait: float = 3.0) -> Busy:
+    """Busy, naming the training run: given, or read from the holder's record (written by the holder right after
+    it created its run; a racing starter may look a moment before that, so it looks again for a few seconds)."""
+    end = time.monotonic() + wait
+    while run_id is None:
+        try:
+            rec = json.loads(read_regular(store.root / LOCK_NAME, limit=4096) or b"{}")
+            if isinstance(rec.get("run"), str) and isinstance(rec.get("pid"), int) and pid_alive(rec["pid"]):
+                run_id = rec["run"]
+                break
         except (OSError, ValueError, AttributeError):
-            run_id = None
+            pass
+        if time.monotonic() > end:
+            break
+        time.sleep(0.05)
     who = f"run {run_id!r}" if isinstance(run_id, str) else "another run"
     return Busy(f"{who} is training; stop it or wait for it to finish.")
 
@@ -168,6 +177,7 @@ def start(store: RunStore, cfg, name: str = "", env: dict | None = None) -> Run:
         if active is not None:
             raise _busy(store, active.id)
         run = store.create(cfg, name)
+        _record_holder(fd, run, os.getpid())
         try:
             _launch(run, resume=False, env=env, lock_fd=fd)
         except BaseException:
@@ -185,6 +195,7 @@ def resume(store: RunStore, run: Run, env: dict | None = None) -> Run:
             raise ValueError(f"run {run.id!r} is {run.status}; only stopped, failed, halted or interrupted runs resume.")
         if run.last_checkpoint() is None:
             raise ValueError(f"run {run.id!r} has no complete checkpoint to resume from.")
+        _record_holder(fd, run, os.getpid())
         _launch(run, resume=True, env=env, lock_fd=fd)
     return run
 
