@@ -27,8 +27,9 @@ Contract:
   finish it, read as far as it goes once the worker is gone, and never glued to the next line (a writer
   first ends a torn line).
 - ``Run.finish`` writes the terminal status into ``final.json`` in place (its blocks were allocated at
-  creation, so this needs no free space), then appends it to ``events.jsonl``, giving the reservation back
-  to the disk if that append finds it full.  Readers take the later of the two.
+  creation, so this needs no free space), gives the rest of the reservation back to the disk, then appends
+  the status to ``events.jsonl``.  Readers take the later of the two, so the status stands even when that
+  append (or the worker's log) finds the disk full.
 """
 
 from __future__ import annotations
@@ -347,8 +348,9 @@ def append_line(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def write_in_place(path: Path, data: bytes) -> None:
-    """Overwrite a file's bytes without changing its size (no new blocks), padding with spaces."""
+def write_in_place(path: Path, data: bytes, shrink: bool = False) -> None:
+    """Overwrite a file's bytes without growing it (no new blocks), padding with spaces; with ``shrink``, then
+    cut it to ``data`` (its other blocks go back to the disk)."""
     fd = _open_regular(path, os.O_WRONLY)
     try:
         size = os.fstat(fd).st_size
@@ -356,6 +358,8 @@ def write_in_place(path: Path, data: bytes) -> None:
             raise OSError(errno.EFBIG, f"{len(data)} bytes do not fit the {size} reserved", str(path))
         os.pwrite(fd, data + b" " * (size - len(data)), 0)
         os.fsync(fd)
+        if shrink:
+            os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
 
@@ -422,17 +426,22 @@ class Run:
         return ev
 
     def reserve(self) -> None:
-        """(Re)claim the space for the terminal status: ``RESERVE_BYTES`` of real blocks, blank."""
+        """(Re)claim the space for the terminal status: ``RESERVE_BYTES`` of real blocks, blank.  A failure
+        (a full disk) leaves the previous file as it was."""
         try:
-            write_in_place(self.final_path, b"")
-            if self.final_path.stat().st_size >= RESERVE_BYTES:
+            st = os.lstat(self.final_path)
+            if stat.S_ISREG(st.st_mode) and st.st_size >= RESERVE_BYTES:
+                write_in_place(self.final_path, b"")
                 return
         except FileNotFoundError:
             pass
-        except OSError as e:
-            if e.errno != errno.EFBIG:
-                raise
-        write_new(self.final_path, b" " * RESERVE_BYTES)
+        tmp = self.final_path.with_name(FINAL + ".new")
+        try:
+            write_new(tmp, b" " * RESERVE_BYTES)
+            os.replace(tmp, self.final_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def finish(self, status: str, **fields) -> dict:
         """Write the terminal status so that it survives a full disk (see the module docstring)."""
@@ -447,25 +456,17 @@ class Run:
             line = (json.dumps(ev, ensure_ascii=False) + "\n").encode("utf-8")
         recorded = False
         try:
-            write_in_place(self.final_path, line)
+            # The run is over: the rest of the reservation goes back to the disk (the record stays), so on a full
+            # disk the event below and the worker's last log lines have room.  A resume reserves again.
+            write_in_place(self.final_path, line, shrink=True)
             recorded = True
         except OSError:
             pass
         try:
             append_line(self.events_path, line)
-        except OSError as e:
-            from studio.failures import is_disk_full
-
-            if not is_disk_full(e):
-                if not recorded:
-                    raise
-                return ev
-            try:  # give the reservation back to the disk (the record stays) and write the event again
-                os.truncate(self.final_path, len(line)) if recorded else self.final_path.unlink(missing_ok=True)
-                append_line(self.events_path, line)
-            except OSError:
-                if not recorded:
-                    raise
+        except OSError:
+            if not recorded:
+                raise
         return ev
 
     def final_record(self) -> dict | None:
