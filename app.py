@@ -82,10 +82,13 @@ def launch_kwargs(host: str, port: int, share: bool, auth) -> dict:
                           "pass --auth user:password or set STUDIO_PASSWORD.")
     if auth and len(auth[1]) < 8:
         raise LaunchError("the password must have at least 8 characters.")
+    from studio.ui import http_errors
+
     home = studio_home()
     return dict(server_name=host, server_port=port, share=share, auth=auth,
                 allowed_paths=[str(runs_root())], blocked_paths=[str(home / "presets"), str(ROOT / ".git")],
-                max_file_size=os.environ.get("STUDIO_MAX_UPLOAD_MB", "1024") + "mb", show_error=False)
+                max_file_size=os.environ.get("STUDIO_MAX_UPLOAD_MB", "1024") + "mb", show_error=False,
+                app_kwargs={"exception_handlers": http_errors.handlers()})  # a full disk in words, not a 500
 
 
 def main(argv=None) -> None:

@@ -153,3 +153,17 @@ def test_served_app_on_a_full_disk_answers_start_and_upload_with_the_reason(tmp_
                            timeout=60)
             assert r.status_code == 507, (r.status_code, r.text[:500])
             assert "disk full at" in r.text and "STUDIO_HOME" in r.text, r.text[:500]
+
+
+def test_an_upload_that_fills_the_disk_is_refused_in_words_and_leaves_no_part_file(tmp_path, monkeypatch):
+    from studio.ui.data import on_upload
+
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        monkeypatch.setenv("STUDIO_HOME", str(disk / "home"))
+        received = disk / "gradio_tmp" / "data.jsonl"  # where Gradio put the upload, on the same disk
+        received.parent.mkdir()
+        received.write_bytes(b'{"instruction": "q", "output": "a"}\n' * 36_000)
+        path, _, note, _ = on_upload(str(received), "samples/finance_alpaca.jsonl")
+        assert path == "samples/finance_alpaca.jsonl"  # the current data stays chosen
+        assert note.startswith("⚠️ Upload refused: disk full at") and "STUDIO_HOME" in note, note
+        assert list((disk / "home" / "uploads").iterdir()) == []
