@@ -67,7 +67,9 @@ def follow(run, out=sys.stdout) -> str:
                                     tok_s=e.get("tokens_per_s"))
                     bar.refresh()
                 elif t == "eval":
-                    tqdm.write(f"step {e['step']}: eval loss {e['eval_loss']:.4f}", file=out)
+                    el = e["eval_loss"]  # "nan" arrives as a string (JSON has no NaN)
+                    tqdm.write(f"step {e['step']}: eval loss {el:.4f}" if isinstance(el, float) else
+                               f"step {e['step']}: eval loss {el}", file=out)
                 elif t == "sample":
                     tqdm.write(f"step {e['step']} sample: {e['prompt'][:60]!r} -> {e['answer'][:80]!r}", file=out)
                 elif t == "data":

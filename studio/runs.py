@@ -195,7 +195,7 @@ def _final(v) -> bool:
 
 
 def _stats(v) -> bool:
-    return isinstance(v, dict) and _opt(STR)(v.get("summary"))
+    return isinstance(v, dict) and isinstance(v.get("summary"), str)
 
 
 LOSS = _opt(NUM, STR)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from studio.presets import load_preset, to_yaml
-from studio.runs import Run, RunStore, check_event, parse_event
+from studio.runs import Run, RunStore, check_event, parse_event, write_new
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = int(os.environ.get("STUDIO_FUZZ_CASES", 400))
@@ -390,3 +390,25 @@ def test_served_app_opens_every_tab_over_a_pile_of_damaged_runs(tmp_path, tiny_m
             browser.close()
         assert not [t for t in toasts if "rror" in t], toasts
         assert not errors, errors
+
+
+def test_writers_never_follow_a_link_planted_in_a_run_folder(tmp_path):
+    """events.jsonl, final.json and worker.pid replaced by links to a file outside: nothing is written there."""
+    store = RunStore(tmp_path / "runs")
+    run = healthy(store, "r")
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me\n")
+    for p in (run.events_path, run.final_path):
+        p.unlink()
+        p.symlink_to(outside)
+    with pytest.raises(OSError):
+        run.emit("log", message="through the link?")
+    with pytest.raises(OSError):
+        run.finish("failed", message="through the link?")
+    with pytest.raises(OSError):
+        write_new(run.events_path, b"x")
+    assert outside.read_text() == "keep me\n"
+    s = store.get("r").summary()
+    assert s["status"] == "created" and any("symlink" in w for w in s["warnings"]), s
+    run.reserve()  # a resume replaces the link itself with a fresh reservation
+    assert not run.final_path.is_symlink() and outside.read_text() == "keep me\n"

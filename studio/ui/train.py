@@ -448,6 +448,8 @@ def run_status(store: RunStore, run_id: str) -> dict:
     out = {"id": run.id, "status": s["status"], "step": s["step"], "max_steps": metric.get("max_steps"),
            "train_loss": s["train_loss"], "eval_loss": s["eval_loss"], "has_adapter": s["has_adapter"]}
     out.update({k: last[k] for k in ("message", "remedy") if k in last})
+    if s["warnings"]:
+        out["warnings"] = s["warnings"]  # what was skipped while reading the run folder
     return out
 
 
