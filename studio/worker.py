@@ -71,13 +71,31 @@ def launch_lock(store: RunStore):
             raise DiskFull(store.root, "starting a run") from e
         raise
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _busy(store) from None
+        end = time.monotonic() + EXIT_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # A worker that wrote its final status is only exiting (freeing memory): wait for it a little
+                # rather than call a finished run "training".
+                if time.monotonic() > end or not _holder_finished(store):
+                    raise _busy(store) from None
+                time.sleep(0.1)
         yield fd
     finally:
         os.close(fd)
+
+
+EXIT_WAIT = 30.0
+
+
+def _holder_finished(store: RunStore) -> bool:
+    try:
+        rec = json.loads(read_regular(store.root / LOCK_NAME, limit=4096) or b"{}")
+        return store.get(rec["run"]).last_status()["status"] in TERMINAL
+    except Exception:  # noqa: BLE001 - no readable record: not known to be finished
+        return False
 
 
 def _record_holder(fd: int, run: Run, pid: int) -> None:
@@ -186,15 +204,20 @@ def start(store: RunStore, cfg, name: str = "", env: dict | None = None) -> Run:
     return run
 
 
+def _resumable(run: Run) -> None:
+    if run.status not in ("stopped", "failed", "interrupted", "halted"):
+        raise ValueError(f"run {run.id!r} is {run.status}; only stopped, failed, halted or interrupted runs resume.")
+    if run.last_checkpoint() is None:
+        raise ValueError(f"run {run.id!r} has no complete checkpoint to resume from.")
+
+
 def resume(store: RunStore, run: Run, env: dict | None = None) -> Run:
+    _resumable(run)  # what the run is decides first: a completed run is never "busy"
     with launch_lock(store) as fd:
         active = store.active()
         if active is not None:
             raise _busy(store, active.id)
-        if run.status not in ("stopped", "failed", "interrupted", "halted"):
-            raise ValueError(f"run {run.id!r} is {run.status}; only stopped, failed, halted or interrupted runs resume.")
-        if run.last_checkpoint() is None:
-            raise ValueError(f"run {run.id!r} has no complete checkpoint to resume from.")
+        _resumable(run)
         _record_holder(fd, run, os.getpid())
         _launch(run, resume=True, env=env, lock_fd=fd)
     return run
