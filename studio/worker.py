@@ -239,7 +239,10 @@ def wait(run: Run, timeout: float = 600.0, poll: float = 0.2) -> str:
 
 
 def stop(run: Run, grace: float = 30.0) -> str:
-    run.stop_flag.touch()
+    from studio.runs import write_new
+
+    with contextlib.suppress(OSError):  # never through a link planted as STOP
+        write_new(run.stop_flag, b"")
     pid = run.worker_pid()
     if pid is None:
         return run.status
@@ -248,6 +251,8 @@ def stop(run: Run, grace: float = 30.0) -> str:
         if wait(run, timeout=0.5) and not run.worker_alive():
             return run.status
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not run.worker_alive():
+            break  # a stale pid file names another program's process (group): never signal it
         try:
             os.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
