@@ -140,6 +140,8 @@ def test_a_crashed_holder_or_a_stale_pid_file_blocks_nothing(tmp_path):
     try:
         first.pid_path.write_text(str(sleeper.pid))
         assert pid_alive(sleeper.pid) and not first.worker_alive() and store.active() is None
+        worker.stop(first, grace=1)  # as `studio stop first` does: the program the stale file names lives on
+        assert pid_alive(sleeper.pid)
         second = worker.start(store, _long(), "second")
         try:
             assert second.worker_alive() and [r.id for r in _training(store)] == ["second"]
