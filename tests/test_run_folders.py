@@ -385,7 +385,9 @@ def test_served_app_opens_every_tab_over_a_pile_of_damaged_runs(tmp_path, tiny_m
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(1500)
             page.get_by_role("tab", name="3 · Train").click()
-            page.locator("#train-history").get_by_text("good", exact=True).first.wait_for(timeout=60_000)
+            # The healthy run is listed (the table scrolls: its row may be out of view).
+            page.locator("#train-history").get_by_text("good", exact=True).first.wait_for(state="attached",
+                                                                                          timeout=60_000)
             toasts = page.locator(".toast-body").all_inner_texts()
             browser.close()
         assert not [t for t in toasts if "rror" in t], toasts
