@@ -718,7 +718,12 @@ class RunStore:
         for p in entries:
             try:
                 check_name(p.name, "run id")
-                if p.is_symlink() or not p.is_dir() or not os.path.lexists(p / "config.yaml"):
+                if p.is_symlink() or not p.is_dir():
+                    continue
+                if not os.access(p, os.R_OK | os.X_OK):  # listed, so that it is not silently missing
+                    runs.append((0, Run(p.name, p, {"folder": "cannot be read (permission denied)"})))
+                    continue
+                if not os.path.lexists(p / "config.yaml"):
                     continue
                 st = os.lstat(p / "events.jsonl")
                 when = st.st_mtime

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from studio.presets import load_preset, to_yaml
+from studio.presets import load_preset
 from studio.runs import Run, RunStore, check_event, parse_event, write_new
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -414,3 +414,38 @@ def test_writers_never_follow_a_link_planted_in_a_run_folder(tmp_path):
     assert s["status"] == "created" and any("symlink" in w for w in s["warnings"]), s
     run.reserve()  # a resume replaces the link itself with a fresh reservation
     assert not run.final_path.is_symlink() and outside.read_text() == "keep me\n"
+
+
+def test_files_the_reader_may_not_open_are_reported_not_fatal(tmp_path):
+    """Root reads every file, so ``studio runs`` runs here as the user nobody over a home where a run's events,
+    config and a whole run folder are mode 000."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.fail("this case drops to the user nobody with setpriv, as root (CI runs as root)")
+    home = Path(tempfile.mkdtemp(prefix="studio-perm-"))
+    try:
+        os.chmod(home, 0o755)
+        store = RunStore(home / "runs")
+        healthy(store, "good")
+        locked = healthy(store, "locked")
+        for p in (locked.events_path, locked.config_path):
+            os.chmod(p, 0)
+        os.chmod(healthy(store, "sealed").dir, 0)
+        for d in (home, store.root, *(p for p in store.root.iterdir() if p.name != "sealed")):
+            os.chmod(d, 0o755)
+        out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m",
+                              "studio", "runs"], cwd=ROOT, env=dict(os.environ, STUDIO_HOME=str(home)),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        lines = out.stdout.splitlines()
+        assert any(line.startswith("good ") and " completed " in line for line in lines), out.stdout
+        assert "  warning: events.jsonl: Permission denied" in lines, out.stdout
+        assert any(line.startswith("sealed ") for line in lines), out.stdout
+        assert "  warning: folder: cannot be read (permission denied)" in lines, out.stdout
+    finally:
+        for p in home.rglob("*"):
+            with contextlib.suppress(OSError):
+                os.chmod(p, 0o755)
+        shutil.rmtree(home, ignore_errors=True)
