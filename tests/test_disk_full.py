@@ -93,7 +93,7 @@ def test_disk_filling_during_training_fails_at_the_checkpoint_with_reason_remedy
             while not any(e["type"] == "checkpoint" for e in run.all_events()) and run.worker_alive():
                 assert time.time() < end, "no first checkpoint"
                 time.sleep(0.05)
-            fill(disk)
+            fill(disk, run.events_path, run.log_path)  # not a byte left, not even in the files' last blocks
             status = worker.wait(run, timeout=300)
         finally:
             if run.worker_alive():
