@@ -6,7 +6,8 @@ it to the last byte.
   the step, the place and the remedy, in its events, its ``final.json`` and the last lines of its log;
 - starting a run on a full disk (the engine, the CLI, the served app's ``/start``) refuses with the same
   words and leaves no run folder;
-- an upload to the served app on a full disk is answered with that message, not a bare HTTP 500.
+- an upload to the served app on a full disk is answered with that message, not a bare HTTP 500, and a
+  browser shows it.
 """
 
 from __future__ import annotations
@@ -135,8 +136,9 @@ def test_starting_on_a_full_disk_refuses_with_the_remedy_and_leaves_no_folder(tm
 def test_served_app_on_a_full_disk_answers_start_and_upload_with_the_reason(tmp_path, tiny_model_dir):
     import httpx
     from gradio_client import Client
+    from playwright.sync_api import sync_playwright
 
-    from e2e_helpers import serve_app
+    from e2e_helpers import CHROMIUM_ARGS, VIEWPORT, chromium_path, serve_app
 
     with small_disk(tmp_path / "disk", "64m") as disk:
         with serve_app(disk, tmp_path / "app.log") as url:
@@ -152,6 +154,19 @@ def test_served_app_on_a_full_disk_answers_start_and_upload_with_the_reason(tmp_
                            timeout=60)
             assert r.status_code == 507, (r.status_code, r.text[:500])
             assert "disk full at" in r.text and "STUDIO_HOME" in r.text, r.text[:500]
+            # What a person sees who drops a file on the Data tab: the same words in the page's error toast.
+            own = tmp_path / "mine.jsonl"
+            own.write_bytes(b'{"instruction": "q", "output": "a"}\n' * 2000)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport=VIEWPORT)
+                page.goto(url)
+                page.locator("#data-upload input[type=file]").set_input_files(str(own))
+                toast = page.locator(".toast-body").filter(has_text="disk full at")
+                toast.first.wait_for(timeout=60_000)
+                text = toast.first.inner_text()
+                browser.close()
+            assert "HTTP 507" in text and "STUDIO_HOME" in text and "Internal Server Error" not in text, text
 
 
 def test_an_upload_that_fills_the_disk_is_refused_in_words_and_leaves_no_part_file(tmp_path, monkeypatch):
