@@ -431,7 +431,7 @@ class Recipe:
             self.run.finish("completed", step=step(), final=summary)
             return "completed"
         except Halted as e:
-            self._failed("halted", step=step(), message=str(e),
+            self._failed("halted", step=step(), reason="nan_loss", message=str(e),
                          remedy="lower train.learning_rate, keep max_grad_norm at 1.0, or use bf16 instead of fp16; "
                                 "the last good checkpoint is kept.")
             return "halted"

@@ -6,6 +6,7 @@ it to the last byte.
   the step, the place and the remedy, in its events, its ``final.json`` and the last lines of its log;
 - starting a run on a full disk (the engine, the CLI, the served app's ``/start``) refuses with the same
   words and leaves no run folder;
+- a worker that fails before its recipe starts (a garbled config) records a status, a reason and a remedy too;
 - an upload to the served app on a full disk is answered with that message, not a bare HTTP 500, and a
   browser shows it.
 """
@@ -181,3 +182,16 @@ def test_an_upload_that_fills_the_disk_is_refused_in_words_and_leaves_no_part_fi
         assert path == "samples/finance_alpaca.jsonl"  # the current data stays chosen
         assert note.startswith("⚠️ Upload refused: disk full at") and "STUDIO_HOME" in note, note
         assert list((disk / "home" / "uploads").iterdir()) == []
+
+
+def test_a_worker_that_cannot_read_its_config_still_ends_with_reason_and_remedy(tmp_path):
+    """A failure before the recipe starts (here a config.yaml garbled after the run was created) is recorded too."""
+    store = RunStore(tmp_path / "runs")
+    run = store.create(_cfg(), "garbled")
+    run.config_path.write_bytes(b"train: [\xff")
+    out = subprocess.run([sys.executable, "-m", "studio.worker", str(run.dir)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0
+    last = store.get("garbled").last_status()
+    assert last["status"] == "failed" and last["reason"] == "input", last
+    assert "garbled/config.yaml" in last["message"] and last["remedy"], last
