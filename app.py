@@ -89,6 +89,7 @@ def launch_kwargs(host: str, port: int, share: bool, auth) -> dict:
     if auth and len(auth[1]) < 8:
         raise LaunchError("the password must have at least 8 characters.")
     from studio.ui.gate import gate_middleware
+    from studio.ui import http_errors
 
     home = studio_home()
     return dict(server_name=host, server_port=port, share=share, auth=auth,
@@ -100,7 +101,8 @@ def launch_kwargs(host: str, port: int, share: bool, auth) -> dict:
                 run_history=False, mcp_server=False, enable_monitoring=False, pwa=False, ssr_mode=False,
                 footer_links=["api", "gradio", "settings"],
                 app_kwargs={"openapi_url": None,
-                            "middleware": gate_middleware(loopback=is_loopback(host) and not share)})
+                            "middleware": gate_middleware(loopback=is_loopback(host) and not share),
+                            "exception_handlers": http_errors.handlers()})  # a full disk in words, not a 500
 
 
 def allow_paths(paths: list[str] | None) -> None:

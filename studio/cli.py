@@ -93,7 +93,9 @@ def follow(run, out=sys.stdout) -> str:
                                     tok_s=e.get("tokens_per_s"))
                     bar.refresh()
                 elif t == "eval":
-                    tqdm.write(f"step {e['step']}: eval loss {e['eval_loss']:.4f}", file=out)
+                    el = e["eval_loss"]  # "nan" arrives as a string (JSON has no NaN)
+                    tqdm.write(f"step {e['step']}: eval loss {el:.4f}" if isinstance(el, float) else
+                               f"step {e['step']}: eval loss {el}", file=out)
                 elif t == "sample":
                     tqdm.write(f"step {e['step']} sample: {e['prompt'][:60]!r} -> {e['answer'][:80]!r}", file=out)
                 elif t == "data":
@@ -161,11 +163,18 @@ def _run(args):
 
 
 def cmd_runs(args) -> int:
+    """One line per run; a run folder with unreadable parts is listed with a warning line, never hides the rest."""
     from studio.runs import RunStore
 
     for r in RunStore().list():
-        s = r.summary()
+        try:
+            s = r.summary()
+        except Exception as e:  # noqa: BLE001 - a folder the reader has not foreseen: list it, say so
+            s = {"id": r.id, "status": "unknown", "step": 0, "train_loss": None, "eval_loss": None,
+                 "warnings": [f"unreadable ({type(e).__name__})"]}
         print(f"{s['id']:40s} {s['status']:12s} step {s['step']:>6}  loss {s['train_loss']}  eval {s['eval_loss']}")
+        for w in s["warnings"]:
+            print("  warning: " + "".join(c if c.isprintable() else "?" for c in w))
     return 0
 
 
@@ -297,6 +306,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from studio.data.files import DataError
     from studio.export import ExportError
+    from studio.failures import DiskFull
     from studio.modeling import ModelError
     from studio.security import SecurityError, redact
     from studio.worker import Busy
@@ -304,6 +314,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, ModelError, SecurityError, ExportError, Busy, ValueError) as e:
+    except (ConfigError, DataError, ModelError, SecurityError, ExportError, Busy, ValueError, DiskFull) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2

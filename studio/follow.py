@@ -2,7 +2,8 @@
 
 Contract: ``Follower`` tails ``events.jsonl`` of every run it is asked about (``watch(run)``) on one
 daemon thread, keeping each run's events in memory; ``snapshot(run_id)`` returns a copy of the
-events read so far (and reads synchronously if the thread has not caught up yet).  Because
+events read so far (and reads synchronously if the thread has not caught up yet), completed as
+``Run.complete`` does (a torn last line of a finished worker, the terminal record of ``final.json``).  Because
 everything comes from the run folder, a page reload, a second browser or an app restart shows the
 same history.
 """
@@ -46,14 +47,15 @@ class Follower:
     def snapshot(self, run: Run) -> list[dict]:
         self.watch(run)
         with self._lock:
-            return list(self._events[run.id])
+            events, offset = list(self._events[run.id]), self._offsets[run.id]
+        return run.complete(events, offset)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             for rid in list(self._runs):
                 try:
                     self._poll(rid)
-                except OSError:
+                except Exception:  # noqa: BLE001 - one odd folder must not stop following the others
                     pass
             time.sleep(self.interval)
 

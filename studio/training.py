@@ -21,8 +21,10 @@ This module never imports gradio; it runs inside the worker process or a test.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import sys
 import time
 
 from studio import adapters
@@ -140,20 +142,6 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _disk_full(e: BaseException | None) -> bool:
-    """ENOSPC arrives as OSError, as safetensors' SafetensorError ("os error 28") or as torch.save's
-    RuntimeError ("file write failed"), possibly chained: recognise each."""
-    import errno
-
-    while e is not None:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        if any(s in str(e) for s in ("No space left on device", "os error 28", "file write failed")):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def keep_up_proj_if_room(model, tokens: int, dtype_bytes: int, free: int, residual_bytes: int | None = None,
                          ranks: int = 1) -> dict:
     """Keep up_proj outputs in CPU RAM if a micro-batch's worth, beside the offloaded layer inputs, fits in half of
@@ -177,8 +165,6 @@ def keep_up_proj_if_room(model, tokens: int, dtype_bytes: int, free: int, residu
                 "recomputed on the GPU instead"}
     return {"up_proj": keep_up_proj(model), "host_gib": round(need / 2**30, 2)}
 
-
-DISK_FULL_REMEDY = "free disk space; earlier checkpoints are kept and the run can be resumed."
 
 OOM_REMEDY = ("lower train.batch_size (raise train.grad_accum to keep the effective batch), lower "
               "data.max_length, or turn on model.gradient_checkpointing.")
@@ -460,10 +446,12 @@ class Recipe:
                 model.train()
 
     def execute(self, resume: bool = False) -> str:
-        """Run every step; return the terminal status.  Never raises for training failures."""
+        """Run every step; return the terminal status.  Never raises for training failures: each ends with
+        ``Run.finish`` (a final status, a reason and a remedy that survive a full disk) and a line in the log."""
         import torch
 
         from studio.data.files import DataError
+        from studio.failures import describe
         from studio.modeling import ModelError
         from studio.security import SecurityError
 
@@ -473,50 +461,45 @@ class Recipe:
             self.train(resume)
             if self.callback.stopped:
                 ck = self.run.last_checkpoint()
-                self.run.emit("status", status="stopped", step=step(),
-                              checkpoint=str(ck.relative_to(self.run.dir)) if ck else None)
+                self.run.finish("stopped", step=step(), checkpoint=str(ck.relative_to(self.run.dir)) if ck else None)
                 return "stopped"
             self.save()
             summary = {k: v for k, v in self.run.summary().items() if k in ("train_loss", "eval_loss", "step")}
-            self.run.emit("status", status="completed", step=step(), final=summary)
+            self.run.finish("completed", step=step(), final=summary)
             return "completed"
         except Halted as e:
-            self.run.emit("status", status="halted", step=step(), message=str(e),
-                          remedy="lower train.learning_rate, keep max_grad_norm at 1.0, or use bf16 instead of fp16; "
-                                 "the last good checkpoint is kept.")
+            self._failed("halted", step=step(), reason="nan_loss", message=str(e),
+                         remedy="lower train.learning_rate, keep max_grad_norm at 1.0, or use bf16 instead of fp16; "
+                                "the last good checkpoint is kept.")
             return "halted"
         except torch.OutOfMemoryError as e:
-            self.run.emit("status", status="failed", step=step(), reason="out_of_memory",
-                          message=f"out of memory at step {step()}: {str(e).splitlines()[0][:200]}",
-                          remedy=OOM_REMEDY)
+            self._failed("failed", step=step(), reason="out_of_memory",
+                         message=f"out of memory at step {step()}: {str(e).splitlines()[0][:200]}", remedy=OOM_REMEDY)
             return "failed"
         except (ConfigError, DataError, ModelError, SecurityError) as e:
-            self.run.emit("status", status="failed", step=step(), reason="input", message=str(e),
-                          remedy="fix the named field or file and start again.")
+            self._failed("failed", step=step(), reason="input", message=str(e),
+                         remedy="fix the named field or file and start again.")
             return "failed"
         except adapters.AdapterError as e:
-            self.run.emit("status", status="failed", step=step(), reason="adapter_incomplete", message=str(e),
-                          remedy="resume the run from its last checkpoint, or start it on one GPU; the adapter "
-                                 "folder was not replaced.")
-            return "failed"
-        except OSError as e:
-            full = _disk_full(e)
-            self.run.emit("status", status="failed", step=step(), reason="disk_full" if full else "os_error",
-                          message=f"{'disk full' if full else 'file error'} at step {step()}: {e}",
-                          remedy=DISK_FULL_REMEDY if full else "check the file paths and permissions.")
+            self._failed("failed", step=step(), reason="adapter_incomplete", message=str(e),
+                         remedy="resume the run from its last checkpoint, or start it on one GPU; the adapter "
+                                "folder was not replaced.")
             return "failed"
         except Exception as e:  # noqa: BLE001 - the worker must always leave a terminal status
-            import traceback
+            info = describe(e, step(), self.run.dir)
+            self._failed("failed", step=step(), **info)
+            if info["reason"] not in ("disk_full",):
+                import traceback
 
-            if _disk_full(e):
-                self.run.emit("status", status="failed", step=step(), reason="disk_full",
-                              message=f"disk full at step {step()}: {str(e)[:300]}", remedy=DISK_FULL_REMEDY)
-                return "failed"
-
-            traceback.print_exc()
-            self.run.emit("status", status="failed", step=step(), reason=type(e).__name__,
-                          message=f"{type(e).__name__} at step {step()}: {str(e)[:500]}",
-                          remedy="see logs/worker.log in the run folder.")
+                with contextlib.suppress(OSError):
+                    traceback.print_exc()
             return "failed"
         finally:
             self.cleanup()
+
+    def _failed(self, status: str, **fields) -> None:
+        """The terminal status first (it survives a full disk), then the same words in the worker log."""
+        self.run.finish(status, **fields)
+        with contextlib.suppress(OSError):
+            print(f"[{status}] {fields.get('message', '')}" + (f" — {fields['remedy']}" if fields.get("remedy") else ""),
+                  file=sys.stderr, flush=True)

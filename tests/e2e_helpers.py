@@ -73,10 +73,14 @@ def _end_group(pid: int) -> None:
 
 
 def _end_workers(home: Path) -> None:
-    # Workers run in their own process groups (studio.worker), so ending the app does not end them.
-    for pid_file in (home / "runs").glob("*/worker.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            _end_group(int(pid_file.read_text().strip()))
+    # Workers run in their own process groups (studio.worker), so ending the app does not end them.  Only pids
+    # that are this home's workers: a pid file may be stale, planted, or name the test itself.
+    from studio.runs import RunStore
+
+    for run in RunStore(home / "runs").list():
+        pid = run.worker_pid()
+        if pid is not None and run.worker_alive():
+            _end_group(pid)
 
 
 @contextlib.contextmanager

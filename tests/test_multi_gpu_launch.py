@@ -72,6 +72,9 @@ def test_worker_sees_exactly_the_gpus_the_run_asked_for(monkeypatch):
         def __init__(self, args, env, **kw):
             seen["env"] = env
 
+        def wait(self):  # the launcher's reaper waits for every process it starts: this one has exited
+            return 0
+
     # Only the process start is replaced: this test reads the environment the worker would get.
     monkeypatch.setattr(worker.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(worker, "_PROCS", {})

@@ -107,12 +107,20 @@ def store_upload(tmp_path: str) -> Path:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     root = studio_home() / "uploads"
-    root.mkdir(parents=True, exist_ok=True)
     dest = inside(root, upload_name(src.name, h.hexdigest()))
-    if not dest.exists():
-        tmp = dest.with_name(dest.name + ".part")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            shutil.copyfile(src, tmp)
+            tmp.replace(dest)
+    except OSError as e:
+        from studio.failures import DiskFull, is_disk_full
+
+        tmp.unlink(missing_ok=True)  # no half-copied file is left behind
+        if is_disk_full(e):
+            raise DiskFull(root, "storing the upload") from e
+        raise
     return dest
 
 

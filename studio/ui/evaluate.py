@@ -52,13 +52,14 @@ def results_visible(table: dict) -> bool | str:
 
 
 def saved(run: Run) -> Evaluation | None:
-    p = run.dir / "evaluation.json"
-    if not p.exists():
-        return None
-    try:
-        return Evaluation(**json.loads(p.read_text(encoding="utf-8")))
-    except (ValueError, TypeError):  # a torn or older-format file: evaluate again
-        return None
+    from studio.runs import read_regular
+
+    try:  # a regular file only: a FIFO or a link planted in the run folder is neither waited on nor followed
+        ev = Evaluation(**json.loads(read_regular(run.dir / "evaluation.json", limit=64 * 2**20)))
+        tables(ev)  # every field the tab shows is there and of its type
+        return ev
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None  # missing, torn, garbled or of an older format: evaluate again
 
 
 def show_saved(store: RunStore, run_id: str | None):

@@ -1,5 +1,6 @@
 """The "Run" dropdown that the Playground, Evaluate and Export tabs share: runs filtered by what
-the tab needs (a final adapter, or any checkpoint), newest first, keeping the current choice."""
+the tab needs (a final adapter, or any checkpoint), newest first, keeping the current choice.  A run folder
+that cannot be read is left out of the list, never the reason the tab fails to load."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from studio.runs import Run, RunStore
 
 
 def has_adapter(run: Run) -> bool:
-    return (run.adapter_dir / "adapter_model.safetensors").exists()
+    return run.has_adapter()
 
 
 def has_weights(run: Run) -> bool:
@@ -19,7 +20,14 @@ def has_weights(run: Run) -> bool:
 
 
 def run_choices(store: RunStore, keep: Callable[[Run], bool] = has_adapter) -> list[tuple[str, str]]:
-    return [(f"{r.id} · {r.status}", r.id) for r in store.list() if keep(r)]
+    out = []
+    for r in store.list():
+        try:
+            if keep(r):
+                out.append((f"{r.id} · {r.status}" + (" · ⚠️" if r.warnings() else ""), r.id))
+        except Exception:  # noqa: BLE001 - one unreadable folder must not empty the list
+            continue
+    return out
 
 
 def refresh_runs(store: RunStore, current: str | None, keep: Callable[[Run], bool] = has_adapter):

@@ -338,13 +338,7 @@ def sample_rows(events: list[dict]) -> list[list]:
 
 def log_tail(run: Run, lines: int = LOG_LINES) -> str:
     """The last lines of the worker log, tokens redacted (again: the log may predate a token change)."""
-    try:
-        with open(run.log_path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(f.tell() - 64 * 1024, 0))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
+    text = run.log_tail(64 * 1024)  # never blocks on a FIFO nor follows a link planted in the run folder
     return redact("\n".join(text.splitlines()[-lines:]))
 
 
@@ -461,6 +455,8 @@ def run_status(store: RunStore, run_id: str) -> dict:
     out = {"id": run.id, "status": s["status"], "step": s["step"], "max_steps": metric.get("max_steps"),
            "train_loss": s["train_loss"], "eval_loss": s["eval_loss"], "has_adapter": s["has_adapter"]}
     out.update({k: last[k] for k in ("message", "remedy") if k in last})
+    if s["warnings"]:
+        out["warnings"] = s["warnings"]  # what was skipped while reading the run folder
     return out
 
 
