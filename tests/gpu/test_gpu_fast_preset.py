@@ -21,6 +21,7 @@ def test_fast_preset_trains_20_steps_on_mistral_7b_shape(tmp_path, preset):
     from bench.common import random_model, synthetic_alpaca
     from studio.presets import load_preset
     from studio.runs import RunStore
+    from studio.security import output_dir
     from studio.training import Recipe
 
     work = Path(os.environ.get("STUDIO_BENCH_WORK", "/tmp/qlora-bench"))
@@ -31,7 +32,7 @@ def test_fast_preset_trains_20_steps_on_mistral_7b_shape(tmp_path, preset):
         "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {},
         "data.train_samples": 0, "data.val_samples": 40, "train.max_steps": 20, "train.logging_steps": 1,
         "train.eval_steps": 10, "train.save_steps": 10, "train.sample_prompts": 1,
-        "output.adapter_dir": str(tmp_path / "mistral-lora-finance-adapter-fast")})
+        "output.adapter_dir": "mistral-lora-finance-adapter-fast"})
     run = RunStore(tmp_path / "runs").create(cfg)
     assert Recipe(run).execute() == "completed", run.last_status()
     metrics = [e for e in run.all_events() if e["type"] == "metric"]
@@ -39,7 +40,7 @@ def test_fast_preset_trains_20_steps_on_mistral_7b_shape(tmp_path, preset):
     peak = max(e["memory"]["peak"] for e in metrics) / 2**30
     tps = sum(e["tokens_per_s"] for e in metrics[3:]) / len(metrics[3:])
     print(f"\nGPU TIER {preset}: peak allocated {peak:.2f} GiB, {tps:.0f} tokens/s (steps 4-20)")
-    adir = tmp_path / "mistral-lora-finance-adapter-fast"
+    adir = output_dir("mistral-lora-finance-adapter-fast")  # the relative output lands in <studio home>/outputs/
     tok = AutoTokenizer.from_pretrained(str(adir))
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=q, device_map={"": 0})

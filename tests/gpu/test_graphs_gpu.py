@@ -83,6 +83,7 @@ def test_fast_preset_with_cuda_graphs_trains_and_saves(tmp_path):
     from bench.common import random_model, synthetic_alpaca
     from studio.presets import load_preset
     from studio.runs import RunStore
+    from studio.security import output_dir
     from studio.training import Recipe
 
     work = Path(os.environ.get("STUDIO_BENCH_WORK", "/tmp/qlora-bench"))
@@ -92,14 +93,14 @@ def test_fast_preset_with_cuda_graphs_trains_and_saves(tmp_path):
         "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {},
         "data.train_samples": 0, "data.val_samples": 20, "train.max_steps": 12, "train.logging_steps": 1,
         "train.eval_steps": 6, "train.save_steps": 6, "train.sample_prompts": 1, "train.padding_free": True,
-        "train.auto_batch": True, "train.cuda_graphs": True, "output.adapter_dir": str(tmp_path / "adapter")})
+        "train.auto_batch": True, "train.cuda_graphs": True, "output.adapter_dir": "adapter"})
     run = RunStore(tmp_path / "runs").create(cfg)
     assert Recipe(run).execute() == "completed", run.last_status()
     evs = run.all_events()
     assert any(e["type"] == "graphs" for e in evs)
     assert any(e["type"] == "plan" and e["cuda_graphs"] for e in evs)
     assert_trained(evs, 12)
-    assert_adapter_loads(model_dir, tmp_path / "adapter")
+    assert_adapter_loads(model_dir, output_dir("adapter"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

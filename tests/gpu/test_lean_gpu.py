@@ -175,6 +175,7 @@ def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
     from bench.common import random_model, synthetic_alpaca
     from studio.presets import load_preset
     from studio.runs import RunStore
+    from studio.security import output_dir
     from studio.training import Recipe
 
     model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
@@ -187,7 +188,7 @@ def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
         "lora.dropout": 0.05 if "dropout" in mode else 0.0, "model.gradient_checkpointing": "dropout" not in mode, "model.fp32_frozen": False, "model.double_quant": True,
         "train.fused_lora": True, "model.offload_checkpoints": "offload" in mode, "train.cuda_graphs": "graphs" in mode,
         "model.offload_up_proj": mode == "offload-up",
-        "output.adapter_dir": str(tmp_path / "adapter")})
+        "output.adapter_dir": "adapter"})
     run = RunStore(tmp_path / "runs").create(cfg)
     assert Recipe(run).execute() == "completed", run.last_status()
     evs = run.all_events()
@@ -199,7 +200,7 @@ def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
         graphs = next(e for e in evs if e["type"] == "graphs")
         assert graphs["checkpointed"] == ("dropout" not in mode) and graphs["offload"] == ("offload" in mode)
     assert_trained(evs, 8)
-    assert_adapter_loads(model_dir, tmp_path / "adapter")
+    assert_adapter_loads(model_dir, output_dir("adapter"))
 
 
 def test_shared_dequant_buffer_in_the_graphed_stack_matches_and_shrinks_its_pool():
