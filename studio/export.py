@@ -41,7 +41,7 @@ def _require_adapter(run: Run) -> Path:
 
 def adapter_zip(run: Run) -> Path:
     src = _require_adapter(run)
-    _card(run, src, "adapter")
+    write_card(run, src, "adapter")
     out = run.dir / "export" / f"{run.id}-adapter.zip"
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".zip.partial")
@@ -79,7 +79,7 @@ def merge(run: Run, token: str | None = None, adapter_path: str | Path | None = 
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    _card(run, tmp, "merged")
+    write_card(run, tmp, "merged")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     run.emit("log", message="merged model saved to merged/")
@@ -99,7 +99,7 @@ def push(run: Run, repo: str, token: str | None, private: bool = True, merged: b
     folder = (run.dir / "merged") if merged else _require_adapter(run)
     if not folder.exists():
         raise ExportError("no merged model yet; merge first.")
-    _card(run, folder, "merged" if merged else "adapter", repo=repo)
+    write_card(run, folder, "merged" if merged else "adapter", repo=repo)
     try:
         api = HfApi(token=token)
         api.create_repo(repo, private=private, exist_ok=True)
@@ -123,7 +123,7 @@ def load_snippet(run: Run, merged: bool = False) -> str:
             f"model = PeftModel.from_pretrained(base, adapter_dir)\n")
 
 
-def _card(run: Run, folder: Path, kind: str, repo: str | None = None) -> None:
+def write_card(run: Run, folder: Path, kind: str, repo: str | None = None) -> None:
     """Write (or refresh) the folder's model card; a card that cannot be written never blocks an export."""
     from studio import model_card
 
