@@ -176,12 +176,13 @@ def run_prompts(run: Run, tokenizer, n: int = 4) -> list[str]:
     return [render_prompt(ex.instruction, spec, tokenizer, system=ex.system, input=ex.input) for ex in examples]
 
 
-def templates(run: Run, tokenizer) -> tuple[str, str, list[str]]:
-    """(chat template for the GGUF file, Ollama template, stop strings) rendering the run's own prompt."""
+def templates(spec, tokenizer) -> tuple[str, str, list[str]]:
+    """(chat template for the GGUF file, Ollama template, stop strings) that render the prompt exactly as the
+    studio's ``render_prompt`` does for ``spec`` (a ``TemplateSpec``): a chat run keeps the model's own Jinja
+    template; the studio's templates become a single-turn Jinja template."""
     from studio import gguf_export as gx
-    from studio.data.templates import TemplateSpec, render_prompt, stop_strings
+    from studio.data.templates import render_prompt, stop_strings
 
-    spec = TemplateSpec.from_config(run.config().data)
     shape = gx.prompt_shape(lambda text, system: render_prompt(text, spec, tokenizer, system=system))
     chat = tokenizer.chat_template if spec.name == "chat" and tokenizer.chat_template else gx.jinja_template(shape)
     stops = [s for s in [tokenizer.eos_token, *stop_strings(spec)] if s]
@@ -208,7 +209,9 @@ def export_gguf(run: Run, kind: str, progress: Callable[[float, str], None] | No
             say(0.0, "merging the adapter into a 16-bit model")
             merge(run)
         tok = AutoTokenizer.from_pretrained(str(merged))
-        chat, go_template, stops = templates(run, tok)
+        from studio.data.templates import TemplateSpec
+
+        chat, go_template, stops = templates(TemplateSpec.from_config(run.config().data), tok)
         folder = run.dir / "export" / "gguf"
         out = folder / f"{run.id}-{kind}.gguf"
         name = run.id

@@ -110,7 +110,10 @@ def facts(run: Run) -> dict:
         "device": starting.get("device"),
         "gpu": starting.get("gpu"),
         "num_gpus": cfg.train.num_gpus,
-        "steps": metrics[-1]["step"] if metrics else (evals[-1]["step"] if evals else 0),
+        "steps": max((e["step"] for e in evs if e.get("type") in ("metric", "eval", "status")
+                      and isinstance(e.get("step"), int)), default=0),
+        "final_train_loss_step": metrics[-1]["step"] if metrics else None,
+        "final_validation_loss_step": evals[-1]["step"] if evals else None,
         "train_seconds": round(end_t - running[0]["t"], 1) if running and end_t else None,
         "final_train_loss": metrics[-1]["loss"] if metrics else None,
         "final_validation_loss": evals[-1]["eval_loss"] if evals else None,
@@ -272,8 +275,9 @@ def render(run: Run, kind: str, f: dict | None = None, repo: str | None = None) 
           f"| hardware | {_fmt(hw)}{gpus} |",
           f"| training time | {_duration(f['train_seconds'])} |",
           f"| optimizer steps | {_fmt(f['steps'])} |",
-          f"| final training loss | {_fmt(f['final_train_loss'])} |",
-          f"| final validation loss | {_fmt(f['final_validation_loss'])} |", "",
+          f"| final training loss | {_fmt(f['final_train_loss'])} (step {_fmt(f['final_train_loss_step'])}) |",
+          f"| final validation loss | {_fmt(f['final_validation_loss'])} (step "
+          f"{_fmt(f['final_validation_loss_step'])}) |", "",
           "![loss curve](loss_curve.png)", ""]
     L += ["## Evaluation", ""]
     ev = f["evaluation"]
