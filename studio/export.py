@@ -160,7 +160,7 @@ class GGUFExport:
     def summary(self) -> str:
         from studio.gguf_export import GGUFCheck
 
-        check = GGUFCheck(**self.check).summary() if self.check else "not checked"
+        check = GGUFCheck(**self.check).summary() if self.check else "not checked (no llama-cpp-python here)"
         return f"{self.path.name} ({self.path.stat().st_size / 2**20:.1f} MiB). Check: {check}"
 
 

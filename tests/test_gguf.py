@@ -86,7 +86,7 @@ def test_llama_cpp_tokenizes_exactly_as_the_model_tokenizer(exported):
         "emoji 🚀🦙 and 日本語 text", "I've been 'told' he's there", "ends with </s> and <|user|>\nrole</s>",
         "<s>### Instruction:\nx\n\n### Response:\n", "",
     ]
-    llm = Llama(model_path=str(exported["results"]["f16"].path), n_ctx=256, verbose=False, vocab_only=True)
+    llm = Llama(model_path=str(exported["results"]["f16"].path), n_ctx=256, verbose=False)
     for t in texts:
         assert llm.tokenize(t.encode(), add_bos=True, special=True) == tok(t)["input_ids"], t
     # Decoding back: llama.cpp's detokenizer gives the same text.
@@ -191,9 +191,10 @@ def test_the_gguf_card_reports_the_checks_and_how_to_run_it(exported):
     assert [e["kind"] for e in events] == list(gx.KINDS) and all(e["passed"] for e in events)
 
 
-def test_cli_exports_gguf_with_progress(exported, capsys):
+def test_cli_exports_gguf_with_progress(exported, capsys, monkeypatch):
     from studio.cli import main
 
+    monkeypatch.setenv("STUDIO_HOME", str(exported["home"]))
     run = exported["run"]
     assert main(["export", "--run", run.id, "--gguf", "q8_0"]) == 0
     out = capsys.readouterr()
@@ -204,19 +205,43 @@ def test_cli_exports_gguf_with_progress(exported, capsys):
     assert "invalid choice: 'q5_1'" in capsys.readouterr().err
 
 
-def test_export_tab_offers_the_gguf_and_merged_model_as_downloads(exported):
-    from studio.ui import export as tab
-
-    run = exported["run"]
-    store = RunStore()
-    files, status = tab.gguf(store, run.id, "f16")
-    assert [Path(p).name for p in files] == [f"{run.id}-f16.gguf", "Modelfile", "README.md"]
-    assert "F16 written" in status and "**passed**" in status and "ollama create" in status
-    assert "top-1 agreement" in status and "tokenization identical to transformers | yes" in status
-    z = tab.merged_download(store, run.id)
+def test_export_tab_offers_the_gguf_and_merged_model_as_downloads(exported, monkeypatch, tmp_path):
+    """As a browser's API client asks: the served Export tab's /gguf and /merge endpoints hand back the files."""
+    import hashlib
+    import socket
     import zipfile
 
-    names = zipfile.ZipFile(z).namelist()
-    assert f"{run.id}-merged/model.safetensors" in names and f"{run.id}-merged/README.md" in names
-    files, status = tab.gguf(store, None, "f16")
+    import gradio as gr
+    from gradio_client import Client
+
+    from studio.paths import runs_root
+    from studio.ui import export as tab
+    from studio.ui.context import UIContext
+
+    monkeypatch.setenv("STUDIO_HOME", str(exported["home"]))
+    run = exported["run"]
+    files, status = tab.gguf(RunStore(), None, "f16")
     assert files is None and "Could not export GGUF" in status
+    with gr.Blocks() as demo:
+        tab.build(UIContext())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # As app.py serves it: only the runs root is allowed for files.
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        allowed_paths=[str(runs_root())])
+    try:
+        client = Client(demo.local_url, verbose=False, download_files=str(tmp_path))
+        files, status = client.predict(run.id, "f16", api_name="/gguf")
+        names = [Path(f).name for f in files]
+        assert names == [f"{run.id}-f16.gguf", "Modelfile", "README.md"], names
+        assert "F16 written" in status and "**passed**" in status and "ollama create" in status
+        assert "tokenization identical to transformers | yes" in status and "top-1 agreement" in status
+        served = hashlib.sha256(Path(files[0]).read_bytes()).hexdigest()
+        assert served == hashlib.sha256(exported["results"]["f16"].path.read_bytes()).hexdigest()
+        status, code, merged = client.predict(run.id, api_name="/merge")
+        assert "Merged 16-bit model saved" in status and "AutoModelForCausalLM" in code
+        inside = zipfile.ZipFile(merged).namelist()
+        assert f"{run.id}-merged/model.safetensors" in inside and f"{run.id}-merged/README.md" in inside
+    finally:
+        demo.close()

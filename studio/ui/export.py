@@ -78,7 +78,7 @@ def merged_download(store: RunStore, run_id: str | None) -> str | None:
 def check_table(check: dict | None) -> str:
     """The llama.cpp check as Markdown (the same numbers the model card shows)."""
     if not check:
-        return "Not checked."
+        return "**Not checked in llama.cpp** (llama-cpp-python is not installed here); the file was written."
     bar = ", ".join(f"{k} {'≥' if k == 'top1_agreement' else '≤' if k.startswith('max') else '='} {v}"
                     for k, v in check["bar"].items())
     rows = [("result", "**passed**" if check["passed"] else "**FAILED**"),
