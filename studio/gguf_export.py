@@ -20,7 +20,6 @@ Never imports gradio.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -476,21 +475,26 @@ def _jinja_str(s: str) -> str:
 
 def jinja_template(shape: PromptShape) -> str:
     """A chat template (Jinja, as llama.cpp and transformers read it) for a single-turn studio template: the
-    system message (if any) and the last user message, rendered as the studio renders them."""
+    system message (if any) and the last user message, rendered as the studio renders them.  Only constructs the
+    common chat templates use (a namespace, a loop, if/else), so llama.cpp's own Jinja engine reads it too."""
     a0, c0 = shape.without_system
-    head = ("{%- set system = (messages | selectattr('role', 'equalto', 'system') | list) -%}"
-            "{%- set user = (messages | selectattr('role', 'equalto', 'user') | list | last) -%}")
+    head = ("{%- set ns = namespace(system='', user='') -%}"
+            "{%- for m in messages -%}"
+            "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}"
+            "{%- elif m['role'] == 'user' -%}{%- set ns.user = m['content'] -%}{%- endif -%}"
+            "{%- endfor -%}")
     if shape.with_system is None:
-        return head + "{{ " + _jinja_str(a0) + " }}{{ user['content'] }}{{ " + _jinja_str(c0) + " }}"
+        return head + "{{ " + _jinja_str(a0) + " }}{{ ns.user }}{{ " + _jinja_str(c0) + " }}"
     a, b, c = shape.with_system
-    return (head + "{%- if system and system[0]['content'] -%}{{ " + _jinja_str(a) + " }}"
-            "{{ system[0]['content'] }}{{ " + _jinja_str(b) + " }}{%- else -%}{{ " + _jinja_str(a0) + " }}"
-            "{%- endif -%}{{ user['content'] }}{{ " + _jinja_str(c) + " }}")
+    return (head + "{%- if ns.system -%}{{ " + _jinja_str(a) + " }}{{ ns.system }}{{ " + _jinja_str(b) + " }}"
+            "{%- else -%}{{ " + _jinja_str(a0) + " }}{%- endif -%}{{ ns.user }}{{ " + _jinja_str(c) + " }}")
 
 
 def modelfile(gguf_name: str, template: str, stops: list[str], num_ctx: int, system: str = "") -> str:
-    lines = [f"# Ollama Modelfile written by QLoRA Studio.  Create the model with:",
-             f"#   ollama create <name> -f Modelfile",
+    if '"""' in template or '"""' in system:
+        raise GGUFError('the template holds """, which ends a Modelfile string; Ollama could not read it.')
+    lines = ["# Ollama Modelfile written by QLoRA Studio.  Create the model with:",
+             "#   ollama create <name> -f Modelfile",
              f"FROM ./{gguf_name}",
              f'TEMPLATE """{template}"""']
     if system:
@@ -500,6 +504,3 @@ def modelfile(gguf_name: str, template: str, stops: list[str], num_ctx: int, sys
     lines.append(f"PARAMETER num_ctx {num_ctx}")
     return "\n".join(lines) + "\n"
 
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")
