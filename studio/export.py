@@ -160,7 +160,7 @@ class GGUFExport:
     def summary(self) -> str:
         from studio.gguf_export import GGUFCheck
 
-        check = GGUFCheck(**self.check).summary() if self.check else "not checked (no llama-cpp-python here)"
+        check = GGUFCheck(**{k: v for k, v in self.check.items() if k != "file"}).summary() if self.check else "not checked (no llama-cpp-python here)"
         return f"{self.path.name} ({self.path.stat().st_size / 2**20:.1f} MiB). Check: {check}"
 
 
@@ -241,10 +241,10 @@ def export_gguf(run: Run, kind: str, progress: Callable[[float, str], None] | No
             say(0.7, "checking the file in llama.cpp against the merged model")
             ps = run_prompts(run, tok, prompts)
             result = gx.check_gguf(merged, out, kind, ps, progress=lambda f, d: say(0.7 + 0.28 * f, d))
-            check = result.to_dict()
+            check = result.to_dict() | {"file": out.name}
             (folder / f"{run.id}-{kind}.check.json").write_text(json.dumps(check, indent=1))
             run.emit("gguf_check", **{k: v for k, v in check.items() if k != "first_difference"},
-                     file=out.name, first_difference=check["first_difference"][:300])
+                     first_difference=check["first_difference"][:300])
     except gx.GGUFError as e:
         raise ExportError(str(e)) from None
     from studio import model_card

@@ -94,6 +94,17 @@ def check_table(check: dict | None) -> str:
     return "| llama.cpp vs the merged model | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
 
 
+def gguf_checks(store: RunStore, run_id: str | None) -> str:
+    """The checks of the GGUF files a run already has (shown when the run is picked or the page reloads)."""
+    from studio.model_card import gguf_checks as checks
+
+    try:
+        found = checks(_run(store, run_id))
+    except USER_ERRORS:
+        return ""
+    return "\n\n".join(f"**{c['kind'].upper()}** (`{c.get('file', '')}`)\n\n{check_table(c)}" for c in found)
+
+
 def gguf(store: RunStore, run_id: str | None, kind: str, progress=None):
     """-> (files to download: GGUF, Modelfile, model card; status with the check)."""
     try:
@@ -207,6 +218,7 @@ def build(ctx) -> ExportUI:
     # On page load: pick up runs that finished since the app started (the newest first).
     gr.on(None, lambda: refresh_runs(store, None), outputs=run, api_visibility="private")
     gr.on([run.change, merged.change], on_snippet, [run, merged], code, api_visibility="private")
+    run.change(lambda run_id: gguf_checks(store, run_id), run, gguf_status, api_visibility="private")
     zip_btn.click(on_zip, run, [file, status], api_name="zip") \
         .then(lambda path: gr.File(visible=bool(path)), file, file, api_visibility="private")
     merge_btn.click(on_merge, run, [status, code, merged_file], api_name="merge") \
