@@ -302,7 +302,7 @@ def render(run: Run, kind: str, f: dict | None = None, repo: str | None = None) 
                      f"{c['top1_agreement']:.2%} | {c['max_abs_logit_diff']:.4f} | {bar} |")
     else:
         L.append("No GGUF file was exported yet.")
-    L += ["", "## How to use", "", usage(run, kind, f), ""]
+    L += ["", "## How to use", "", usage(run, kind, f, repo), ""]
     body = "\n".join(L)
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
