@@ -294,7 +294,9 @@ def quantize(f16_path: str | Path, out: str | Path, kind: str = "q4_k_m", thread
     params = lc.llama_model_quantize_default_params()
     params.ftype = lc.LLAMA_FTYPE_MOSTLY_Q4_K_M
     params.nthread = threads or _threads()
-    rc = lc.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), params)
+    import ctypes
+
+    rc = lc.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
         tmp.unlink(missing_ok=True)
         raise GGUFError(f"llama.cpp could not quantize {Path(f16_path).name} to Q4_K_M (code {rc}).")
