@@ -250,6 +250,8 @@ def export_gguf(run: Run, kind: str, progress: Callable[[float, str], None] | No
     from studio import model_card
 
     card = model_card.write(run, folder, "gguf")
+    write_card(run, merged, "merged")  # the merged and adapter cards show the GGUF check too
+    write_card(run, run.adapter_dir, "adapter")
     say(1.0, "done")
     run.emit("log", message=f"GGUF {kind} saved to export/gguf/{out.name}")
     return GGUFExport(out, modelfile, card, check, f"ollama create {ollama_name(run.id)} -f {modelfile}")
