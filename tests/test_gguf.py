@@ -114,11 +114,19 @@ def test_gguf_metadata_holds_tokenizer_and_the_runs_template(exported):
 
     tok = AutoTokenizer.from_pretrained(str(run.dir / "merged"))
     spec = TemplateSpec.from_config(run.config().data)
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = Llama(model_path=str(exported["results"]["q8_0"].path), n_ctx=128, verbose=False)
+    assert llm.metadata["tokenizer.chat_template"] == f["tokenizer.chat_template"]
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
     for system, text in (("", "What is ROI?"), ("You are terse.", "Define APR.\nBriefly.")):
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         got = tok.apply_chat_template(msgs, chat_template=f["tokenizer.chat_template"], tokenize=False,
                                       add_generation_prompt=True)
         assert got == render_prompt(text, spec, tok, system=system)
+        # And as llama-cpp-python's chat completion formats it, from the template llama.cpp read out of the file.
+        assert formatter(messages=msgs).prompt == got
 
 
 def _go_render(template: str, system: str, prompt: str) -> str:
