@@ -10,7 +10,7 @@ Contract:
 - ``load_snippet(run, merged)`` returns the few lines of Python that load the result.
 - ``merged_zip(run)`` zips ``<run>/merged`` for the browser's download.
 - ``export_gguf(run, kind, progress)`` (kind ``f16``, ``q8_0`` or ``q4_k_m``) merges if needed, writes
-  ``<run>/export/gguf/<run id>-<kind>.gguf`` (``studio.gguf_export``), a ``Modelfile`` for Ollama beside it, checks
+  ``<run>/export/gguf/<run id>-<kind>.gguf`` (``studio.gguf_export``), ``<run id>-<kind>.Modelfile`` for Ollama beside it, checks
   the file in llama.cpp against the merged model on the run's own prompts (``<…>.check.json``, a ``gguf_check``
   event) and refreshes the folder's model card.  Returns a ``GGUFExport``.
 - Every adapter, merged and GGUF folder carries a model card (``studio.model_card``); a push carries it too.
@@ -227,8 +227,8 @@ def export_gguf(run: Run, kind: str, progress: Callable[[float, str], None] | No
                           progress=lambda f, d: say(0.05 + 0.6 * f, d))
         cfg = json.loads((merged / "config.json").read_text())
         num_ctx = int(min(cfg.get("max_position_embeddings", 4096), 4096))
-        modelfile = folder / "Modelfile"
-        modelfile.write_text(gx.modelfile(out.name, go_template, stops, num_ctx))
+        modelfile = out.with_suffix(".Modelfile")  # one per GGUF file: exporting another type keeps this one
+        modelfile.write_text(gx.modelfile(out.name, go_template, stops, num_ctx, modelfile.name))
         check = None
         if verify and kind != "q4_k_m":
             try:

@@ -354,7 +354,8 @@ def check_gguf(model_dir: str | Path, gguf_path: str | Path, kind: str, prompts:
 
     lc = llama_cpp()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device_map="cpu").eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the reference in float32 wherever it fits fastest
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device_map=device).eval()
     n_ctx = max(64, min(4096, max(len(tok(p)["input_ids"]) for p in prompts) + max_new_tokens + 8))
     llm = lc.Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, n_threads=_threads(), verbose=False,
                    seed=0)
@@ -369,7 +370,7 @@ def check_gguf(model_dir: str | Path, gguf_path: str | Path, kind: str, prompts:
                 tokens_equal = False
                 first = first or f"prompt {i}: llama.cpp tokens {ll_ids[:12]}… vs transformers {ids[:12]}…"
             with torch.no_grad():
-                hf_out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                hf_out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,
                                         eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
             ll_out = _greedy(llm, ids, max_new_tokens, eos)
             if ll_out == hf_out:
@@ -378,7 +379,7 @@ def check_gguf(model_dir: str | Path, gguf_path: str | Path, kind: str, prompts:
                 first = (f"prompt {i}: llama.cpp {tok.decode(ll_out)!r} vs transformers {tok.decode(hf_out)!r}")
             seq = ids + hf_out
             with torch.no_grad():
-                ref = model(torch.tensor([seq])).logits[0].numpy()
+                ref = model(torch.tensor([seq], device=device)).logits[0].float().cpu().numpy()
             llm.reset()
             llm.eval(seq)
             got = np.asarray(llm.scores[: len(seq)], dtype=np.float32)[:, : ref.shape[1]]
@@ -492,11 +493,12 @@ def jinja_template(shape: PromptShape) -> str:
             "{%- else -%}{{ " + _jinja_str(a0) + " }}{%- endif -%}{{ ns.user }}{{ " + _jinja_str(c) + " }}")
 
 
-def modelfile(gguf_name: str, template: str, stops: list[str], num_ctx: int, system: str = "") -> str:
+def modelfile(gguf_name: str, template: str, stops: list[str], num_ctx: int, name: str = "Modelfile",
+              system: str = "") -> str:
     if '"""' in template or '"""' in system:
         raise GGUFError('the template holds """, which ends a Modelfile string; Ollama could not read it.')
     lines = ["# Ollama Modelfile written by QLoRA Studio.  Create the model with:",
-             "#   ollama create <name> -f Modelfile",
+             f"#   ollama create <name> -f {name}",
              f"FROM ./{gguf_name}",
              f'TEMPLATE """{template}"""']
     if system:

@@ -222,8 +222,9 @@ def usage(run: Run, kind: str, f: dict, repo: str | None = None) -> str:
                  f'llm = Llama(model_path="{gguf_name}")',
                  'out = llm.create_chat_completion([{"role": "user", "content": "..."}])',
                  'print(out["choices"][0]["message"]["content"])', "```", "",
-                 "### Ollama", "", "```bash", f"ollama create {name} -f Modelfile", f'ollama run {name} "..."', "```",
-                 "", "The GGUF file's chat template and the `Modelfile`'s template render the prompt exactly as the "
+                 "### Ollama", "", "```bash", f"ollama create {name} -f {Path(gguf_name).stem}.Modelfile",
+                 f'ollama run {name} "..."', "```",
+                 "", "The GGUF file's chat template and the Modelfile's template render the prompt exactly as the "
                  "studio did in training."],
     }
     order = [kind] + [k for k in KINDS if k != kind]

@@ -146,7 +146,7 @@ def _modelfile_template(text: str) -> str:
 def test_modelfile_names_the_file_its_template_and_stop_tokens(exported):
     run, r = exported["run"], exported["results"]["q4_k_m"]
     text = r.modelfile.read_text()
-    assert r.modelfile.parent == r.path.parent and f"FROM ./{r.path.name}\n" in text
+    assert r.modelfile == r.path.with_suffix(".Modelfile") and f"FROM ./{r.path.name}\n" in text
     assert 'PARAMETER stop "</s>"' in text and "PARAMETER num_ctx 512" in text
     assert r.ollama_create.startswith(f"ollama create {run.id}") and r.ollama_create.endswith(f"-f {r.modelfile}")
     spec = TemplateSpec.from_config(run.config().data)
@@ -194,7 +194,7 @@ def test_the_gguf_card_reports_the_checks_and_how_to_run_it(exported):
         assert c["passed"] and c["file"] == r[kind].path.name
         row = next(line for line in card.splitlines() if line.startswith(f"| {kind.upper()} |"))
         assert f"{c['top1_agreement']:.2%}" in row and f"{c['max_abs_logit_diff']:.4f}" in row and "passed" in row
-    assert f"ollama create {run.id} -f Modelfile" in card and "llama-cli -m" in card
+    assert f"ollama create {run.id} -f {run.id}-" in card and ".Modelfile" in card and "llama-cli -m" in card
     events = [e for e in run.all_events() if e["type"] == "gguf_check"]
     assert [e["kind"] for e in events][:3] == list(gx.KINDS) and all(e["passed"] for e in events)
 
@@ -242,7 +242,7 @@ def test_export_tab_offers_the_gguf_and_merged_model_as_downloads(exported, monk
         client = Client(demo.local_url, verbose=False, download_files=str(tmp_path))
         files, status = client.predict(run.id, "f16", api_name="/gguf")
         names = [Path(f).name for f in files]
-        assert names == [f"{run.id}-f16.gguf", "Modelfile", "README.md"], names
+        assert names == [f"{run.id}-f16.gguf", f"{run.id}-f16.Modelfile", "README.md"], names
         assert "F16 written" in status and "**passed**" in status and "ollama create" in status
         assert "tokenization identical to transformers | yes" in status and "top-1 agreement" in status
         served = hashlib.sha256(Path(files[0]).read_bytes()).hexdigest()
