@@ -4,12 +4,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-gpu install install-dev browser lint bench clean
+.PHONY: demo test test-gpu install install-dev browser go lint bench clean
 
 demo: install
 	$(BIN)/python app.py
 
-test: install-dev browser
+test: install-dev browser go
 	$(BIN)/python -m pytest
 
 # The GPU tier runs on the machine's own Python (its CUDA torch); what is missing goes into .gpu-site/, from
@@ -25,9 +25,13 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/python -m studio build-tiny
 	touch $@
 
+# llama-cpp-python builds llama.cpp from source (no wheel on PyPI): a portable CPU build (no -march=native, so
+# results do not depend on the CPU it was built on), without the multimodal library the studio does not use, on
+# every core.  pip caches the built wheel, so later installs on the same machine take seconds.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF
 install-dev: $(VENV)/.installed-dev
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
-	$(BIN)/pip install -q -r requirements-dev.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
 # Headless Chromium for the end-to-end browser test (Debian's package; Playwright drives it), with a colour
@@ -36,6 +40,12 @@ browser:
 	@{ command -v chromium && fc-list | grep -qi "color emoji"; } >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null; \
 		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null; fi; }
+
+# Go's text/template (Debian's golang-go) renders the Ollama Modelfile templates in tests/test_gguf.py, as Ollama does.
+go:
+	@command -v go >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; fi; }
 
 lint: install-dev
 	$(BIN)/hadolint Dockerfile

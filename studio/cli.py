@@ -4,7 +4,8 @@
     python -m studio runs | stop RUN | resume RUN
     python -m studio generate --run RUN --prompt TEXT [--base] [--checkpoint N]
     python -m studio evaluate --run RUN [--limit N]
-    python -m studio export --run RUN [--zip] [--merge] [--push owner/name [--public]]
+    python -m studio export --run RUN [--zip] [--merge] [--gguf f16|q8_0|q4_k_m] [--no-check]
+                            [--push owner/name [--public]]
     python -m studio estimate --preset NAME
     python -m studio build-tiny
 
@@ -228,6 +229,23 @@ def cmd_export(args) -> int:
         print(export.adapter_zip(run))
     if args.merge:
         print(export.merge(run))
+    for kind in args.gguf or []:
+        from tqdm import tqdm
+
+        with tqdm(total=100, desc=f"GGUF {kind}", unit="%", dynamic_ncols=True) as bar:
+            def progress(frac, desc, bar=bar):
+                bar.set_postfix_str(desc[:40])
+                bar.n = round(frac * 100)
+                bar.refresh()
+
+            res = export.export_gguf(run, kind, progress=progress, verify=not args.no_check)
+        print(res.path)
+        print(res.summary())
+        print(f"Ollama: {res.ollama_create}")
+        if res.check and not res.check["passed"]:
+            print(f"error: the GGUF file does not behave like the merged model: {res.check['first_difference']}",
+                  file=sys.stderr)
+            return 1
     if args.push:
         print(export.push(run, args.push, None, private=not args.public, merged=args.merge))
     print(export.load_snippet(run, merged=args.merge))
@@ -288,10 +306,13 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True)
     ev.add_argument("--limit", type=int, default=50)
     ev.set_defaults(fn=cmd_evaluate)
-    x = sub.add_parser("export", help="zip, merge or push a run's adapter")
+    x = sub.add_parser("export", help="zip, merge, GGUF or push a run's adapter")
     x.add_argument("--run", required=True)
     x.add_argument("--zip", action="store_true")
     x.add_argument("--merge", action="store_true")
+    x.add_argument("--gguf", action="append", choices=("f16", "q8_0", "q4_k_m"),
+                   help="write a GGUF file (repeat for several), check it in llama.cpp, write a Modelfile")
+    x.add_argument("--no-check", action="store_true", help="skip the llama.cpp check of the GGUF file")
     x.add_argument("--push", metavar="OWNER/NAME")
     x.add_argument("--public", action="store_true")
     x.set_defaults(fn=cmd_export)

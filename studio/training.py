@@ -379,6 +379,9 @@ class Recipe:
         except adapters.AdapterError:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing half-made is left; adapter/ keeps what it held
             raise
+        from studio.export import write_card
+
+        write_card(self.run, tmp, "adapter")  # README.md (Hub metadata, how it was made) + loss_curve.png
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # the adapter folder appears whole or not at all
         if cfg.output.adapter_dir:
