@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from studio.security import hub_token
-    from studio.training import Recipe
+    from studio.training import recipe_for
 
     p = argparse.ArgumentParser(prog="python -m studio.worker")
     p.add_argument("run_dir")
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if "WORLD_SIZE" not in os.environ:  # under accelerate launch the pid file names the launcher (group leader)
         run.pid_path.write_text(str(os.getpid()))
-    status = Recipe(run, token=hub_token()).execute(resume=a.resume)
+    status = recipe_for(run)(run, token=hub_token()).execute(resume=a.resume)
     return 0 if status in ("completed", "stopped") else 1
 
 
