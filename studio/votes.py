@@ -11,6 +11,9 @@ the line and the field, ready to show as is):
   parent's with the ``prefer`` section filled; the worker keeps the checked pairs in its ``pairs.jsonl``) and
   launches the same worker process as ``train``.  Follow it like any run (``studio.follow`` / the Train tab draws its
   ``metric`` events: loss, ``reward_margin``, ``reward_accuracy``, ``logps_chosen``, ``logps_rejected``).
+- ``stage_presets() -> dict[name, path]``: the shipped and saved presets that hold only a ``prefer`` section
+  (``dpo-tiny``, ``dpo-mistral-7b``, ``orpo-mistral-7b``, ``kto-mistral-7b``); the Train tab's stage picker
+  lists these, and the SFT preset list should leave them out.
 - ``stage_config(parent, ...)`` builds that config without starting anything (for a fit estimate or a preview).
 
 Pair sources, in order: ``prefer.votes`` (a JSONL/JSON/CSV/Parquet file of ``prompt/chosen/rejected`` rows, or
@@ -227,6 +230,23 @@ def count_pairs(run: Run) -> int:
             continue
         n += isinstance(rec, dict) and rec.get("run") == run.id
     return n
+
+
+def stage_presets() -> dict[str, Path]:
+    """Presets of the preference stage: a ``prefer`` section and nothing else but a name and description."""
+    import yaml
+
+    from studio.presets import list_presets
+
+    out = {}
+    for name, path in list_presets().items():
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and "prefer" in data and set(data) <= {"name", "description", "prefer"}:
+            out[name] = path
+    return out
 
 
 def parent_adapter(parent: Run, checkpoint: int = 0) -> Path:
