@@ -222,6 +222,8 @@ class PreferSection:
                         min=0, max=1_000_000)
     eval_steps: int = _f(0, "Evaluate on the held-out pairs every N steps; 0 only at the end.", min=0, max=1_000_000)
     save_steps: int = _f(0, "Save a checkpoint every N steps; 0 only at the end.", min=0, max=1_000_000)
+    sft_weight: float = _f(0.0, "dpo: weight of a likelihood loss on the chosen answers added to DPO's (RPO), keeping "
+                           "them likely while the margin grows; 0 adds none.", min=0.0, max=10.0)
     desirable_weight: float = _f(1.0, "kto: weight of the good answers' loss (raise it when good ones are fewer).",
                                  min=0.01, max=100.0)
     undesirable_weight: float = _f(1.0, "kto: weight of the bad answers' loss.", min=0.01, max=100.0)

@@ -160,6 +160,8 @@ class PreferRecipe(Recipe):
                   eval_strategy=("steps" if p.eval_steps else "no") if has_val else "no",
                   eval_steps=p.eval_steps or None, save_strategy="steps" if p.save_steps else "no",
                   save_steps=p.save_steps or 500, beta=p.beta, max_length=p.max_length)
+        if p.method == "dpo" and p.sft_weight > 0:
+            kw.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, p.sft_weight])
         if p.method == "kto":
             kw.update(desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight)
         trainer = trainer_cls(model=self.model, args=config_cls(**kw), train_dataset=self.prepared.train,

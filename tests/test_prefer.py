@@ -149,3 +149,153 @@ def test_dpo_on_the_studio_votes_moves_answers_toward_the_preferred_property(par
     assert mean(m_dpo) > mean(m_sft) + 2.0
     assert sum(b > a for a, b in zip(m_sft, m_dpo)) >= 0.9 * len(held_out)
     assert rate_dpo >= rate_sft + 0.2 and rate_dpo >= 0.8, (rate_sft, rate_dpo)
+
+
+# ---- every method trains only its adapter, against the SFT adapter as the reference --------------------------
+
+@pytest.mark.parametrize("method", ["dpo", "orpo", "kto"])
+def test_stage_trains_only_the_adapter_and_keeps_the_sft_reference(parent, method, tmp_path, monkeypatch):
+    import bitsandbytes.nn.modules as bnb_modules
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from studio.adapters import _disk_name
+    from studio.modeling import resolve_base
+    from studio.prefer import PreferRecipe
+
+    sft = parent["run"]
+    pairs = tmp_path / "pairs.jsonl"
+    write_votes(pairs, unit_pairs(SAMPLES, 12), sft.id)
+    cfg = votes.stage_config(sft, method, votes=str(pairs), overrides={"prefer.max_steps": 2,
+                                                                      "prefer.batch_size": 4})
+    run = parent["store"].create(cfg, f"{method}-in-process")
+    r = PreferRecipe(run)
+    r.setup()
+    frozen = {n: p.detach().clone() for n, p in r.model.named_parameters() if "lora_" not in n}
+    buffers = {n: b.detach().clone() for n, b in r.model.named_buffers()}
+    r.train()
+    r.save()
+    for n, p in r.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(frozen[n], p), n
+    for n, b in r.model.named_buffers():
+        assert torch.equal(buffers[n], b), n
+    start = load_file(str(sft.adapter_dir / "adapter_model.safetensors"))
+    if method in ("dpo", "kto"):  # the reference is TRL's frozen copy of the SFT adapter, exactly
+        ref = {_disk_name(n, "ref"): p for n, p in r.model.named_parameters() if ".ref." in n}
+        assert ref.keys() == start.keys()
+        assert all(torch.equal(ref[k], start[k]) for k in start)
+    else:
+        assert not any(".ref." in n for n, _ in r.model.named_parameters())  # ORPO needs no reference
+    trained = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    assert trained.keys() == start.keys() and all(v.dtype == torch.float32 for v in trained.values())
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    r.cleanup()
+
+    metrics = [e for e in run.all_events() if e["type"] == "metric"]
+    assert metrics and all(isinstance(e["loss"], float) for e in metrics)
+    assert {"reward_chosen", "reward_rejected", "logps_chosen"} <= metrics[-1].keys()
+
+    # The stage's adapter loads with plain transformers + peft onto the 4-bit base.
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(resolve_base("studio-tiny-mistral"), quantization_config=q,
+                                                device_map="cpu", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    loaded = {_disk_name(n): p for n, p in model.named_parameters() if "lora_" in n}
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+
+
+# ---- bad input: refused before any weight loads, naming the file, line and field ------------------------------
+
+def _vote_lines(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+@pytest.mark.parametrize("bad,line,words", [
+    ({"rejected": "The ROI is 5%. "}, 3, ["line 3", "'rejected'", "same text as field 'chosen'"]),
+    ({"run": "someone-else"}, 3, ["line 3", "'run'", "someone-else", "another run"]),
+    ({"base_model": "mistralai/Mistral-7B-v0.1"}, 3, ["line 3", "'base_model'", "another base model"]),
+    ({"prompt": "### Instruction:\nWhat is ROI?\n\n### Response:\n"}, 3, ["line 3", "'prompt'", "template text"]),
+    ({"prompt": "[INST] What is ROI? [/INST]"}, 3, ["line 3", "'prompt'", "[INST]"]),
+    ({"rejected": ""}, 3, ["line 3", "'rejected'", "empty"]),
+    ({"chosen": None}, 3, ["line 3", "'chosen'", "missing"]),
+    ({"prompt": [{"role": "user", "content": "hi"}]}, 3, ["line 3", "'prompt'", "must be text"]),
+])
+def test_bad_votes_are_refused_by_file_line_and_field(parent, tmp_path, bad, line, words):
+    sft = parent["run"]
+    good = {"prompt": "What is the ROI?", "chosen": "The ROI is 5%.", "rejected": "The ROI is 5.", "run": sft.id}
+    row = {k: v for k, v in {**good, **bad}.items() if v is not None}
+    path = _vote_lines(tmp_path / "my_votes.jsonl", [good, good, row] + [good] * 10)
+    cfg = votes.stage_config(sft, "dpo", votes=str(path))
+    with pytest.raises(DataError) as e:
+        votes.load_pairs(cfg, sft)
+    msg = str(e.value)
+    assert msg.startswith("my_votes.jsonl line 3:"), msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_too_few_pairs_and_wrong_format_are_refused(parent, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    sft = parent["run"]
+    good = {"prompt": "What is the ROI?", "chosen": "The ROI is 5%.", "rejected": "The ROI is 5.", "run": sft.id}
+    few = _vote_lines(tmp_path / "few.jsonl", [good] * 5)
+    with pytest.raises(DataError, match=r"few.jsonl: 5 usable pairs; .* at least 8 \(prefer.min_pairs\)"):
+        votes.load_pairs(votes.stage_config(sft, "dpo", votes=str(few)), sft)
+    kto_rows = _vote_lines(tmp_path / "kto.jsonl", [{"prompt": "What is the ROI?", "completion": "5%.",
+                                                     "label": True}] * 10)
+    with pytest.raises(DataError, match=r"kto.jsonl line 1: a prompt/completion/label row .* dpo needs pairs"):
+        votes.load_pairs(votes.stage_config(sft, "dpo", votes=str(kto_rows)), sft)
+    assert len(votes.load_pairs(votes.stage_config(sft, "kto", votes=str(kto_rows)), sft).pairs) == 10
+    # No votes in the studio yet, none for this run, and a checkpoint the run does not have.
+    with pytest.raises(DataError, match="no votes yet"):
+        votes.load_pairs(votes.stage_config(sft, "dpo"), sft)
+    _vote_lines(tmp_path / "preferences.jsonl", [{**good, "run": "other"}] * 20)
+    assert votes.count_pairs(sft) == 0
+    with pytest.raises(DataError, match=rf"preferences.jsonl: 0 usable pairs for run '{sft.id}'"):
+        votes.load_pairs(votes.stage_config(sft, "dpo"), sft)
+    with pytest.raises(ConfigError, match="prefer.parent_checkpoint: .* no complete checkpoint 7"):
+        votes.stage_config(sft, "dpo", checkpoint=7)
+
+
+def test_cli_prefer_refuses_in_one_line_and_starts_nothing(parent, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STUDIO_HOME", str(parent["home"]))
+    sft = parent["run"]
+    before = {r.id for r in RunStore().list()}
+    row = {"prompt": "What is the ROI?", "chosen": "The ROI is 5%.", "rejected": "The ROI is 5%.", "run": sft.id}
+    path = _vote_lines(tmp_path / "same.jsonl", [row] * 10)
+    assert cli.main(["prefer", "--run", sft.id, "--votes", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "same.jsonl line 1: field 'rejected' is the same text" in err
+    assert cli.main(["prefer", "--run", sft.id, "--votes", str(path), "--set", "prefer.beta=99"]) == 2
+    assert "prefer.beta: 99.0 is above the maximum 10.0" in capsys.readouterr().err
+    assert cli.main(["prefer", "--run", "no-such-run"]) == 2
+    assert "no run named 'no-such-run'" in capsys.readouterr().err
+    assert {r.id for r in RunStore().list()} == before
+
+
+# ---- config and presets -----------------------------------------------------------------------------------------
+
+def test_stage_presets_load_and_hold_only_the_prefer_section():
+    found = votes.stage_presets()
+    assert {"dpo-tiny", "dpo-mistral-7b", "orpo-mistral-7b", "kto-mistral-7b"} <= set(found)
+    for name, path in found.items():
+        cfg = load_preset(path)
+        assert cfg.name == name and cfg.prefer.method in ("dpo", "orpo", "kto") and not cfg.prefer.parent_run
+    assert "tiny-demo" not in found
+
+
+def test_stage_config_is_the_parents_with_the_prefer_section(parent):
+    sft = parent["run"]
+    cfg = votes.stage_config(sft, "orpo", preset="dpo-tiny", overrides={"prefer.beta": 0.2})
+    parent_cfg = sft.config()
+    assert (cfg.model, cfg.lora, cfg.data) == (parent_cfg.model, parent_cfg.lora, parent_cfg.data)
+    assert (cfg.prefer.method, cfg.prefer.beta, cfg.prefer.learning_rate) == ("orpo", 0.2, 2e-3)
+    assert (cfg.prefer.parent_run, cfg.output.adapter_dir, cfg.output.push_to_hub) == (sft.id, "", False)
+    with pytest.raises(ConfigError, match="prefer.batch_size: kto"):
+        votes.stage_config(sft, "kto", overrides={"prefer.batch_size": 1})
+    with pytest.raises(ConfigError, match="prefer.method: 'ppo' is not one of dpo, orpo, kto"):
+        votes.stage_config(sft, "ppo")
