@@ -299,3 +299,52 @@ def test_stage_config_is_the_parents_with_the_prefer_section(parent):
         votes.stage_config(sft, "kto", overrides={"prefer.batch_size": 1})
     with pytest.raises(ConfigError, match="prefer.method: 'ppo' is not one of dpo, orpo, kto"):
         votes.stage_config(sft, "ppo")
+
+
+# ---- the run machinery: stop, resume, NaN halt ------------------------------------------------------------------
+
+def _stage(parent, tmp_path, name, **overrides):
+    pairs = tmp_path / f"{name}.jsonl"
+    write_votes(pairs, unit_pairs(SAMPLES, 16), parent["run"].id)
+    ov = {"prefer.max_steps": 4, "prefer.batch_size": 4, "prefer.save_steps": 1, "train.logging_steps": 1,
+          **overrides}
+    return parent["store"].create(votes.stage_config(parent["run"], "dpo", votes=str(pairs), overrides=ov), name)
+
+
+def _losses(run) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in run.all_events() if e["type"] == "metric"}
+
+
+def test_stopped_stage_resumes_to_the_straight_result(parent, tmp_path):
+    from safetensors.torch import load_file
+
+    from studio.prefer import PreferRecipe
+
+    straight = _stage(parent, tmp_path, "dpo-straight")
+    assert PreferRecipe(straight).execute() == "completed"
+    run = _stage(parent, tmp_path, "dpo-stopped")
+    run.stop_flag.touch()  # a cooperative stop: the worker keeps the step it finished
+    assert PreferRecipe(run).execute() == "stopped"
+    assert run.last_checkpoint().name == "checkpoint-1" and not (run.adapter_dir / "adapter_model.safetensors").exists()
+    run.stop_flag.unlink()
+    assert PreferRecipe(run).execute(resume=True) == "completed"
+    assert (run.dir / votes.PAIRS_FILE).read_text() == (straight.dir / votes.PAIRS_FILE).read_text()
+    a, b = _losses(straight), _losses(run)
+    assert sorted(b) == [1, 2, 3, 4]
+    for s in (2, 3, 4):
+        assert abs(a[s] - b[s]) <= 1e-4, (s, a[s], b[s])
+    wa, wb = (load_file(str(r.adapter_dir / "adapter_model.safetensors")) for r in (straight, run))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_nan_loss_halts_the_stage_and_keeps_the_last_good_checkpoint(parent, tmp_path, monkeypatch):
+    from studio.prefer import PreferRecipe
+
+    monkeypatch.setenv("STUDIO_FAULTS", "nan@3")
+    run = _stage(parent, tmp_path, "dpo-nan")
+    assert PreferRecipe(run).execute() == "halted"
+    last = run.last_status()
+    assert "NaN" in last["message"] and last["step"] == 3
+    assert [p.name for p in run.checkpoints()] == ["checkpoint-1", "checkpoint-2"]
+    assert not (run.adapter_dir / "adapter_model.safetensors").exists()
