@@ -11,6 +11,9 @@ the line and the field, ready to show as is):
   parent's with the ``prefer`` section filled; the worker keeps the checked pairs in its ``pairs.jsonl``) and
   launches the same worker process as ``train``.  Follow it like any run (``studio.follow`` / the Train tab draws its
   ``metric`` events: loss, ``reward_margin``, ``reward_accuracy``, ``logps_chosen``, ``logps_rejected``).
+- ``stage_adapters(run) -> dict[label, path]``: for a stage run, its parent's starting adapter and its own, so
+  the Playground and Evaluate can load both on one base and compare SFT and preference answers blind
+  (``ModelHolder``/``load_for_inference`` take such a mapping).
 - ``stage_presets() -> dict[name, path]``: the shipped and saved presets that hold only a ``prefer`` section
   (``dpo-tiny``, ``dpo-mistral-7b``, ``orpo-mistral-7b``, ``kto-mistral-7b``); the Train tab's stage picker
   lists these, and the SFT preset list should leave them out.
@@ -230,6 +233,22 @@ def count_pairs(run: Run) -> int:
             continue
         n += isinstance(rec, dict) and rec.get("run") == run.id
     return n
+
+
+def stage_adapters(run: Run, store: RunStore | None = None) -> dict[str, Path]:
+    """``{"<parent id>": its starting adapter, "<run id>": this stage's adapter}`` for a finished stage run."""
+    p = run.config().prefer
+    if not p.parent_run:
+        raise ConfigError("prefer.parent_run", f"run {run.id!r} is not a preference stage.")
+    store = store or RunStore(run.dir.parent)
+    try:
+        parent = store.get(p.parent_run)
+    except KeyError:
+        raise ConfigError("prefer.parent_run", f"the parent run {p.parent_run!r} is gone.") from None
+    out = {parent.id: parent_adapter(parent, p.parent_checkpoint)}
+    if (run.adapter_dir / "adapter_model.safetensors").is_file():
+        out[run.id] = run.adapter_dir
+    return out
 
 
 def stage_presets() -> dict[str, Path]:

@@ -136,7 +136,9 @@ def test_dpo_on_the_studio_votes_moves_answers_toward_the_preferred_property(par
 
     # Held-out prompts, both adapters on one base: the SFT parent against the preference stage.
     held_out = unit_pairs(HELD_OUT, 24)
-    model, tok = load_for_inference(cfg, {"sft": sft.adapter_dir, "dpo": stage.adapter_dir})
+    pair = votes.stage_adapters(stage)
+    assert pair == {sft.id: sft.adapter_dir, stage.id: stage.adapter_dir}
+    model, tok = load_for_inference(cfg, {"sft": pair[sft.id], "dpo": pair[stage.id]})
     spec = TemplateSpec.from_config(cfg.data)
     measured = {}
     for name in ("sft", "dpo"):
