@@ -8,7 +8,9 @@ Contract:
 - The 4-bit base loads once.  The stage trains the parent's adapter (final, or ``prefer.parent_checkpoint``),
   loaded as peft's ``default`` adapter; for DPO and KTO, TRL keeps a frozen copy of it as the ``ref`` adapter
   and computes the reference log-probs with that adapter switched on, so the reference is exactly the SFT
-  adapter the stage started from.  ORPO needs no reference.  Base weights are never trained.
+  adapter the stage started from.  ORPO needs no reference.  Base weights are never trained.  With
+  ``prefer.sft_weight`` > 0, DPO adds RPO's likelihood loss on the chosen answers (TRL's ``loss_type``
+  ``["sigmoid", "sft"]``), which keeps them likely (and ending with EOS) while the margin grows.
 - Pairs come from ``studio.votes`` (checked there: every refusal names the file, line and field) and are kept
   in the run folder as ``pairs.jsonl``; a resumed stage trains on the same pairs.
 - Events beyond the SFT recipe's: ``metric`` carries ``reward_margin``, ``reward_accuracy``, ``reward_chosen``,
@@ -160,6 +162,8 @@ class PreferRecipe(Recipe):
                   eval_strategy=("steps" if p.eval_steps else "no") if has_val else "no",
                   eval_steps=p.eval_steps or None, save_strategy="steps" if p.save_steps else "no",
                   save_steps=p.save_steps or 500, beta=p.beta, max_length=p.max_length)
+        if p.method == "orpo":  # its batches hold chosen_/rejected_input_ids, not the input_ids Trainer counts
+            kw.update(include_num_input_tokens_seen="no")
         if p.method == "dpo" and p.sft_weight > 0:
             kw.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, p.sft_weight])
         if p.method == "kto":
