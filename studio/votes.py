@@ -124,6 +124,22 @@ def _label(v, where: str) -> bool:
     raise DataError(f"{where}: field 'label' must be true or false, found {v!r}.")
 
 
+def _check_renders(cfg: RunConfig, tokenizer, prompt: str, extra: dict, where: str) -> None:
+    """The run's template renders the prompt, and leaves room for an answer within ``prefer.max_length``."""
+    from studio.data.templates import TemplateSpec, render_prompt
+    from studio.data.tokenize import encode_prompt
+
+    try:
+        text = render_prompt(prompt, TemplateSpec.from_config(cfg.data), tokenizer, **extra)
+    except DataError as e:
+        raise DataError(f"{where}: field 'prompt': {e}") from None
+    n, limit = len(encode_prompt(tokenizer, text)), cfg.prefer.max_length
+    if n >= limit:
+        raise DataError(f"{where}: field 'prompt' is {n} tokens in the run's template, at or above "
+                        f"prefer.max_length ({limit}): no answer token would be trained. Shorten the prompt or raise "
+                        "prefer.max_length.")
+
+
 def check_records(records: Records, cfg: RunConfig, parent: Run | None, method: str, *, own_votes: bool = False,
                   tokenizer=None) -> PairSet:
     """Turn raw rows into checked pairs, or raise ``DataError`` naming the file, line and field.
@@ -158,6 +174,8 @@ def check_records(records: Records, cfg: RunConfig, parent: Run | None, method: 
                 raise DataError(f"{where}: field '{key}' already holds template text {hit!r}; a vote holds the "
                                 f"user's own text, which the run's template ({cfg.data.template}) formats. Remove "
                                 "the template parts from the prompt, or the line.")
+        if tokenizer is not None:
+            _check_renders(cfg, tokenizer, prompt, extra, where)
         if "completion" in rec and "chosen" not in rec:
             if method != "kto":
                 raise DataError(f"{where}: a prompt/completion/label row (KTO's format); {method} needs pairs "

@@ -225,15 +225,17 @@ def _vote_lines(path, recs):
     ({"rejected": ""}, 3, ["line 3", "'rejected'", "empty"]),
     ({"chosen": None}, 3, ["line 3", "'chosen'", "missing"]),
     ({"prompt": [{"role": "user", "content": "hi"}]}, 3, ["line 3", "'prompt'", "must be text"]),
+    ({"prompt": "How much? " * 150}, 3, ["line 3", "'prompt'", "tokens in the run's template", "prefer.max_length"]),
 ])
-def test_bad_votes_are_refused_by_file_line_and_field(parent, tmp_path, bad, line, words):
+def test_bad_votes_are_refused_by_file_line_and_field(parent, tmp_path, tiny_tokenizer, bad, line, words):
+    tokenizer = tiny_tokenizer
     sft = parent["run"]
     good = {"prompt": "What is the ROI?", "chosen": "The ROI is 5%.", "rejected": "The ROI is 5.", "run": sft.id}
     row = {k: v for k, v in {**good, **bad}.items() if v is not None}
     path = _vote_lines(tmp_path / "my_votes.jsonl", [good, good, row] + [good] * 10)
     cfg = votes.stage_config(sft, "dpo", votes=str(path))
     with pytest.raises(DataError) as e:
-        votes.load_pairs(cfg, sft)
+        votes.load_pairs(cfg, sft, tokenizer=tokenizer)
     msg = str(e.value)
     assert msg.startswith("my_votes.jsonl line 3:"), msg
     for w in words:
