@@ -342,7 +342,8 @@ def test_stopped_stage_resumes_to_the_straight_result(parent, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
 
 
-def test_nan_loss_halts_the_stage_and_keeps_the_last_good_checkpoint(parent, tmp_path, monkeypatch):
+def test_nan_loss_halts_the_stage_and_a_new_stage_starts_from_its_last_good_checkpoint(parent, tmp_path,
+                                                                                       monkeypatch):
     from studio.prefer import PreferRecipe
 
     monkeypatch.setenv("STUDIO_FAULTS", "nan@3")
@@ -352,3 +353,14 @@ def test_nan_loss_halts_the_stage_and_keeps_the_last_good_checkpoint(parent, tmp
     assert "NaN" in last["message"] and last["step"] == 3
     assert [p.name for p in run.checkpoints()] == ["checkpoint-1", "checkpoint-2"]
     assert not (run.adapter_dir / "adapter_model.safetensors").exists()
+
+    # --checkpoint: an ORPO stage on top of the halted DPO stage's checkpoint 2 (stages stack).
+    monkeypatch.delenv("STUDIO_FAULTS")
+    pairs = tmp_path / "more.jsonl"
+    write_votes(pairs, unit_pairs(SAMPLES, 8), run.id)
+    cfg = votes.stage_config(run, "orpo", checkpoint=2, votes=str(pairs), overrides={"prefer.max_steps": 1})
+    nxt = parent["store"].create(cfg, "orpo-on-checkpoint")
+    assert PreferRecipe(nxt).execute() == "completed"
+    assert votes.stage_adapters(nxt) == {run.id: run.checkpoints_dir / "checkpoint-2", nxt.id: nxt.adapter_dir}
+    start = next(e for e in nxt.all_events() if e.get("status") == "starting")
+    assert (start["parent_run"], start["adapter"]) == (run.id, "checkpoints/checkpoint-2")
