@@ -263,6 +263,15 @@ def test_too_few_pairs_and_wrong_format_are_refused(parent, tmp_path, monkeypatc
         votes.load_pairs(votes.stage_config(sft, "dpo"), sft)
     with pytest.raises(ConfigError, match="prefer.parent_checkpoint: .* no complete checkpoint 7"):
         votes.stage_config(sft, "dpo", checkpoint=7)
+    # A dataset through prefer.hub_dataset (here a local folder, which load_dataset reads alike): rows by number.
+    folder = tmp_path / "hub_pairs"
+    folder.mkdir()
+    _vote_lines(folder / "train.jsonl", [good] * 3 + [{**good, "rejected": good["chosen"]}] + [good] * 6)
+    hub = votes.stage_config(sft, "dpo", overrides={"prefer.hub_dataset": str(folder)})
+    with pytest.raises(DataError, match=r"hub_pairs \(train\) row 4: field 'rejected' is the same text"):
+        votes.load_pairs(hub, sft)
+    _vote_lines(folder / "train.jsonl", [good] * 10)
+    assert len(votes.load_pairs(hub, sft).pairs) == 10
 
 
 def test_cli_prefer_refuses_in_one_line_and_starts_nothing(parent, tmp_path, monkeypatch, capsys):
