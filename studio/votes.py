@@ -5,7 +5,8 @@ the line and the field, ready to show as is):
 
 - ``count_pairs(run) -> int``: how many of the studio's Playground votes (``<home>/preferences.jsonl``) were cast
   on ``run``'s answers, i.e. the pairs a "Train on these votes" button would train on.
-- ``start_stage(parent, method="dpo", checkpoint=0, votes="", preset="", overrides=None, store=None) -> Run``:
+- ``start_stage(parent, method="", checkpoint=0, votes="", preset="", overrides=None, store=None, name="",
+  env=None) -> Run`` (``method`` empty: the preset's, else dpo):
   checks the pairs now (too few, empty fields, chosen equal to rejected, a prompt already holding template
   text, votes cast on another run or base model), then creates the stage's run folder (its config is the
   parent's with the ``prefer`` section filled; the worker keeps the checked pairs in its ``pairs.jsonl``) and
@@ -23,7 +24,7 @@ Pair sources, in order: ``prefer.votes`` (a JSONL/JSON/CSV/Parquet file of ``pro
 ``prompt/completion/label`` rows for KTO), ``prefer.hub_dataset``, else the studio's votes for the parent run.
 A row may also carry ``input`` and ``system`` (rendered by the run's template like training data) and the
 Playground's ``run``, ``adapter``, ``winner`` and ``base_model``.  Votes from the studio's file that belong to
-other runs are left out; in a file the user names, a row for another run or base model is refused.
+other runs (or name none) are left out, and counted in the ``data`` event's ``left_out``; in a file the user names, a row for another run or base model is refused.
 
 The UI should record ``base_model`` with each vote (``record_vote(..., meta={"run", "adapter", "winner",
 "base_model"})``) so votes on a run whose base changed are refused too.
