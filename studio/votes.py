@@ -18,7 +18,8 @@ the line and the field, ready to show as is):
 - ``stage_presets() -> dict[name, path]``: the shipped and saved presets that hold only a ``prefer`` section
   (``dpo-tiny``, ``dpo-mistral-7b``, ``orpo-mistral-7b``, ``kto-mistral-7b``); the Train tab's stage picker
   lists these, and the SFT preset list should leave them out.
-- ``stage_config(parent, ...)`` builds that config without starting anything (for a fit estimate or a preview).
+- ``stage_config(parent, ...)`` builds that config without starting anything (for a preview), and
+  ``stage_estimate(cfg)`` its peak GPU memory (``studio.estimate.Estimate``; None for an unknown model shape).
 
 Pair sources, in order: ``prefer.votes`` (a JSONL/JSON/CSV/Parquet file of ``prompt/chosen/rejected`` rows, or
 ``prompt/completion/label`` rows for KTO), ``prefer.hub_dataset``, else the studio's votes for the parent run.
@@ -268,6 +269,23 @@ def stage_adapters(run: Run, store: RunStore | None = None) -> dict[str, Path]:
     if (run.adapter_dir / "adapter_model.safetensors").is_file():
         out[run.id] = run.adapter_dir
     return out
+
+
+def stage_estimate(cfg: RunConfig):
+    """Peak GPU memory of the stage ``cfg`` describes: each micro-batch runs ``2 x prefer.batch_size`` rows (chosen
+    and rejected; KTO's answers and their KL rows) of up to ``prefer.max_length`` tokens, and DPO and KTO keep
+    a frozen copy of the adapter as the reference.  None when the model's shape is unknown offline."""
+    from studio.estimate import arch_for, estimate
+
+    arch = arch_for(cfg)
+    if arch is None:
+        return None
+    p = cfg.prefer
+    est = estimate(cfg, arch, micro_batch=2 * p.batch_size, seq_len=p.max_length)
+    if p.method in ("dpo", "kto"):
+        opt = 2 if "8bit" in cfg.train.optimizer else (0 if cfg.train.optimizer == "sgd" else 8)
+        est.parts["reference adapter"] = est.parts["LoRA + grads + optimizer"] * 4 // (8 + opt)  # fp32, no grads
+    return est
 
 
 def stage_presets() -> dict[str, Path]:

@@ -301,6 +301,22 @@ def test_stage_presets_load_and_hold_only_the_prefer_section():
     assert "tiny-demo" not in found
 
 
+def test_stage_estimate_counts_both_answers_and_the_reference_adapter():
+    from studio.estimate import arch_for, estimate
+
+    sft = load_preset("mistral-7b-finance-fast")
+    d = sft.to_dict()
+    d["prefer"] = {**load_preset("dpo-mistral-7b").to_dict()["prefer"], "parent_run": "sft-run"}
+    dpo = type(sft).from_dict(d)
+    est, arch = votes.stage_estimate(dpo), arch_for(sft)
+    lora = estimate(sft, arch).parts["LoRA + grads + optimizer"]
+    assert est.parts["reference adapter"] == lora * 4 // (8 + 2)  # paged_adamw_8bit: 2 bytes of state a weight
+    rows = estimate(sft, arch, micro_batch=2 * dpo.prefer.batch_size, seq_len=dpo.prefer.max_length)
+    assert est.total == rows.total + est.parts["reference adapter"]
+    d["prefer"]["method"] = "orpo"
+    assert "reference adapter" not in votes.stage_estimate(type(sft).from_dict(d)).parts
+
+
 def test_stage_config_is_the_parents_with_the_prefer_section(parent):
     sft = parent["run"]
     cfg = votes.stage_config(sft, "orpo", preset="dpo-tiny", overrides={"prefer.beta": 0.2})
