@@ -15,9 +15,9 @@ the line and the field, ready to show as is):
 - ``stage_adapters(run) -> dict[label, path]``: for a stage run, its parent's starting adapter and its own, so
   the Playground and Evaluate can load both on one base and compare SFT and preference answers blind
   (``ModelHolder``/``load_for_inference`` take such a mapping).
-- ``stage_presets() -> dict[name, path]``: the shipped and saved presets that hold only a ``prefer`` section
-  (``dpo-tiny``, ``dpo-mistral-7b``, ``orpo-mistral-7b``, ``kto-mistral-7b``); the Train tab's stage picker
-  lists these, and the SFT preset list should leave them out.
+- ``stage_presets() -> dict[name, path]``: the stage's presets, shipped in ``presets/prefer/`` (``dpo-tiny``,
+  ``dpo-mistral-7b``, ``orpo-mistral-7b``, ``kto-mistral-7b``: a ``prefer`` section only, so they are kept out
+  of the SFT presets list) and the user's saved ones; the Train tab's stage picker lists these.
 - ``stage_config(parent, ...)`` builds that config without starting anything (for a preview), and
   ``stage_estimate(cfg)`` its peak GPU memory (``studio.estimate.Estimate``; None for an unknown model shape).
 
@@ -289,20 +289,38 @@ def stage_estimate(cfg: RunConfig):
 
 
 def stage_presets() -> dict[str, Path]:
-    """Presets of the preference stage: a ``prefer`` section and nothing else but a name and description."""
+    """Presets of the preference stage: the shipped ones in ``presets/prefer/`` (kept out of the SFT presets
+    beside them), then the user's saved presets that hold a ``prefer`` section and nothing else but a name and
+    description."""
     import yaml
 
-    from studio.presets import list_presets
+    from studio.paths import presets_dir, user_presets_dir
 
-    out = {}
-    for name, path in list_presets().items():
+    out: dict[str, Path] = {}
+    shipped = presets_dir() / "prefer"
+    for path in sorted(shipped.glob("*.yaml")) if shipped.is_dir() else []:
+        out[path.stem] = path
+    mine = user_presets_dir()
+    for path in sorted(mine.glob("*.yaml")) if mine.is_dir() else []:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
         except (OSError, yaml.YAMLError):
             continue
         if isinstance(data, dict) and "prefer" in data and set(data) <= {"name", "description", "prefer"}:
-            out[name] = path
+            out.setdefault(path.stem, path)
     return out
+
+
+def load_stage_preset(name_or_path: str) -> RunConfig:
+    """A stage preset by name (``dpo-tiny``) or path; ``ConfigError`` listing the known ones otherwise."""
+    from studio.presets import load_preset
+
+    if Path(name_or_path).suffix:
+        return load_preset(name_or_path)
+    known = stage_presets()
+    if name_or_path not in known:
+        raise ConfigError("--preset", f"no preference-stage preset {name_or_path!r}; known: {', '.join(known)}.")
+    return load_preset(known[name_or_path])
 
 
 def parent_adapter(parent: Run, checkpoint: int = 0) -> Path:
@@ -332,17 +350,16 @@ def stage_config(parent: Run, method: str = "", checkpoint: int = 0, votes: str 
     """The stage's config: the parent's, its ``prefer`` section from ``preset`` (a preset's prefer section, e.g.
     ``dpo-tiny``), then ``method``/``checkpoint``/``votes``, then dotted ``overrides``; outputs of the parent
     (adapter copy, merge, Hub push, run name) are not repeated."""
-    from studio.presets import load_preset
-
+    chosen = load_stage_preset(preset) if preset else None
     cfg = parent.config()
     d = cfg.to_dict()
-    d["prefer"] = load_preset(preset).to_dict()["prefer"] if preset else RunConfig().to_dict()["prefer"]
+    d["prefer"] = (chosen or RunConfig()).to_dict()["prefer"]
     base = RunConfig.from_dict(d, validate=False)
     ov = {**_STAGE_OFF, "output.adapter_dir": "", "output.merge": False, "output.push_to_hub": False,
           "output.run_name": "", "prefer.parent_run": parent.id, "prefer.parent_checkpoint": checkpoint}
-    if preset:
-        ov["name"] = load_preset(preset).name
-        ov["description"] = f"{load_preset(preset).description} On run {parent.id}."
+    if chosen:
+        ov["name"] = chosen.name
+        ov["description"] = f"{chosen.description} On run {parent.id}."
     if method:
         ov["prefer.method"] = method
     if votes:

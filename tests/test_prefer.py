@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from studio import cli, votes
-from studio.config import ConfigError
+from studio.config import ConfigError, RunConfig
 from studio.data.files import DataError
 from studio.presets import load_preset
 from studio.runs import RunStore
@@ -293,12 +293,19 @@ def test_cli_prefer_refuses_in_one_line_and_starts_nothing(parent, tmp_path, mon
 # ---- config and presets -----------------------------------------------------------------------------------------
 
 def test_stage_presets_load_and_hold_only_the_prefer_section():
+    from studio.presets import list_presets
+
     found = votes.stage_presets()
     assert {"dpo-tiny", "dpo-mistral-7b", "orpo-mistral-7b", "kto-mistral-7b"} <= set(found)
     for name, path in found.items():
         cfg = load_preset(path)
         assert cfg.name == name and cfg.prefer.method in ("dpo", "orpo", "kto") and not cfg.prefer.parent_run
-    assert "tiny-demo" not in found
+        rest = ("model", "lora", "data", "train", "output")  # nothing but the prefer section is set
+        assert {k: cfg.to_dict()[k] for k in rest} == {k: RunConfig().to_dict()[k] for k in rest}, name
+        assert votes.load_stage_preset(name) == cfg
+    assert not set(found) & set(list_presets())  # the SFT presets list stays as it was
+    with pytest.raises(ConfigError, match="--preset: no preference-stage preset 'tiny-demo'; known: "):
+        votes.load_stage_preset("tiny-demo")
 
 
 def test_stage_estimate_counts_both_answers_and_the_reference_adapter():
@@ -306,7 +313,7 @@ def test_stage_estimate_counts_both_answers_and_the_reference_adapter():
 
     sft = load_preset("mistral-7b-finance-fast")
     d = sft.to_dict()
-    d["prefer"] = {**load_preset("dpo-mistral-7b").to_dict()["prefer"], "parent_run": "sft-run"}
+    d["prefer"] = {**votes.load_stage_preset("dpo-mistral-7b").to_dict()["prefer"], "parent_run": "sft-run"}
     dpo = type(sft).from_dict(d)
     est, arch = votes.stage_estimate(dpo), arch_for(sft)
     lora = estimate(sft, arch).parts["LoRA + grads + optimizer"]
