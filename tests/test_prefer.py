@@ -168,7 +168,11 @@ def test_stage_trains_only_the_adapter_and_keeps_the_sft_reference(parent, metho
 
     sft = parent["run"]
     pairs = tmp_path / "pairs.jsonl"
-    write_votes(pairs, unit_pairs(SAMPLES, 12), sft.id)
+    if method == "kto":  # KTO's own format: single answers labelled good or bad
+        _vote_lines(pairs, [{"prompt": p.prompt, "input": p.input, "completion": text, "label": good}
+                            for p in unit_pairs(SAMPLES, 12) for text, good in ((p.chosen, True), (p.rejected, False))])
+    else:
+        write_votes(pairs, unit_pairs(SAMPLES, 12), sft.id)
     cfg = votes.stage_config(sft, method, votes=str(pairs), overrides={"prefer.max_steps": 2,
                                                                       "prefer.batch_size": 4})
     run = parent["store"].create(cfg, f"{method}-in-process")
@@ -195,6 +199,8 @@ def test_stage_trains_only_the_adapter_and_keeps_the_sft_reference(parent, metho
     assert any(not torch.equal(trained[k], start[k]) for k in start)
     r.cleanup()
 
+    data = next(e for e in run.all_events() if e["type"] == "data")
+    assert data["train"] == (24 if method == "kto" else 12)
     metrics = [e for e in run.all_events() if e["type"] == "metric"]
     assert metrics and all(isinstance(e["loss"], float) for e in metrics)
     assert {"reward_chosen", "reward_rejected", "logps_chosen"} <= metrics[-1].keys()
