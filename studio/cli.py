@@ -1,6 +1,8 @@
 """Command line: the same engine as the UI, for scripts and terminals.
 
     python -m studio train --preset presets/tiny-demo.yaml [--data FILE] [--set key=value ...]
+    python -m studio prefer --run RUN [--votes FILE] [--method dpo|orpo|kto] [--checkpoint N] [--preset NAME]
+                            [--set key=value ...]
     python -m studio runs | stop RUN | resume RUN
     python -m studio generate --run RUN --prompt TEXT [--base] [--checkpoint N]
     python -m studio evaluate --run RUN [--limit N]
@@ -14,6 +16,8 @@ own dataset's columns) unless ``--set data.mapping=...`` says otherwise.
 ``--set KEY=VALUE`` takes a text field's VALUE exactly as typed (write newlines with bash's ``$'...'``);
 other fields read VALUE as YAML (numbers, true/false, ``[a, b]``, ``{instruction: user}``).
 
+``prefer`` trains a preference stage (DPO, ORPO or KTO) on top of RUN's adapter, on ``--votes FILE`` or on the
+studio's own Playground votes for RUN, as a new run; ``--set prefer.beta=0.2`` and the like tune it.
 ``train`` launches the training worker (as the UI does) and follows its events with a progress
 bar; Ctrl+C asks the worker to stop at the next step.  Every error prints one line naming the field
 or file, and exits with status 2; no traceback reaches the user.
@@ -90,8 +94,11 @@ def follow(run, out=sys.stdout) -> str:
                     if bar is None:
                         bar = tqdm(total=e.get("max_steps") or None, unit="step", file=out, dynamic_ncols=True)
                     bar.n = e["step"]
-                    bar.set_postfix(loss=f"{e['loss']:.4f}" if isinstance(e.get("loss"), float) else e.get("loss"),
-                                    tok_s=e.get("tokens_per_s"))
+                    post = {"loss": f"{e['loss']:.4f}" if isinstance(e.get("loss"), float) else e.get("loss"),
+                            "tok_s": e.get("tokens_per_s")}
+                    if isinstance(e.get("reward_margin"), float):  # a preference stage
+                        post.update(margin=f"{e['reward_margin']:.3f}", acc=e.get("reward_accuracy"))
+                    bar.set_postfix(**post)
                     bar.refresh()
                 elif t == "eval":
                     el = e["eval_loss"]  # "nan" arrives as a string (JSON has no NaN)
@@ -150,6 +157,27 @@ def cmd_train(args) -> int:
     st = follow(run)
     print(f"run {run.id}: {st}")
     if st == "completed":
+        print(f"adapter: {run.adapter_dir}")
+    return 0 if st in ("completed", "stopped") else 1
+
+
+def cmd_prefer(args) -> int:
+    from studio import votes
+
+    parent = _run(args)
+    run = votes.start_stage(parent, method=args.method or "", checkpoint=args.checkpoint or 0,
+                            votes=args.votes or "", preset=args.preset or "", overrides=_parse_set(args.set),
+                            name=args.name or "")
+    p = run.config().prefer
+    print(f"run {run.id} in {run.dir}: {p.method} on {p.votes or p.hub_dataset or 'the studio votes'} from "
+          f"{parent.id}/{'checkpoint-' + str(p.parent_checkpoint) if p.parent_checkpoint else 'adapter'}")
+    st = follow(run)
+    print(f"run {run.id}: {st}")
+    if st == "completed":
+        last = [e for e in run.all_events() if e.get("type") in ("metric", "eval") and "reward_margin" in e]
+        if last:
+            print(f"reward margin {last[-1]['reward_margin']:.4f}, reward accuracy {last[-1].get('reward_accuracy')}"
+                  f" ({last[-1]['type']} at step {last[-1]['step']})")
         print(f"adapter: {run.adapter_dir}")
     return 0 if st in ("completed", "stopped") else 1
 
@@ -287,6 +315,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--name")
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
     t.set_defaults(fn=cmd_train)
+    pf = sub.add_parser("prefer", help="preference stage (DPO, ORPO, KTO) on a finished run, from votes")
+    pf.add_argument("--run", required=True, help="the finished run whose adapter the stage starts from")
+    pf.add_argument("--votes", help="pairs file (prompt/chosen/rejected; kto: prompt/completion/label); "
+                    "default: the studio's votes for --run")
+    pf.add_argument("--method", choices=["dpo", "orpo", "kto"])
+    pf.add_argument("--checkpoint", type=int, help="start from this checkpoint step instead of the final adapter")
+    pf.add_argument("--preset", help="a preset whose prefer section to use, e.g. dpo-tiny")
+    pf.add_argument("--name")
+    pf.add_argument("--set", action="append", metavar="KEY=VALUE")
+    pf.set_defaults(fn=cmd_prefer)
     sub.add_parser("runs", help="list runs").set_defaults(fn=cmd_runs)
     for name, fn in (("stop", cmd_stop), ("resume", cmd_resume)):
         s = sub.add_parser(name)

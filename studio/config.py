@@ -1,7 +1,9 @@
 """The one typed configuration of a QLoRA Studio run.
 
 Contract:
-- ``RunConfig`` holds every knob of a run in five sections (model, lora, data, train, output).
+- ``RunConfig`` holds every knob of a run in six sections (model, lora, data, train, output, prefer).
+  ``prefer`` is inert unless ``prefer.parent_run`` is set: then the run is a preference stage (DPO, ORPO or
+  KTO, see ``studio.prefer``) on top of that finished run's adapter.
   Each field carries ``metadata`` with ``help`` text and, where it applies, ``min``/``max`` bounds or
   ``choices``; the UI builds its widgets from this metadata and the CLI's ``--set`` uses it too.
 - ``RunConfig.from_dict`` is the only way presets, saved run configs and UI values become a config:
@@ -180,9 +182,56 @@ class OutputSection:
     hub_private: bool = _f(True, "Create the Hub repository as private.")
 
 
+PREFER_METHODS = ("dpo", "orpo", "kto")
+
+
+@dataclass
+class PreferSection:
+    """The preference stage: DPO, ORPO or KTO on votes, trained on top of a finished run's adapter.
+
+    Where from: ``parent_run`` (and ``parent_checkpoint``). What on: ``votes``, or ``hub_dataset``, or (both
+    empty) the studio's own Playground votes for the parent run. How: ``method``, ``beta`` and the loop fields
+    below, which replace ``train``'s for this stage (the rest of ``train``: optimizer, scheduler, seed, logging,
+    samples, comes from the parent run).
+    """
+
+    parent_run: str = _f("", "The finished run this stage starts from; empty: this run is not a preference stage.")
+    parent_checkpoint: int = _f(0, "Start from this checkpoint step of the parent run; 0 takes its final adapter.",
+                                min=0, max=10_000_000)
+    method: str = _f("dpo", "dpo (pairs, the start adapter as reference), orpo (pairs, no reference) or kto "
+                     "(single answers labelled good or bad, the start adapter as reference).",
+                     choices=PREFER_METHODS)
+    votes: str = _f("", "Pairs file (prompt/chosen/rejected, or prompt/completion/label for kto); empty uses the "
+                    "studio's votes for the parent run.")
+    hub_dataset: str = _f("", "Hugging Face preference dataset id, used instead of a votes file.")
+    hub_config: str = _f("", "Configuration (subset) of the hub dataset, if any.")
+    hub_split: str = _f("train", "Split of the hub dataset to read.")
+    beta: float = _f(0.1, "Strength of the preference: DPO/KTO's KL weight against the reference, ORPO's lambda.",
+                     min=1e-4, max=10.0)
+    learning_rate: float = _f(5e-5, "Peak learning rate of this stage (train.learning_rate was the SFT stage's).",
+                              min=1e-8, max=1.0)
+    epochs: float = _f(1.0, "Passes over the pairs (ignored when max_steps > 0).", min=0.01, max=1000)
+    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 runs the full epochs.", min=0, max=10_000_000)
+    batch_size: int = _f(4, "Pairs (kto: answers) per micro-batch; kto needs 2 or more.", min=1, max=4096)
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1, max=4096)
+    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up.", min=0.0, max=0.5)
+    max_length: int = _f(512, "Maximum tokens of prompt plus answer; longer answers are truncated.",
+                         min=8, max=131_072)
+    min_pairs: int = _f(8, "Refuse to start with fewer usable pairs than this.", min=1, max=10_000_000)
+    val_pairs: int = _f(0, "Pairs held out to measure reward accuracy on unseen votes; 0 holds none out.",
+                        min=0, max=1_000_000)
+    eval_steps: int = _f(0, "Evaluate on the held-out pairs every N steps; 0 only at the end.", min=0, max=1_000_000)
+    save_steps: int = _f(0, "Save a checkpoint every N steps; 0 only at the end.", min=0, max=1_000_000)
+    sft_weight: float = _f(0.0, "dpo: weight of a likelihood loss on the chosen answers added to DPO's (RPO), keeping "
+                           "them likely while the margin grows; 0 adds none.", min=0.0, max=10.0)
+    desirable_weight: float = _f(1.0, "kto: weight of the good answers' loss (raise it when good ones are fewer).",
+                                 min=0.01, max=100.0)
+    undesirable_weight: float = _f(1.0, "kto: weight of the bad answers' loss.", min=0.01, max=100.0)
+
+
 @dataclass
 class RunConfig:
-    """Everything a run needs.  Sections: model, lora, data, train, output.
+    """Everything a run needs.  Sections: model, lora, data, train, output, prefer.
 
     ``name`` and ``description`` describe the preset the config came from.
     """
@@ -194,6 +243,7 @@ class RunConfig:
     data: DataSection = _f(None, "Data and template.", factory=DataSection)
     train: TrainSection = _f(None, "Training loop.", factory=TrainSection)
     output: OutputSection = _f(None, "Outputs.", factory=OutputSection)
+    prefer: PreferSection = _f(None, "Preference stage (DPO, ORPO, KTO) on a finished run.", factory=PreferSection)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -259,6 +309,19 @@ class RunConfig:
         if t.fsdp and m.compute_dtype not in ("bf16", "auto"):
             raise ConfigError("train.fsdp", "FSDP with 4-bit weights needs bf16 compute; set model.compute_dtype "
                               "to bf16.")
+        p = self.prefer
+        if p.votes.strip() and p.hub_dataset.strip():
+            raise ConfigError("prefer.votes", "and prefer.hub_dataset are both set; choose one source of pairs.")
+        if p.parent_run:
+            from studio.security import SecurityError, check_name  # local: imports nothing of ours at load
+
+            try:
+                check_name(p.parent_run, "prefer.parent_run")
+            except SecurityError as e:
+                raise ConfigError("prefer.parent_run", str(e).split(": ", 1)[1]) from None
+            if p.method == "kto" and p.batch_size < 2:
+                raise ConfigError("prefer.batch_size", "kto estimates its KL term from the other answers of a "
+                                  "micro-batch: set 2 or more.")
         if o.run_name:
             from studio.security import check_name  # local: security imports nothing of ours at module level
 
@@ -397,4 +460,4 @@ def _build(cls: type, data: Any, prefix: str):
 
 
 __all__ = ["RunConfig", "ConfigError", "ModelSection", "LoraSection", "DataSection", "TrainSection",
-           "OutputSection", "field_specs", "field_type", "coerce", "set_dotted"]
+           "OutputSection", "PreferSection", "field_specs", "field_type", "coerce", "set_dotted"]

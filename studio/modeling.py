@@ -216,7 +216,18 @@ def target_modules(cfg: RunConfig):
 
 
 def add_lora(cfg: RunConfig, model):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
+
+    model = prepare_for_lora(cfg, model)
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=target_modules(cfg), bias=cfg.lora.bias, task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def prepare_for_lora(cfg: RunConfig, model):
+    """The base model made ready for LoRA training (k-bit preparation, checkpointing), before any adapter is added
+    or loaded: the SFT stage adds a new adapter after it, the preference stage loads the SFT one."""
+    from peft import prepare_model_for_kbit_training
 
     # With a KV cache present transformers skips packed-sequence detection, so padding-free rows
     # would attend across examples; training never needs the cache.
@@ -234,9 +245,7 @@ def add_lora(cfg: RunConfig, model):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         if gc or cfg.train.fsdp or cfg.model.quantization != "none":
             model.enable_input_require_grads()
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=target_modules(cfg), bias=cfg.lora.bias, task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
+    return model
 
 
 def cache_dequantized(model, dtype) -> int:

@@ -102,7 +102,7 @@ def _events_callback_cls():
                 self.run.emit("metric", step=state.global_step, max_steps=state.max_steps,
                               epoch=round(state.epoch or 0.0, 4), loss=loss, learning_rate=logs.get("learning_rate"),
                               grad_norm=logs.get("grad_norm"), tokens_per_s=round(tps, 1), tokens_seen=seen,
-                              elapsed=round(now - self.t0, 2), memory=memory_snapshot())
+                              elapsed=round(now - self.t0, 2), memory=memory_snapshot(), **self.r.log_fields(logs))
                 if not math.isfinite(loss) or not math.isfinite(float(logs.get("grad_norm") or 0.0)):
                     self.halted_at = state.global_step
                     control.should_training_stop = True
@@ -110,8 +110,9 @@ def _events_callback_cls():
                     control.should_evaluate = False
             if "eval_loss" in logs:
                 el = float(logs["eval_loss"])
-                self.run.emit("eval", step=state.global_step, eval_loss=el,
-                              perplexity=math.exp(el) if el < 50 else float("inf"))
+                self.run.emit("eval", **{"step": state.global_step, "eval_loss": el,
+                                         "perplexity": math.exp(el) if el < 50 else float("inf"),
+                                         **self.r.log_fields(logs, "eval_")})
 
         def on_evaluate(self, args, state, control, model=None, **kw):
             # Generation under FSDP would need every rank's shards gathered: samples are skipped there.
@@ -164,6 +165,15 @@ def keep_up_proj_if_room(model, tokens: int, dtype_bytes: int, free: int, residu
         return {"up_proj": 0, "up_proj_note": f"needs {need / 2**30:.1f} GiB of CPU RAM, {free / 2**30:.1f} GiB free: "
                 "recomputed on the GPU instead"}
     return {"up_proj": keep_up_proj(model), "host_gib": round(need / 2**30, 2)}
+
+
+def recipe_for(run: Run) -> type["Recipe"]:
+    """The recipe a run's config asks for: SFT, or the preference stage when ``prefer.parent_run`` is set."""
+    if run.config().prefer.parent_run:
+        from studio.prefer import PreferRecipe
+
+        return PreferRecipe
+    return Recipe
 
 
 OOM_REMEDY = ("lower train.batch_size (raise train.grad_accum to keep the effective batch), lower "
@@ -244,15 +254,20 @@ class Recipe:
                       dequantized_cache=m.dequantized_cache, estimate_gib=round(est.total_gib, 2) if est else None)
 
     def _args(self):
-        import torch
         from transformers import TrainingArguments
+
+        return TrainingArguments(**self.training_arguments())
+
+    def training_arguments(self) -> dict:
+        """The Trainer's arguments as keywords (the preference stage passes them to TRL's configs)."""
+        import torch
 
         from studio import modeling
 
         cfg, t = self.cfg, self.cfg.train
         dtype = self.dtype
         has_val = self.prepared.validation is not None and len(self.prepared.validation) > 0
-        return TrainingArguments(
+        return dict(
             output_dir=str(self.run.checkpoints_dir),
             num_train_epochs=t.epochs,
             max_steps=t.max_steps or -1,
@@ -431,6 +446,10 @@ class Recipe:
             torch.cuda.empty_cache()
 
     # ---- helpers ------------------------------------------------------------------------------
+    def log_fields(self, logs: dict, prefix: str = "") -> dict:
+        """Extra fields for the ``metric`` (or, with ``prefix="eval_"``, ``eval``) event of one Trainer log."""
+        return {}
+
     def emit_samples(self, model, step: int):
         if not self.sample_examples:
             return

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from studio.security import hub_token
-    from studio.training import Recipe
+    from studio.training import recipe_for
 
     p = argparse.ArgumentParser(prog="python -m studio.worker")
     p.add_argument("run_dir")
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             from studio.runs import write_new
 
             write_new(run.pid_path, str(os.getpid()).encode())
-        status = Recipe(run, token=hub_token()).execute(resume=a.resume)
+        status = recipe_for(run)(run, token=hub_token()).execute(resume=a.resume)
     except BaseException as e:  # noqa: BLE001 - what execute could not record (a garbled config, a failed start)
         from studio.failures import describe
 
