@@ -31,7 +31,7 @@ from studio.runs import runs_root, studio_home  # noqa: E402
 def build_app(ctx=None):
     import gradio as gr
 
-    from studio.ui import data, evaluate, export, playground, presets, train
+    from studio.ui import data, evaluate, export, playground, presets, state, train
     from studio.ui.context import UIContext
 
     ctx = ctx or UIContext()
@@ -44,7 +44,7 @@ def build_app(ctx=None):
             with gr.Tab("2 · Presets", id="presets"):
                 presets_ui = presets.build(ctx)
             with gr.Tab("3 · Train", id="train"):
-                train.build(ctx, data_ui, presets_ui)
+                train_ui = train.build(ctx, data_ui, presets_ui)
             with gr.Tab("4 · Playground", id="playground"):
                 playground.build(ctx)
             with gr.Tab("5 · Evaluate", id="evaluate"):
@@ -53,6 +53,8 @@ def build_app(ctx=None):
                 export.build(ctx)
         # The Data tab's token preview follows the base model chosen on the Presets tab.
         data.link_base_model(data_ui, presets_ui.base_model, presets_ui.base)
+        # What the user chose lives in one server-side draft: saved on every edit, restored on every page load.
+        state.wire(ctx, data_ui, presets_ui, train_ui)
     return demo
 
 

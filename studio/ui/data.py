@@ -80,6 +80,7 @@ class DataUI:
     base_model: gr.components.Component
     preview_inputs: list  # what ``refresh`` reads, for callers chaining a redraw (``link_base_model``)
     preview_outputs: list
+    detected: gr.State  # the mapping detected for the current source ({} until one is read)
 
 
 # ---- sources ------------------------------------------------------------------------------------
@@ -536,4 +537,4 @@ def build(ctx, base_model=None) -> DataUI:
               custom_prompt, custom_response, mapping, max_length, train_on_inputs, seed]
     return DataUI(keys, inputs, path, sample, upload, val_upload, hub_load, mapping, role_dds, schema, template_text,
                   highlighted, counts, histogram, length_summary, status, source, base_box, preview_inputs,
-                  preview_outputs)
+                  preview_outputs, detected)

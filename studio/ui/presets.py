@@ -90,9 +90,19 @@ def _keep(status: str):
     return (gr.update(), gr.update(), *(gr.update() for _ in KEYS), status)
 
 
+def preset_choices(extra: str | None = None) -> list:
+    """The preset list read afresh (a preset saved in another browser appears), plus a loaded YAML's label."""
+    names = list(list_presets())
+    return [*names, (extra, extra)] if extra and extra not in names else names
+
+
+def yaml_label(filename: str) -> str:
+    return f"{Path(filename).name} (loaded file, not saved)"
+
+
 def choose_preset(name: str):
     """-> (base, description, *widget values, status)."""
-    if not name:
+    if not name or name.endswith("(loaded file, not saved)"):
         return _keep("")
     try:
         # A name from the list, never a path: the event can be sent by hand with any string.
@@ -118,6 +128,14 @@ def load_yaml(file) -> tuple:
     return _fill(cfg, f"Loaded **{p.name}** (preset name {cfg.name}); save it to add it to the list.")
 
 
+def yaml_shown(file, status: str):
+    """The preset list after a YAML load: the file's name, chosen, so the list says what the widgets hold."""
+    if not file or not (status or "").startswith("Loaded"):
+        return gr.update()
+    label = yaml_label(file)
+    return gr.Dropdown(choices=preset_choices(label), value=label)
+
+
 def changes(base: dict, *values) -> str:
     """Markdown listing every key that differs from the preset, or the validation error."""
     try:
@@ -139,7 +157,15 @@ def save(base: dict, name: str, *values):
         path = save_preset(_config(base, values), name)
     except (ConfigError, SecurityError) as e:
         return f"⚠️ {e}", gr.update()
-    return f"Saved preset **{name}** to {path}.", gr.update(choices=list(list_presets()), value=name)
+    return f"Saved preset **{name}** to {path}.", gr.Dropdown(choices=preset_choices(), value=name)
+
+
+def adopt_saved(name: str, status: str):
+    """After a save: the saved preset becomes the base the changes are measured from (status kept)."""
+    if not (status or "").startswith("Saved"):
+        return _keep(status)
+    base, desc, *values, _ = choose_preset(name)
+    return (base, desc, *values, status)
 
 
 _ARCH: dict[tuple, object] = {}
@@ -310,9 +336,12 @@ def build(ctx) -> PresetsUI:
         return dep.then(changes, state_in, changed, api_visibility="private") \
             .then(fit, state_in, [fit_table, fit_verdict], api_visibility="private")
 
-    redraw(preset.change(choose_preset, preset, filled, api_visibility="private"))
-    redraw(yaml_upload.upload(load_yaml, yaml_upload, filled, api_visibility="private"))
-    save_button.click(save, [base, save_name, *inputs], [status, preset], api_visibility="private")
+    # .input: only the user's choice reloads a preset (a saved preset or a loaded YAML set the list's value too).
+    redraw(preset.input(choose_preset, preset, filled, api_visibility="private"))
+    redraw(yaml_upload.upload(load_yaml, yaml_upload, filled, api_visibility="private")
+           .then(yaml_shown, [yaml_upload, status], preset, api_visibility="private"))
+    redraw(save_button.click(save, [base, save_name, *inputs], [status, preset], api_visibility="private")
+           .then(adopt_saved, [preset, status], filled, api_visibility="private"))
     edits = _triggers(components)
     gr.on(edits, changes, state_in, changed, api_visibility="private", trigger_mode="always_last")
     gr.on(edits, _named(fit, ["base"] + [k.replace(".", "__") for k in KEYS]), state_in, [fit_table, fit_verdict],

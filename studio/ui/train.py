@@ -72,6 +72,7 @@ class TrainUI:
     compare_plot: gr.Plot
     timer: gr.Timer
     session: gr.State
+    summary: gr.Markdown | None = None  # what Start would train on (drawn by ``studio.ui.state``)
 
 
 # ---- plain functions of events ------------------------------------------------------------------
@@ -417,10 +418,15 @@ def check_data(cfg: RunConfig) -> None:
 
 # ---- actions (the event handlers' engine side) --------------------------------------------------
 
+def config_for(base: dict, keys: list[str], values: list) -> RunConfig:
+    """The config Start trains on; the pre-Start summary (``studio.ui.state``) describes this same value."""
+    return to_config(RunConfig.from_dict(base), keys, list(values))
+
+
 def start_run(store: RunStore, keys: list[str], base: dict, name: str, values: list) -> tuple[str | None, str]:
     """Build the config and launch the worker; returns (run id or None, message)."""
     try:
-        cfg = to_config(RunConfig.from_dict(base), keys, values)
+        cfg = config_for(base, keys, values)
         check_data(cfg)
         run = worker.start(store, cfg, (name or "").strip())
     except (ConfigError, DataError, SecurityError, worker.Busy, ValueError, KeyError) as e:
@@ -569,6 +575,8 @@ def _history_df(store: RunStore) -> pd.DataFrame:
 def build(ctx, data_ui, presets_ui) -> TrainUI:
     store = ctx.store
     keys = list(presets_ui.keys) + list(data_ui.keys)
+    with gr.Accordion("Before you start: what Start would train on", open=True):
+        summary = gr.Markdown("Reading your choices…", elem_id="train-summary")
     # No label box over the name: the textbox is then as tall as the buttons beside it.
     with gr.Row(equal_height=True):
         run_name = gr.Textbox(value="", label="Run name (optional)", show_label=False, container=False,
@@ -602,7 +610,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
     timer = gr.Timer(ctx.timer_seconds)
     session = gr.State({})
     ui = TrainUI(run_name, start, stop, resume, message, run, status, progress, loss_plot, memory_plot, samples,
-                 log, history, compare, compare_plot, timer, session)
+                 log, history, compare, compare_plot, timer, session, summary)
     view_outputs = [status, progress, loss_plot, memory_plot, samples, log]
 
     tick_outputs = [run, history, compare, stop, session, *view_outputs]
