@@ -16,7 +16,8 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
 from conftest import SAMPLES
-from e2e_helpers import CHROMIUM_ARGS, VIEWPORT, chromium_path, screenshot, serve_app, tail
+from e2e_helpers import (CHROMIUM_ARGS, TOAST_WATCH, VIEWPORT, arm, chromium_path, open_tab, screenshot,
+                         serve_app, settled, tail)
 
 pytestmark = pytest.mark.browser
 
@@ -28,47 +29,9 @@ MAX_STEPS = 30
 LOSS_TOKEN = ".token.highlighted[style*='22, 163, 74']"  # data.COLORS["loss"], as the browser writes it
 MASKED_TOKEN = ".token.highlighted[style*='156, 163, 175']"  # data.COLORS["prompt (masked)"]
 
-# Gradio shows a status tracker on an output while its event is pending or streaming and hides it after.
-# An observer armed before the action records "shown, then hidden", so a chained event (upload, then
-# schema, then preview) cannot be mistaken for done in the gap before it starts.
-ARM = """id => {
-  window.__settled = window.__settled || {};
-  const el = document.getElementById(id);
-  const state = window.__settled[id] = {busy: false, done: false};
-  const check = () => {
-    const t = el.querySelector("[data-testid='status-tracker']");
-    const busy = !!t && !t.classList.contains("hide");
-    if (busy) state.busy = true; else if (state.busy) state.done = true;
-  };
-  new MutationObserver(check).observe(el, {attributes: true, subtree: true, childList: true});
-}"""
-# Warnings and errors reach the user as toasts; record every one shown, however briefly.
-TOAST_WATCH = """() => {
-  window.__toasts = [];
-  new MutationObserver(() => document.querySelectorAll(".toast-body.warning, .toast-body.error").forEach(t => {
-    if (!t.dataset.seen) { t.dataset.seen = "1"; window.__toasts.push(t.innerText); }
-  })).observe(document.documentElement, {childList: true, subtree: true});
-}"""
-
-
 def first_instruction() -> str:
     with UPLOAD.open(encoding="utf-8") as f:
         return json.loads(f.readline())["instruction"]
-
-
-def open_tab(page, label: str) -> None:
-    tab = page.get_by_role("tab", name=label)
-    tab.click()
-    expect(tab).to_have_attribute("aria-selected", "true")
-
-
-def arm(page, elem_id: str) -> None:
-    page.evaluate(ARM, elem_id)
-
-
-def settled(page, elem_id: str, timeout: float = 60_000) -> None:
-    """Wait until the event armed on ``elem_id`` has shown its spinner and finished."""
-    page.wait_for_function("id => window.__settled[id].done", arg=elem_id, timeout=timeout)
 
 
 def data_tab(page) -> None:

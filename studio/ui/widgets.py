@@ -30,8 +30,11 @@ def bounded_info(info: str | None, lo, hi) -> str | None:
     """Help text with the allowed range, since the number box itself does not refuse keystrokes."""
     if lo is None and hi is None:
         return info
-    rng = f"{lo:g} to {hi:g}" if lo is not None and hi is not None else (f"at least {lo:g}" if lo is not None
-                                                                            else f"at most {hi:g}")
+    def num(v):
+        return f"{v:,}" if isinstance(v, int) else f"{v:g}"
+
+    rng = f"{num(lo)} to {num(hi)}" if lo is not None and hi is not None else (
+        f"at least {num(lo)}" if lo is not None else f"at most {num(hi)}")
     return f"{info} ({rng})" if info else rng
 
 
