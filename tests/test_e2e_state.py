@@ -8,10 +8,11 @@ clicks, keystrokes with a pause between them, reloads.  Screenshots land in ``ar
 
 from __future__ import annotations
 
-import json
+
 import re
 
 import pytest
+import yaml
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
@@ -150,7 +151,7 @@ def test_choices_survive_a_reload_and_show_in_a_second_browser_and_start_trains_
             settled(page, "data-preview")
             expect(page.locator("#data-status")).to_contain_text("39 examples ready", timeout=30_000)
             choose(page, "data-template", "qa")
-            expect(page.locator("#data-template-text")).to_contain_text("### Question", timeout=10_000)
+            expect(page.locator("#data-template-text textarea")).to_have_value(re.compile("### Question"), timeout=10_000)
 
             open_tab(page, "2 · Presets")
             steps = page.locator("#presets-train-max-steps input[type=number]")
@@ -218,7 +219,7 @@ def test_choices_survive_a_reload_and_show_in_a_second_browser_and_start_trains_
             message = page.locator("#train-message")
             expect(message).to_contain_text("Started run", timeout=30_000)
             run_id = re.search(r"Started run (\S+?):", message.inner_text()).group(1)
-            cfg = json.loads((studio_home / "runs" / run_id / "config.json").read_text())
+            cfg = yaml.safe_load((studio_home / "runs" / run_id / "config.yaml").read_text())
             assert "My_Quarterly_Q_A" in cfg["data"]["path"]
             assert cfg["data"]["mapping"] == {"instruction": "q_text", "response": "a_text"}
             assert cfg["data"]["template"] == "qa" and cfg["train"]["max_steps"] == 6

@@ -67,9 +67,7 @@ def start_config(base: dict, keys: list[str], values: list) -> RunConfig:
 
 def _checks(cfg: RunConfig) -> list[str]:
     """Every refusal Start would meet on this machine, each a sentence naming the key."""
-    from studio.hardware import detect
-    from studio.modeling import preflight
-    from studio.ui.train import check_data
+    from studio.ui.train import check_data, check_machine
 
     problems = []
     try:
@@ -77,7 +75,7 @@ def _checks(cfg: RunConfig) -> list[str]:
     except (DataError, ConfigError, SecurityError, ValueError, KeyError, OSError) as e:
         problems.append(message(e))
     try:
-        preflight(cfg, detect(), check_model=False)
+        check_machine(cfg)
     except (ConfigError, ValueError, RuntimeError) as e:
         problems.append(message(e))
     return problems

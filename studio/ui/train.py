@@ -416,6 +416,16 @@ def check_data(cfg: RunConfig) -> None:
     check_before_start(cfg)  # the Data tab preview's own checks: Start refuses what the preview refuses
 
 
+def check_machine(cfg: RunConfig) -> None:
+    """This machine's refusals (a GPU-only optimizer or dtype on a CPU, more GPUs than there are, a missing
+    package), the worker's own ``preflight`` without reading the model: Start refuses them before any run
+    folder exists, as the pre-Start summary says it will."""
+    from studio.hardware import detect
+    from studio.modeling import preflight
+
+    preflight(cfg, detect(), check_model=False)
+
+
 # ---- actions (the event handlers' engine side) --------------------------------------------------
 
 def config_for(base: dict, keys: list[str], values: list) -> RunConfig:
@@ -428,6 +438,7 @@ def start_run(store: RunStore, keys: list[str], base: dict, name: str, values: l
     try:
         cfg = config_for(base, keys, values)
         check_data(cfg)
+        check_machine(cfg)
         run = worker.start(store, cfg, (name or "").strip())
     except (ConfigError, DataError, SecurityError, worker.Busy, ValueError, KeyError) as e:
         return None, f"⚠️ {message(e)}"
