@@ -8,7 +8,6 @@ clicks, keystrokes with a pause between them, reloads.  Screenshots land in ``ar
 
 from __future__ import annotations
 
-
 import re
 
 import pytest

@@ -90,7 +90,8 @@ def _counts(cfg: RunConfig) -> str:
     from studio.data.pipeline import select
 
     sel = select(d, records, val_records)
-    skip = f", {len(sel.skipped)} records skipped" if sel.skipped else ""
+    n = len(sel.skipped)
+    skip = f", {n} record{'s' if n != 1 else ''} skipped" if n else ""
     return f"**{len(sel.train)}** training and **{len(sel.validation)}** validation examples{skip}"
 
 
