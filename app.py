@@ -46,15 +46,17 @@ def build_app(ctx=None):
             with gr.Tab("3 · Train", id="train"):
                 train_ui = train.build(ctx, data_ui, presets_ui)
             with gr.Tab("4 · Playground", id="playground"):
-                playground.build(ctx)
+                playground_ui = playground.build(ctx)
             with gr.Tab("5 · Evaluate", id="evaluate"):
-                evaluate.build(ctx)
+                evaluate_ui = evaluate.build(ctx)
             with gr.Tab("6 · Export", id="export"):
-                export.build(ctx)
+                export_ui = export.build(ctx)
         # The Data tab's token preview follows the base model chosen on the Presets tab.
         data.link_base_model(data_ui, presets_ui.base_model, presets_ui.base)
         # What the user chose lives in one server-side draft: saved on every edit, restored on every page load.
         state.wire(ctx, data_ui, presets_ui, train_ui)
+        # Run lists everywhere follow the runs folder (a run that finished, a checkpoint deleted).
+        state.follow_lists(ctx, playground_ui, evaluate_ui, export_ui)
     return demo
 
 

@@ -231,3 +231,61 @@ def test_choices_survive_a_reload_and_show_in_a_second_browser_and_start_trains_
         except (AssertionError, PlaywrightError) as e:
             screenshot(page, "99-state-reload-failure")
             raise AssertionError(f"{e}\n--- app log ---\n{tail(log)}") from None
+
+
+def test_lists_follow_saved_presets_loaded_yaml_and_new_runs(studio_home, tiny_model_dir, browser, tmp_path):
+    log = tmp_path / "app.log"
+    yaml_file = tmp_path / "colleague.yaml"
+    yaml_file.write_text("name: colleague\ndescription: from a colleague\nmodel:\n  base_model: studio-tiny-mistral\n"
+                         "  quantization: nf4\n  compute_dtype: auto\ntrain:\n  optimizer: adamw_torch\n"
+                         "  learning_rate: 0.0007\n")
+    with serve_app(studio_home, log) as url:
+        page = new_page(browser, url)
+        try:
+            # Every tab is visited once first, so their lists were drawn before anything changed.
+            for tab in ("4 · Playground", "5 · Evaluate", "6 · Export", "2 · Presets"):
+                open_tab(page, tab)
+            with page.expect_file_chooser() as chooser:
+                page.locator("#presets-yaml").click()
+            chooser.value.set_files(str(yaml_file))
+            expect(page.locator("#presets-choice input")).to_have_value(re.compile(r"colleague\.yaml"), timeout=30_000)
+            expect(page.locator("#presets-train-learning-rate input[type=number]")).to_have_value("0.0007")
+            screenshot(page, "lists-01-yaml-named-in-the-list")
+            steps = page.locator("#presets-train-max-steps input[type=number]")
+            type_slowly(page, steps, "4")
+            steps.press("Tab")
+            page.locator("#presets-save-name textarea, #presets-save-name input").first.fill("my-short")
+            page.locator("#presets-save").click()
+            expect(page.locator("#presets-status")).to_contain_text("Saved preset", timeout=30_000)
+            expect(page.locator("#presets-choice input")).to_have_value("my-short")
+            expect(page.locator("#presets-changes")).to_contain_text("No changes from my-short", timeout=30_000)
+            page.locator("#presets-choice input").click()
+            expect(page.get_by_role("option", name="my-short", exact=True)).to_be_visible()
+            page.keyboard.press("Escape")
+
+            other = new_page(browser, url)  # a new browser lists it too, and shows it chosen
+            open_tab(other, "2 · Presets")
+            expect(other.locator("#presets-choice input")).to_have_value("my-short", timeout=30_000)
+            other.locator("#presets-choice input").click()
+            expect(other.get_by_role("option", name="my-short", exact=True)).to_be_visible()
+            expect(other.get_by_role("option", name="tiny-demo", exact=True)).to_be_visible()
+            screenshot(other, "lists-02-saved-preset-in-a-new-browser")
+            other.context.close()
+
+            open_tab(page, "3 · Train")
+            expect(page.locator("#train-summary")).to_contain_text("checks Start makes pass", timeout=30_000)
+            page.locator("#train-start").click()
+            message = page.locator("#train-message")
+            expect(message).to_contain_text("Started run", timeout=30_000)
+            run_id = re.search(r"Started run (\S+?):", message.inner_text()).group(1)
+            expect(page.locator("#train-run input")).to_have_value(run_id, timeout=10_000)  # "Run shown" follows
+            expect(page.locator("#train-status")).to_contain_text(f"Run {run_id}: completed", timeout=240_000)
+            # The other tabs were drawn before the run existed; their lists follow without a click on Refresh.
+            for tab, elem in (("4 · Playground", "pg-run"), ("5 · Evaluate", "eval-run"), ("6 · Export", "export-run")):
+                open_tab(page, tab)
+                expect(page.locator(f"#{elem} input")).to_have_value(f"{run_id} · completed", timeout=15_000)
+            screenshot(page, "lists-03-export-follows-the-new-run")
+            clean(page)
+        except (AssertionError, PlaywrightError) as e:
+            screenshot(page, "99-lists-failure")
+            raise AssertionError(f"{e}\n--- app log ---\n{tail(log)}") from None

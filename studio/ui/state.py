@@ -221,3 +221,62 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
         .then(lambda p, b, *vals: summary(p, b, keys, list(vals)), [presets_ui.preset, presets_ui.base, *inputs],
               train_ui.summary, api_visibility="private")
     del by_key
+
+
+# ---- live lists ---------------------------------------------------------------------------------
+
+LISTS_EVERY_S = 2.0
+
+
+def run_list_updates(store, pickers: list, currents: list, shown: dict | None):
+    """For each (name, keep) picker: a new dropdown when its runs (ids or statuses) changed since ``shown``,
+    else ``gr.skip()``; the current choice is kept while its run is listed.  -> (*updates, shown)."""
+    from studio.ui.run_picker import refresh_runs, run_choices
+
+    shown = dict(shown or {})
+    out = []
+    for (name, keep), current in zip(pickers, currents):
+        choices = [list(c) for c in run_choices(store, keep)]
+        if shown.get(name) == choices:
+            out.append(gr.skip())
+            continue
+        shown[name] = choices
+        out.append(refresh_runs(store, current, keep))
+    return (*out, shown)
+
+
+def checkpoint_update(store, run_id: str | None, chosen: list | None, shown: list | None):
+    """The Playground's checkpoint choices as the run's folder holds them now (a deleted checkpoint leaves
+    the list and the selection), or ``gr.skip()`` when unchanged.  -> (update, names)."""
+    from studio.ui.messages import USER_ERRORS
+
+    try:
+        names = [p.name for p in store.get(run_id).checkpoints()] if run_id else []
+    except USER_ERRORS:
+        names = []
+    if shown is not None and names == shown:
+        return gr.skip(), names
+    return gr.CheckboxGroup(choices=names, value=[c for c in chosen or [] if c in names]), names
+
+
+def follow_lists(ctx, playground_ui, evaluate_ui, export_ui) -> None:
+    """One timer keeps the run lists of the Playground, Evaluate and Export tabs (and the Playground's
+    checkpoints) as the runs folder holds them: a run that finished appears with its new status, a deleted
+    one leaves; nothing is redrawn while nothing changed, so an open list is not disturbed."""
+    from studio.ui.run_picker import has_adapter, has_weights
+
+    store = ctx.store
+    pickers = [("pg", has_weights), ("eval", has_adapter), ("export", has_adapter)]
+    runs = [playground_ui.run, evaluate_ui.run, export_ui.run]
+    shown = gr.State({})
+    cks_shown = gr.State(None)
+    timer = gr.Timer(LISTS_EVERY_S)
+
+    def tick(shown_runs, shown_cks, pg_run, pg_cks, *currents):
+        *updates, shown_runs = run_list_updates(store, pickers, list(currents), shown_runs)
+        ck, names = checkpoint_update(store, pg_run, pg_cks, shown_cks)
+        return (*updates, shown_runs, ck, names)
+
+    timer.tick(tick, [shown, cks_shown, playground_ui.run, playground_ui.checkpoints, *runs],
+               [*runs, shown, playground_ui.checkpoints, cks_shown], api_visibility="private",
+               show_progress="hidden")

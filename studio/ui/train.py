@@ -500,6 +500,12 @@ def poll(store: RunStore, selected: str | None, session: dict | None) -> tuple[s
     if active is not None and active.id not in s["live"]:
         s["live"].append(active.id)  # started here, in another browser or from the CLI: show it
         selected, changed = active.id, True
+    elif s["ids"]:
+        # A run that appeared since the last listing but is no longer live (it failed or ended between two
+        # ticks, or a tick drawn before Start overwrote the choice) is still the one to show.
+        fresh = [r.id for r in store.list() if r.id not in s["ids"]]
+        if fresh and selected not in fresh:
+            selected, changed = fresh[0], True
     if not selected:
         selected = default_run(store)
         changed = changed or selected is not None
