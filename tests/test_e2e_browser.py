@@ -95,28 +95,80 @@ def train_tab(page) -> str:
     return run_id
 
 
-def playground_tab(page, run_id: str) -> None:
+def chat_texts(page, elem_id: str, role: str) -> list[str]:
+    """The messages of one role in a chat as the page shows them."""
+    return page.locator(f"#{elem_id} .message-row.{role}-row").all_inner_texts()
+
+
+def wait_answered(page, elem_id: str, turns: int) -> None:
+    """Wait until the chat holds ``turns`` answers and its stream has ended."""
+    expect(page.locator(f"#{elem_id} .message-row.bot-row")).to_have_count(turns, timeout=90_000)
+    expect(page.locator(f"#{elem_id} [data-testid='status-tracker']").first).to_have_class(re.compile(r"\bhide\b"),
+                                                                                            timeout=90_000)
+
+
+def playground_tab(page, run_id: str, home) -> None:
     open_tab(page, "4 · Playground")
-    page.locator("#pg-refresh").click()  # the run finished after the page was loaded
+    # The run finished after the page was loaded: the list follows it without a click.
     expect(page.locator("#pg-run input")).to_have_value(re.compile(re.escape(run_id)), timeout=20_000)
     page.locator("#pg-load").click()
     expect(page.locator("#pg-status")).to_contain_text("Loaded", timeout=60_000)
-    prompt = first_instruction()
-    page.locator("#pg-prompt textarea").fill(prompt)
-    arm(page, "pg-tuned-out")
-    page.locator("#pg-generate").click()
-    base, tuned = page.locator("#pg-base-out textarea"), page.locator("#pg-tuned-out textarea")
-    expect(tuned).not_to_have_value("", timeout=60_000)
-    settled(page, "pg-tuned-out")
-    base_text, tuned_text = base.input_value(), tuned.input_value()
+    expect(page.locator("#pg-right-model input")).to_have_value("final")
+    # A two-turn conversation with both models at once: one input, two chats.
+    box = page.locator("#pg-chat-input textarea")
+    arm(page, "pg-right-chat")
+    box.fill(first_instruction())
+    box.press("Enter")
+    settled(page, "pg-right-chat", timeout=90_000)
+    wait_answered(page, "pg-right-chat", 1)
+    base_text = chat_texts(page, "pg-left-chat", "bot")[0]
+    tuned_text = chat_texts(page, "pg-right-chat", "bot")[0]
     assert base_text.strip() and tuned_text.strip()
     assert base_text != tuned_text, "the tuned adapter should change the answer to a training prompt"
-    screenshot(page, "05-playground")
+    arm(page, "pg-right-chat")
+    box.fill("And what if revenue doubles?")
+    page.locator("#pg-send").click()
+    settled(page, "pg-right-chat", timeout=90_000)
+    wait_answered(page, "pg-right-chat", 2)
+    wait_answered(page, "pg-left-chat", 2)
+    assert chat_texts(page, "pg-right-chat", "user")[1] == "And what if revenue doubles?"
+    screenshot(page, "05-playground-chat")
+    arm(page, "pg-right-chat")
+    page.locator("#pg-regenerate").click()  # answers the last message again: still two turns
+    settled(page, "pg-right-chat", timeout=90_000)
+    wait_answered(page, "pg-right-chat", 2)
+    page.locator("#pg-clear").click()
+    expect(page.locator("#pg-right-chat .message-row")).to_have_count(0, timeout=10_000)
+
+    # Blind A/B over a conversation: each vote saves a pair and carries the conversation on.
+    page.get_by_role("tab", name="Blind A/B").click()
+    ab_box = page.locator("#pg-ab-input textarea")
+    for turn, text in enumerate([first_instruction(), "Explain it in one sentence."], 1):
+        arm(page, "pg-ab-chat-b")
+        ab_box.fill(text)
+        page.locator("#pg-ab-generate").click()
+        settled(page, "pg-ab-chat-b", timeout=90_000)
+        wait_answered(page, "pg-ab-chat-b", turn)
+        page.locator("#pg-ab-choice").get_by_label("A", exact=True).check()
+        page.locator("#pg-vote").click()
+        expect(page.locator("#pg-ab-status")).to_contain_text("Saved: A", timeout=20_000)
+    expect(page.locator("#pg-votes-path")).to_contain_text("2 pairs", timeout=20_000)
+    expect(page.locator("#pg-votes-download")).to_be_visible()
+    with page.expect_download() as dl:
+        page.locator("#pg-votes-download").click()
+    votes = [json.loads(line) for line in open(dl.value.path(), encoding="utf-8").read().splitlines()]
+    assert [v["turn"] for v in votes] == [1, 2]
+    # The second pair's prompt is the whole conversation up to it, rendered as the model read it.
+    assert first_instruction() in votes[1]["prompt"] and votes[0]["chosen"] in votes[1]["prompt"]
+    assert votes[1]["prompt"].rstrip().endswith("### Response:")
+    assert {"prompt", "chosen", "rejected"} <= set(votes[1])
+    saved = (home / "preferences.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in saved] == votes
+    screenshot(page, "05b-playground-blind-ab")
 
 
-def evaluate_and_export(page, run_id: str) -> None:
+def evaluate_and_export(page, run_id: str, tiny_model_dir) -> None:
     open_tab(page, "5 · Evaluate")
-    page.locator("#eval-refresh").click()
     expect(page.locator("#eval-run input")).to_have_value(re.compile(re.escape(run_id)), timeout=20_000)
     # Choosing the run shows its saved evaluation (none yet); the status and tables come from one event.
     expect(page.locator("#eval-status")).to_contain_text(run_id, timeout=20_000)
@@ -124,9 +176,12 @@ def evaluate_and_export(page, run_id: str) -> None:
     expect(page.locator("#eval-start")).to_be_enabled()
     screenshot(page, "06-evaluate")
     open_tab(page, "6 · Export")
-    page.locator("#export-refresh").click()
     expect(page.locator("#export-run input")).to_have_value(re.compile(re.escape(run_id)), timeout=20_000)
-    expect(page.locator("#export-snippet")).to_contain_text(run_id, timeout=20_000)
+    snippet = page.locator("#export-snippet")
+    expect(snippet).to_contain_text(run_id, timeout=20_000)
+    # The snippet runs outside the studio: the demo's base model by its folder, not the studio's own name.
+    expect(snippet).to_contain_text(f'from_pretrained("{tiny_model_dir}")')
+    expect(snippet).not_to_contain_text('"studio-tiny-mistral"')
     screenshot(page, "07-export")
 
 
@@ -145,8 +200,8 @@ def test_person_trains_and_compares_in_the_browser(studio_home, tiny_model_dir, 
             data_tab(page)
             presets_tab(page)
             run_id = train_tab(page)
-            playground_tab(page, run_id)
-            evaluate_and_export(page, run_id)
+            playground_tab(page, run_id, studio_home)
+            evaluate_and_export(page, run_id, tiny_model_dir)
         except (AssertionError, PlaywrightError) as e:  # PlaywrightError: a wait_for_function timed out
             screenshot(page, "99-failure")
             raise AssertionError(f"{e}\n--- app log ---\n{tail(log)}") from None
