@@ -28,6 +28,13 @@ sys.path.insert(0, str(ROOT))
 from studio.runs import runs_root, studio_home  # noqa: E402
 
 
+# Answer tables keep every model's column in view: columns share the width and long texts wrap.
+CSS = """
+#pg-compare-table table, #eval-best table, #eval-worst table { table-layout: fixed; width: 100%; }
+#pg-compare-table td, #eval-best td, #eval-worst td { white-space: pre-wrap; overflow-wrap: anywhere; }
+"""
+
+
 def build_app(ctx=None):
     import gradio as gr
 
@@ -36,7 +43,7 @@ def build_app(ctx=None):
 
     ctx = ctx or UIContext()
     # No analytics: the studio sends nothing anywhere but to the browsers it serves.
-    with gr.Blocks(title="QLoRA Studio", fill_width=True, analytics_enabled=False) as demo:
+    with gr.Blocks(title="QLoRA Studio", fill_width=True, analytics_enabled=False, css=CSS) as demo:
         gr.Markdown("# QLoRA Studio\nData → preset → train → chat → evaluate → export, on one GPU or the offline demo.")
         with gr.Tabs():
             with gr.Tab("1 · Data", id="data"):

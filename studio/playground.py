@@ -114,7 +114,7 @@ class ModelHolder:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def stream(self, prompt: str, adapter: str | None, sampling):
+    def stream(self, prompt: str, adapter: str | None, sampling, input: str = ""):
         from studio.generate import stream
 
         if self.model is None:
@@ -122,7 +122,7 @@ class ModelHolder:
         if adapter is not None and adapter not in self.adapters:
             raise PlaygroundError(f"adapter {adapter!r} is not loaded.")
         yield from stream(self.model, self.tokenizer, prompt, self.spec, adapter=adapter, sampling=sampling,
-                          lock=self.lock)
+                          lock=self.lock, input=input)
 
     def render_chat(self, history: list[dict], text: str) -> str:
         from studio.generate import render_conversation
@@ -141,9 +141,9 @@ class ModelHolder:
         yield from stream(self.model, self.tokenizer, text, self.spec, adapter=adapter, sampling=sampling,
                           lock=self.lock, prompt=prompt)
 
-    def answer(self, prompt: str, adapter: str | None, sampling) -> str:
+    def answer(self, prompt: str, adapter: str | None, sampling, input: str = "") -> str:
         text = ""
-        for text in self.stream(prompt, adapter, sampling):
+        for text in self.stream(prompt, adapter, sampling, input=input):
             pass
         return text
 

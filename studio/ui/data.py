@@ -255,16 +255,44 @@ def _text_pieces(examples, spec: TemplateSpec, n: int, train_on_inputs: bool) ->
     return pieces
 
 
+def axis_end(lengths: list[int], max_length: int) -> int | None:
+    """Where the length axis should end so one outlier does not squeeze every bar to the left: a little past
+    the 99th percentile (and the max-length line), or None when the longest example is close enough."""
+    if not lengths:
+        return None
+    ordered = sorted(lengths)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    end = int(max(p99, max_length) * 1.15) + 1
+    return end if ordered[-1] > end else None
+
+
 def length_figure(lengths: list[int], max_length: int):
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Histogram(x=lengths, nbinsx=min(60, max(10, len(set(lengths)))), marker_color="#2563eb",
+    end = axis_end(lengths, max_length)
+    shown = [x for x in lengths if end is None or x <= end]
+    fig = go.Figure(go.Histogram(x=shown, nbinsx=min(60, max(10, len(set(shown)))), marker_color="#2563eb",
                                  name="examples"))
     fig.add_vline(x=max_length, line_dash="dash", line_color="#dc2626", line_width=2,
                   annotation_text=f"max length {max_length}", annotation_position="top right")
+    if end is not None:
+        beyond = len(lengths) - len(shown)
+        fig.update_xaxes(range=[0, end])
+        fig.add_annotation(x=1, y=1, xref="paper", yref="paper", xanchor="right", yanchor="top", showarrow=False,
+                           text=f"{beyond} longer example{'s' if beyond != 1 else ''} off the axis "
+                                f"(longest {max(lengths)})", font=dict(color="#6b7280"))
     fig.update_layout(xaxis_title="tokens per example (before truncation)", yaxis_title="examples",
                       height=300, margin=dict(l=40, r=20, t=30, b=40), showlegend=False, bargap=0.05)
     return fig
+
+
+BYTE_NOTE = ("ℹ️ `�` marks a byte-level token: the tokenizer split a character it has no token for (an accented "
+             "letter, a symbol, an emoji) into its bytes, and one byte alone is not a character. The model reads "
+             "the bytes; the text is unchanged.")
+
+
+def byte_note(pieces: list) -> str:
+    return "\n\n" + BYTE_NOTE if any("\ufffd" in (t or "") for t, _ in pieces) else ""
 
 
 def _data_config(path, hub_dataset, hub_config, split, roles, template, custom_prompt, custom_response,
@@ -327,7 +355,7 @@ def refresh(path: str, hub_dataset: str, hub_config: str, split: str, instructio
                  f"the whole response to the max length of {d.max_length} tokens and will be left out.") \
         if dropped else ""
     status = f"✅ {len(examples)} examples ready{split_note}, tokenized with the {base_model} tokenizer." \
-        + drop_note + _skip_note(skipped, len(records))
+        + drop_note + _skip_note(skipped, len(records)) + byte_note(pieces)
     return pieces, rows, length_figure(lengths, d.max_length), stats.summary + part, status
 
 

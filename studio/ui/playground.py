@@ -28,6 +28,7 @@ from studio.ui.messages import USER_ERRORS, message
 
 AB_CHOICES = ["A", "B", "tie"]
 COMPARE_MAX_PROMPTS = 20
+INPUT_MARK = " ### Input: "  # a comparison prompt's input, on the prompt's own line
 DEFAULT_CHECKPOINTS = 3
 
 
@@ -39,7 +40,8 @@ def example_prompts(run: Run, n: int = 3) -> list[str]:
     from studio.data.pipeline import train_val_examples
 
     train, val = train_val_examples(run.config().data)
-    return [" ".join(ex.instruction.split()) for ex in (val or train)[:n]]
+    return [" ".join(ex.instruction.split()) + (f"{INPUT_MARK}{' '.join(ex.input.split())}" if ex.input.strip() else "")
+            for ex in (val or train)[:n]]
 
 
 def run_defaults(store: RunStore, run_id: str | None) -> tuple[list[str], list[str], str | None]:
@@ -110,6 +112,18 @@ def generate(holder: engine.ModelHolder, prompt: str, adapter: str | None, s: Sa
         yield gr.skip(), gr.skip()
 
 
+def split_input(line: str) -> tuple[str, str]:
+    """A prompt line's instruction and input (written after `` ### Input: `` on the same line)."""
+    head, _, tail = line.partition(INPUT_MARK)
+    return head.strip(), tail.strip()
+
+
+def whole_prompt(line: str) -> str:
+    """The prompt as the table shows it: the instruction and, below it, its input."""
+    instruction, inp = split_input(line)
+    return f"{instruction}\n\n{inp}" if inp else instruction
+
+
 def parse_prompts(text: str) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()][:COMPARE_MAX_PROMPTS]
 
@@ -125,7 +139,9 @@ def compare(holder: engine.ModelHolder, prompts_text: str, s: Sampling):
         if not prompts:
             raise engine.PlaygroundError("enter at least one prompt, one per line.")
         for p in prompts:
-            rows.append([p, holder.answer(p, None, s), *(holder.answer(p, a, s) for a in holder.adapters)])
+            instruction, inp = split_input(p)
+            rows.append([whole_prompt(p), holder.answer(instruction, None, s, input=inp),
+                         *(holder.answer(instruction, a, s, input=inp) for a in holder.adapters)])
             yield {"headers": headers, "data": rows}
     except USER_ERRORS as e:
         gr.Warning(message(e))
@@ -407,17 +423,20 @@ def build(ctx) -> PlaygroundUI:
         tuned_out = gr.Textbox(label="Tuned model", interactive=False, elem_id="pg-tuned-out", visible=False)
     with gr.Tab("Compare checkpoints"):
         prompts = gr.Textbox(first_prompts or "", label="Prompts (one per line)", lines=4, elem_id="pg-prompts",
-                             info=f"At most {COMPARE_MAX_PROMPTS}; filled from the run's validation examples.")
+                             info=f"One per line, at most {COMPARE_MAX_PROMPTS}; an example's input follows "
+                                  f"'{INPUT_MARK.strip()}' on its line. Filled from the run's validation examples.")
         cmp_btn = gr.Button("Compare", elem_id="pg-compare")
         table = gr.Dataframe(headers=["prompt", "base", "final"], label="Answers", interactive=False, wrap=True,
-                             elem_id="pg-compare-table", column_widths=None)
+                             elem_id="pg-compare-table")
     with gr.Tab("Blind A/B"):
         gr.Markdown("A conversation with the base and the tuned model answering each message in random order. "
                     "Vote for the better answer: the conversation goes on from it, and the pair is saved for "
                     "preference training.")
         with gr.Row(equal_height=True):
-            ab_chat_a = gr.Chatbot(label="Answer A", height=340, elem_id="pg-ab-chat-a", feedback_options=None)
-            ab_chat_b = gr.Chatbot(label="Answer B", height=340, elem_id="pg-ab-chat-b", feedback_options=None)
+            ab_chat_a = gr.Chatbot(label="Answer A", height=340, elem_id="pg-ab-chat-a", feedback_options=None,
+                                   buttons=["copy"])
+            ab_chat_b = gr.Chatbot(label="Answer B", height=340, elem_id="pg-ab-chat-b", feedback_options=None,
+                                   buttons=["copy"])
         with gr.Row(equal_height=True):
             ab_input = gr.Textbox(show_label=False, placeholder="Message (Enter sends a blind pair)", scale=4,
                                   container=False, elem_id="pg-ab-input")

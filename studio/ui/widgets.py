@@ -26,6 +26,14 @@ def get_value(cfg: RunConfig, key: str):
     return cur
 
 
+def short_help(text: str | None, limit: int = 110) -> str | None:
+    """The help's first sentence (long explanations live in docs/ and the config's own help)."""
+    if not text:
+        return text
+    first = text.split(". ")[0].rstrip(".") + "."
+    return first if len(first) <= limit else first[:limit - 1].rsplit(" ", 1)[0] + "…"
+
+
 def bounded_info(info: str | None, lo, hi) -> str | None:
     """Help text with the allowed range, since the number box itself does not refuse keystrokes."""
     if lo is None and hi is None:
@@ -43,7 +51,7 @@ def widget(key: str, value, label: str | None = None, **kw):
     typ = field_type(key)
     meta = f.metadata
     label = label or key.split(".")[-1].replace("_", " ")
-    info = meta.get("help")
+    info = short_help(meta.get("help"))
     if "choices" in meta:
         return gr.Dropdown(choices=list(meta["choices"]), value=value, label=label, info=info, **kw)
     if typ is bool:
