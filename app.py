@@ -43,7 +43,7 @@ def build_app(ctx=None):
 
     ctx = ctx or UIContext()
     # No analytics: the studio sends nothing anywhere but to the browsers it serves.
-    with gr.Blocks(title="QLoRA Studio", fill_width=True, analytics_enabled=False, css=CSS) as demo:
+    with gr.Blocks(title="QLoRA Studio", fill_width=True, analytics_enabled=False) as demo:
         gr.Markdown("# QLoRA Studio\nData → preset → train → chat → evaluate → export, on one GPU or the offline demo.")
         with gr.Tabs():
             with gr.Tab("1 · Data", id="data"):
@@ -109,7 +109,7 @@ def launch_kwargs(host: str, port: int, share: bool, auth) -> dict:
                 # inputs, a typed Hub token included, in the browser's localStorage, and its routes used the
                 # server's HF_TOKEN), the MCP server, monitoring, the PWA files and server-side rendering.
                 run_history=False, mcp_server=False, enable_monitoring=False, pwa=False, ssr_mode=False,
-                footer_links=["api", "gradio", "settings"],
+                footer_links=["api", "gradio", "settings"], css=CSS,
                 app_kwargs={"openapi_url": None,
                             "middleware": gate_middleware(loopback=is_loopback(host) and not share)})
 

@@ -8,6 +8,7 @@ clicks, keystrokes with a pause between them, reloads.  Screenshots land in ``ar
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -285,7 +286,49 @@ def test_lists_follow_saved_presets_loaded_yaml_and_new_runs(studio_home, tiny_m
                 open_tab(page, tab)
                 expect(page.locator(f"#{elem} input")).to_have_value(f"{run_id} · completed", timeout=15_000)
             screenshot(page, "lists-03-export-follows-the-new-run")
+            # The run's log starts with the run, not with a warning about an optional package.
+            worker_log = (studio_home / "runs" / run_id / "logs" / "worker.log").read_text(errors="replace")
+            assert worker_log.strip() and "kernels-community" not in worker_log, worker_log[:500]
             clean(page)
         except (AssertionError, PlaywrightError) as e:
             screenshot(page, "99-lists-failure")
+            raise AssertionError(f"{e}\n--- app log ---\n{tail(log)}") from None
+
+
+def test_first_things_first_on_a_cpu_machine_with_an_odd_file(studio_home, tiny_model_dir, browser, tmp_path):
+    """A file with one very long example and accented text: the histogram keeps its shape, the odd tokens are
+    explained; the Presets tab leads with what a person sets, the GPU-only switches folded away, and the fit
+    panel names this machine."""
+    log = tmp_path / "app.log"
+    odd = tmp_path / "café notes.jsonl"
+    lines = [json.dumps({"instruction": f"Price of café item {i}?", "output": f"It costs €{i} at the café."},
+                        ensure_ascii=False) for i in range(60)]
+    lines.append(json.dumps({"instruction": "Summarise the ledger.", "output": " ".join(["entry"] * 3000)}))
+    odd.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with serve_app(studio_home, log) as url:
+        page = new_page(browser, url)
+        try:
+            expect(page.locator("#data-status")).to_contain_text("examples ready", timeout=APP_READY_MS)
+            arm(page, "data-preview")
+            page.locator("#data-upload input[type=file]").set_input_files(str(odd))
+            settled(page, "data-preview")
+            expect(page.locator("#data-status")).to_contain_text("61 examples ready", timeout=30_000)
+            expect(page.locator("#data-status")).to_contain_text("byte-level token")
+            expect(page.locator("#data-lengths")).to_contain_text("1 longer example off the axis", timeout=30_000)
+            screenshot(page, "layout-01-data-odd-file")
+
+            open_tab(page, "2 · Presets")
+            expect(page.locator("#presets-fit-verdict")).to_contain_text("This machine: CPU only", timeout=30_000)
+            expect(page.locator("#presets-fit")).to_contain_text("estimated peak")
+            expect(page.locator("#presets-train-learning-rate")).to_be_visible()
+            expect(page.locator("#presets-train-cuda-graphs")).not_to_be_visible()  # folded away
+            expect(page.locator("#presets-model-offload-checkpoints")).not_to_be_visible()
+            screenshot(page, "layout-02-presets-first-things-first")
+            page.locator("#presets-train-advanced").get_by_text("More: speed, memory and GPU-only switches").click()
+            expect(page.locator("#presets-train-cuda-graphs")).to_be_visible()
+            # Gradio's own footer keeps no link named like the studio's runs.
+            assert not page.locator("footer").get_by_text(re.compile(r"\bRuns?\b")).count()
+            clean(page)
+        except (AssertionError, PlaywrightError) as e:
+            screenshot(page, "99-layout-failure")
             raise AssertionError(f"{e}\n--- app log ---\n{tail(log)}") from None

@@ -161,7 +161,6 @@ def preset_choices(current: str | None) -> list:
 def wire(ctx, data_ui, presets_ui, train_ui) -> None:
     keys = list(presets_ui.keys) + list(data_ui.keys)
     inputs = list(presets_ui.inputs) + list(data_ui.inputs)
-    by_key = dict(zip(keys, inputs))
 
     def persist(preset, base, *values):
         try:
@@ -179,10 +178,19 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
                 data_ui.schema, data_ui.source, data_ui.sample, data_ui.template_text, data_ui.base_model]
     n_rest = len(restored) - 1
 
+    def untouched():
+        return (gr.Dropdown(choices=preset_choices(None)), *([gr.skip()] * n_rest))
+
     def restore():
         draft = drafts.load()
         if draft is None:
-            return (gr.Dropdown(choices=preset_choices(None)), *([gr.skip()] * n_rest))
+            return untouched()
+        try:
+            return restored_from(draft)
+        except Exception:  # noqa: BLE001 - a draft from another version must never break the page: start afresh
+            return untouched()
+
+    def restored_from(draft):
         vals = restore_values(draft, keys)
         v = dict(zip(keys, vals))
         try:
@@ -220,7 +228,6 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
         .then(presets_tab.fit, state_in, [presets_ui.fit_table, presets_ui.fit_verdict], api_visibility="private") \
         .then(lambda p, b, *vals: summary(p, b, keys, list(vals)), [presets_ui.preset, presets_ui.base, *inputs],
               train_ui.summary, api_visibility="private")
-    del by_key
 
 
 # ---- live lists ---------------------------------------------------------------------------------
