@@ -256,13 +256,16 @@ def _text_pieces(examples, spec: TemplateSpec, n: int, train_on_inputs: bool) ->
 
 
 def axis_end(lengths: list[int], max_length: int) -> int | None:
-    """Where the length axis should end so one outlier does not squeeze every bar to the left: a little past
-    the 99th percentile (and the max-length line), or None when the longest example is close enough."""
+    """Where the length axis should end so a few outliers do not squeeze every bar to the left: a little past
+    the longest example within Tukey's far fence (third quartile + 3 interquartile ranges) and the max-length
+    line, or None when nothing lies beyond it."""
     if not lengths:
         return None
     ordered = sorted(lengths)
-    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    end = int(max(p99, max_length) * 1.15) + 1
+    q1, q3 = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
+    fence = q3 + 3 * max(q3 - q1, 1)
+    typical = max(x for x in ordered if x <= fence) if ordered[0] <= fence else ordered[0]
+    end = int(max(typical, max_length) * 1.15) + 1
     return end if ordered[-1] > end else None
 
 
