@@ -281,7 +281,8 @@ def length_figure(lengths: list[int], max_length: int):
     if end is not None:
         beyond = len(lengths) - len(shown)
         fig.update_xaxes(range=[0, end])
-        fig.add_annotation(x=1, y=1, xref="paper", yref="paper", xanchor="right", yanchor="top", showarrow=False,
+        # Above the plot's left corner: clear of the bars and of the max-length label at the top right.
+        fig.add_annotation(x=0, y=1, xref="paper", yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
                            text=f"{beyond} longer example{'s' if beyond != 1 else ''} off the axis "
                                 f"(longest {max(lengths)})", font=dict(color="#6b7280"))
     fig.update_layout(xaxis_title="tokens per example (before truncation)", yaxis_title="examples",
