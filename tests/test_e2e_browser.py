@@ -140,6 +140,24 @@ def playground_tab(page, run_id: str, home) -> None:
     page.locator("#pg-clear").click()
     expect(page.locator("#pg-right-chat .message-row")).to_have_count(0, timeout=10_000)
 
+    # Compare checkpoints on an example with an input: the table shows the whole prompt, every column in view.
+    page.get_by_role("tab", name="Compare checkpoints").click()
+    prompts = page.locator("#pg-prompts textarea")
+    expect(prompts).to_have_value(re.compile(r"\S"), timeout=10_000)  # prefilled from the run's validation split
+    prompts.fill("Calculate the break-even point in units. ### Input: Fixed costs: $1,000; price $10; cost $6.")
+    page.locator("#pg-compare").click()
+    table = page.locator("#pg-compare-table")
+    expect(table).to_contain_text("Fixed costs: $1,000", timeout=120_000)
+    expect(table.locator("[data-testid='status-tracker']").first).to_have_class(re.compile(r"\bhide\b"),
+                                                                                timeout=120_000)
+    box = table.bounding_box()
+    headers = table.locator("thead th")
+    expect(headers).to_have_count(4)  # prompt, base, final, ckpt-30
+    for i in range(4):
+        h = headers.nth(i).bounding_box()
+        assert h and h["x"] + h["width"] <= box["x"] + box["width"] + 1, f"column {i} is off screen"
+    screenshot(page, "05a-playground-compare")
+
     # Blind A/B over a conversation: each vote saves a pair and carries the conversation on.
     page.get_by_role("tab", name="Blind A/B").click()
     ab_box = page.locator("#pg-ab-input textarea")

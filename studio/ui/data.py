@@ -13,6 +13,10 @@ lets the Presets tab drive it).  Every failure (unreadable file, bad mapping, mi
 visible sentence in the status, never a traceback.  Only files under ``samples/`` and the uploads folder are
 read (``check_data_path``): the preview endpoint never shows another file of the server.
 
+The length histogram's axis ends past Tukey's far fence, so a few outliers do not squeeze the bars (a note
+says how many are off the axis); byte-level tokens (``�``) are explained under the preview.  What the tab
+holds is kept in the server-side draft and restored on a page load (``studio.ui.state``).
+
 Layout: source and column mapping, then the preview controls (template, tokenizer, examples shown), the
 preview itself, its counts and length histogram; length, validation and sampling settings sit in a closed
 accordion below.

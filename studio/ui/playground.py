@@ -1,15 +1,23 @@
-"""Playground tab: base and tuned answers side by side, a checkpoint comparison table and blind A/B votes.
+"""Playground tab: chat with two models side by side, compare checkpoints on a prompt list, vote blind A/B.
 
 Contract:
 - ``build(ctx)`` (inside an open ``gr.Blocks``) returns a ``PlaygroundUI``; it draws runs only from the
   run store and generates only through ``ctx.holder`` (one base model, adapters toggled under its lock).
-- Named endpoints: ``load`` (run id, checkpoint names -> status, tuned-adapter choice), ``generate``
-  (prompt, adapter, sampling -> base text, tuned text, streamed), ``compare`` (prompts -> table with a
-  column per loaded adapter), ``ab`` (prompt, adapter, sampling -> answer A, answer B, the mapping kept
-  in server-side state) and ``vote`` (A / B / tie -> tally, status).
-- Base and tuned answers use the same sampling settings and seed and the run's template.
-- Votes for A or B append a prompt/chosen/rejected pair to ``preferences.jsonl`` with
-  ``meta["winner"]`` in {"tuned", "base"}; ties are only counted in the session tally.
+- **Chat side by side**: two ``gr.Chatbot`` chats, each with its model (base, the final adapter or a loaded
+  checkpoint), one shared input, streaming, multi-turn: each side's prompt is its own conversation rendered
+  with the run's template or the model's chat template (``ModelHolder.render_chat``).  Regenerate answers the
+  last message again with the next seed; Clear empties both.  Same sampling settings and seed on both sides.
+- **Blind A/B**: a conversation where each message is answered by the base and the tuned model in random order
+  (A and B); a vote saves the pair (``preferences.jsonl``, format in ``studio.playground``) with the whole
+  rendered conversation as its prompt, and the conversation goes on from the chosen answer (A on a tie).
+  The votes file's path, its count and a download are shown; the tally of this session and of all votes too.
+- Named endpoints: ``load`` (run id, checkpoint names -> status, tuned-adapter choice), ``chat`` (message, two
+  histories, two model names, sampling -> two histories, cleared input), ``generate`` (prompt, adapter,
+  sampling -> base text, tuned text, streamed), ``compare`` (prompts -> table with a column per loaded
+  adapter; a prompt line may carry its input after `` ### Input: ``), ``ab`` (one prompt -> answer A,
+  answer B, the mapping kept in server-side state) and ``vote`` (A / B / tie -> tally, status).
+- Votes for A or B append a prompt/chosen/rejected pair with ``winner`` in {"tuned", "base"}; ties are only
+  counted in the session tally.
 - Errors reach the user as a status line or a ``gr.Warning``, never a traceback.
 """
 

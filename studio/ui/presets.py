@@ -3,11 +3,16 @@
 Contract: ``build(ctx) -> PresetsUI``, callable inside an open ``gr.Blocks``.
 - ``PresetsUI.keys``/``inputs`` cover every ``model.*``, ``lora.*``, ``train.*`` and ``output.*`` key, in the
   same order; ``PresetsUI.base`` (a ``gr.State``) holds the chosen preset's ``RunConfig.to_dict()``, the base
-  the Train tab passes to ``widgets.to_config``.  Choosing a preset (or loading a YAML) refills every widget.
+  the Train tab passes to ``widgets.to_config``.  Choosing a preset (or loading a YAML) refills every widget;
+  the list is read afresh on every page load (``studio.ui.state``) and after a save, a loaded YAML shows in it
+  by its file name, and a saved preset becomes the base the changes are measured from.
+- Each section shows first what most runs set; its speed, memory and GPU-only switches sit in a closed
+  accordion; help is one sentence.
 - The changes panel lists each key whose value differs from the preset: ``key: preset value → new value``.
 - "Will it fit" estimates peak GPU memory (``studio.estimate``) against the common cards and the detected
-  CUDA GPU, with a verdict and what to change; served as ``api_name="estimate"``.  When the model's shape
-  cannot be known offline, it says so.
+  CUDA GPU (rows: card, its memory, fits, what to change, the estimated peak there), the verdict opening with
+  this machine (its GPU, or "CPU only"); served as ``api_name="estimate"``.  When the model's shape cannot
+  be known offline, it says so.
 - Saving writes a user preset (``studio.presets.save_preset``); its data section is the base preset's.
 Every error (bad value, bad name, bad YAML) is a visible sentence naming the key or line.
 """

@@ -4,10 +4,13 @@ Contract:
 - ``build(ctx, data_ui, presets_ui) -> TrainUI`` lays the tab out inside an open ``gr.Blocks``.  Start
   builds the config with ``widgets.to_config`` from the chosen preset (``presets_ui.base``) and the
   values of ``presets_ui.inputs + data_ui.inputs``, then hands it to ``studio.worker``; the run trains
-  in a worker process, so closing the browser does not stop it.
+  in a worker process, so closing the browser does not stop it.  Start builds the config with
+  ``config_for`` and refuses what ``check_data`` and ``check_machine`` refuse; the summary above Start
+  (``TrainUI.summary``, drawn by ``studio.ui.state``) is computed from the same function and checks.
 - Everything shown is drawn from the run folder (events through ``ctx.follower``, the worker log), so a
   reload, a second browser or an app restart shows the same run with its full history.  On page load
-  the active run is selected, else the most recent one; a ``gr.Timer`` tick refreshes the view, follows
+  the active run is selected, else the most recent one; a run that appeared since the last tick is shown
+  even when it already ended; a ``gr.Timer`` tick refreshes the view, follows
   a run started elsewhere and raises one toast per run ending (completed, stopped, failed, halted,
   interrupted) per browser session.
 - Figures and texts come from plain functions of an events list (``loss_figure``, ``memory_figure``,
