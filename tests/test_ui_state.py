@@ -124,3 +124,37 @@ def test_bitsandbytes_optional_kernel_warning_is_dropped(caplog):
         log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module")
         log.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def _checkpoint(run, step):
+    ck = run.checkpoints_dir / f"checkpoint-{step}"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text("{}")
+    (ck / "adapter_model.safetensors").write_bytes(b"")
+    return ck
+
+
+def test_run_lists_follow_the_folder_and_stay_put_while_nothing_changes(studio_home):
+    import shutil
+
+    from studio.runs import RunStore
+    from studio.ui.run_picker import has_weights
+
+    store = RunStore(studio_home / "runs")
+    store.root.mkdir(parents=True, exist_ok=True)
+    pickers = [("pg", has_weights)]
+    upd, shown = state.run_list_updates(store, pickers, [None], None)
+    assert upd.choices == [] and shown == {"pg": []}
+    assert state.run_list_updates(store, pickers, [None], shown)[0] == gr.skip()  # nothing redrawn
+    run = store.create(load_preset("tiny-demo"), "later")
+    _checkpoint(run, 2)
+    upd, shown = state.run_list_updates(store, pickers, [None], shown)
+    assert upd.value == "later" and [c[1] for c in upd.choices] == ["later"]
+    # The Playground's checkpoints: a deleted one leaves the list and the selection.
+    _checkpoint(run, 4)
+    ck, names = state.checkpoint_update(store, "later", ["checkpoint-2", "checkpoint-4"], None)
+    assert names == ["checkpoint-2", "checkpoint-4"]
+    assert state.checkpoint_update(store, "later", ["checkpoint-4"], names)[0] == gr.skip()
+    shutil.rmtree(run.checkpoints_dir / "checkpoint-4")
+    ck, names = state.checkpoint_update(store, "later", ["checkpoint-2", "checkpoint-4"], names)
+    assert names == ["checkpoint-2"] and ck.value == ["checkpoint-2"] and ck.choices == [("checkpoint-2", "checkpoint-2")]
