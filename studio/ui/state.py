@@ -169,7 +169,11 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
             return summary(preset, base, keys, list(values)) + f"\n\n⚠️ Your choices could not be kept: {e}"
         return summary(preset, base, keys, list(values))
 
-    triggers = [c.change for c in inputs] + [presets_ui.base.change, presets_ui.preset.change]
+    # A model id is looked up (its tokenizer, its shape) when the summary is drawn: it is kept when the box is
+    # left or submitted, not at every keystroke of a half-typed id.
+    text_keys = {k for k in presets_tab.TEXT_KEYS}
+    triggers = [t for k, c in zip(keys, inputs) for t in ([c.blur, c.submit] if k in text_keys else [c.change])]
+    triggers += [presets_ui.base.change, presets_ui.preset.change]
     gr.on(triggers, persist, [presets_ui.preset, presets_ui.base, *inputs], train_ui.summary,
           api_visibility="private", trigger_mode="always_last", show_progress="hidden")
 
