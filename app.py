@@ -28,10 +28,17 @@ sys.path.insert(0, str(ROOT))
 from studio.runs import runs_root, studio_home  # noqa: E402
 
 
+# Answer tables keep every model's column in view: columns share the width and long texts wrap.
+CSS = """
+#pg-compare-table table, #eval-best table, #eval-worst table { table-layout: fixed; width: 100%; }
+#pg-compare-table td, #eval-best td, #eval-worst td { white-space: pre-wrap; overflow-wrap: anywhere; }
+"""
+
+
 def build_app(ctx=None):
     import gradio as gr
 
-    from studio.ui import data, evaluate, export, playground, presets, train
+    from studio.ui import data, evaluate, export, playground, presets, state, train
     from studio.ui.context import UIContext
 
     ctx = ctx or UIContext()
@@ -44,15 +51,19 @@ def build_app(ctx=None):
             with gr.Tab("2 · Presets", id="presets"):
                 presets_ui = presets.build(ctx)
             with gr.Tab("3 · Train", id="train"):
-                train.build(ctx, data_ui, presets_ui)
+                train_ui = train.build(ctx, data_ui, presets_ui)
             with gr.Tab("4 · Playground", id="playground"):
-                playground.build(ctx)
+                playground_ui = playground.build(ctx)
             with gr.Tab("5 · Evaluate", id="evaluate"):
-                evaluate.build(ctx)
+                evaluate_ui = evaluate.build(ctx)
             with gr.Tab("6 · Export", id="export"):
-                export.build(ctx)
+                export_ui = export.build(ctx)
         # The Data tab's token preview follows the base model chosen on the Presets tab.
         data.link_base_model(data_ui, presets_ui.base_model, presets_ui.base)
+        # What the user chose lives in one server-side draft: saved on every edit, restored on every page load.
+        state.wire(ctx, data_ui, presets_ui, train_ui)
+        # Run lists everywhere follow the runs folder (a run that finished, a checkpoint deleted).
+        state.follow_lists(ctx, playground_ui, evaluate_ui, export_ui)
     return demo
 
 
@@ -99,7 +110,7 @@ def launch_kwargs(host: str, port: int, share: bool, auth) -> dict:
                 # inputs, a typed Hub token included, in the browser's localStorage, and its routes used the
                 # server's HF_TOKEN), the MCP server, monitoring, the PWA files and server-side rendering.
                 run_history=False, mcp_server=False, enable_monitoring=False, pwa=False, ssr_mode=False,
-                footer_links=["api", "gradio", "settings"],
+                footer_links=["api", "gradio", "settings"], css=CSS,
                 app_kwargs={"openapi_url": None,
                             "middleware": gate_middleware(loopback=is_loopback(host) and not share),
                             "exception_handlers": http_errors.handlers()})  # a full disk in words, not a 500

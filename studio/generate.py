@@ -7,6 +7,11 @@ Contract:
 - ``adapter=None`` runs the base weights (peft's ``disable_adapter``), a name runs that adapter;
   one loaded base model serves both, so base and tuned answers come from the same weights.
 - ``seed`` makes sampling repeatable so base and tuned answers can be compared fairly.
+- ``render_conversation(history, text, spec, tokenizer)`` renders a whole conversation (earlier user and
+  assistant messages, then the new user text) as one prompt: the model's chat template for ``chat``, else
+  each earlier turn exactly as training renders an example (prompt, answer, the template's end: ``### End``
+  for qa, the EOS token otherwise) followed by the new turn's prompt.  ``stream(..., prompt=...)`` generates
+  from such a rendered prompt.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-from studio.data.templates import TemplateSpec, render_prompt, stop_strings
+from studio.data.schema import Example
+from studio.data.templates import TemplateSpec, render, render_prompt, stop_strings
 from studio.data.tokenize import encode_prompt
 
 
@@ -28,6 +34,39 @@ class Sampling:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
+
+
+def _pairs(history: list[dict]) -> list[tuple[str, str]]:
+    """(user, assistant) pairs of a messages list; a user message without an answer yet is dropped."""
+    pairs, user = [], None
+    for m in history or []:
+        role, content = m.get("role"), m.get("content")
+        content = content if isinstance(content, str) else str(content or "")
+        if role == "user":
+            user = content
+        elif role == "assistant" and user is not None:
+            pairs.append((user, content))
+            user = None
+    return pairs
+
+
+def render_conversation(history: list[dict], text: str, spec: TemplateSpec, tokenizer=None) -> str:
+    """The prompt for ``text`` after the earlier turns of ``history`` (role/content messages)."""
+    from studio.data.templates import _apply_chat
+
+    pairs = _pairs(history)
+    if spec.name == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            return render_prompt(text, spec, tokenizer)  # raises the template's own sentence
+        msgs = [m for u, a in pairs for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+        return _apply_chat(tokenizer, msgs + [{"role": "user", "content": text}], add_generation_prompt=True)
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    out = []
+    for u, a in pairs:
+        prompt, response = render(Example(instruction=u, response=a), spec, tokenizer)
+        # Training ends every example with EOS (qa's "### End" also ends the text); earlier turns do the same.
+        out.append(prompt + response + ("" if spec.name == "qa" else eos) + "\n\n")
+    return "".join(out) + render_prompt(text, spec, tokenizer)
 
 
 def _adapter_ctx(model, adapter: str | None):
@@ -90,13 +129,15 @@ def generate_text(model, tokenizer, text: str, spec: TemplateSpec, *, input: str
 
 def stream(model, tokenizer, text: str, spec: TemplateSpec, *, adapter: str | None = None,
            sampling: Sampling | None = None, input: str = "", system: str = "",
-           lock: threading.Lock | None = None) -> Iterator[str]:
-    """Yield the growing answer.  ``lock`` serialises generations that share one model (adapter toggling)."""
+           lock: threading.Lock | None = None, prompt: str | None = None) -> Iterator[str]:
+    """Yield the growing answer.  ``lock`` serialises generations that share one model (adapter toggling);
+    ``prompt``, an already rendered prompt (``render_conversation``), replaces ``text``'s rendering."""
     import torch
     from transformers import TextIteratorStreamer
 
     s = sampling or Sampling()
-    prompt = render_prompt(text, spec, tokenizer, system=system, input=input)
+    if prompt is None:
+        prompt = render_prompt(text, spec, tokenizer, system=system, input=input)
     enc = _inputs(model, tokenizer, prompt)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
     error: list[BaseException] = []

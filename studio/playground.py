@@ -8,8 +8,25 @@ Contract:
   the estimate (one model per GPU at a time), with a message saying so.
 - ``stream(prompt, adapter, sampling)`` yields growing text under a lock, so concurrent requests
   never toggle adapters under each other.
+- ``stream_chat(history, text, adapter, sampling)`` does the same for a whole conversation: ``render_chat``
+  renders the earlier turns and the new text with the run's template or the model's chat template.
 - ``record_vote`` appends prompt/chosen/rejected to ``<home>/preferences.jsonl`` (a DPO-ready file)
   and ``tally`` counts the votes.
+
+The votes file, ``preferences.jsonl``: one JSON object a line, readable as is by TRL's ``DPOTrainer``:
+
+    {"prompt": str,     # the full prompt the two answers continue, rendered exactly as the model read it:
+                        # for a multi-turn chat every earlier turn (the conversation as chosen so far) and the
+                        # new user message, in the run's template (or the model's chat template)
+     "chosen": str,     # the preferred answer (the text only, no end marker)
+     "rejected": str,   # the other answer
+     "winner": "tuned" | "base",                      # which model wrote "chosen"
+     "loser": ...,      # which model wrote "rejected" (votes written before this field lack it)
+     "run": str, "adapter": str,                     # the run and the tuned adapter compared
+     "turn": int,       # 1 for a single prompt, n for the n-th turn of a conversation (absent in old votes)
+     "messages": [...]} # the conversation up to this turn as role/content messages (absent in old votes)
+
+Ties are not written.  A training run on these votes reads ``prompt``, ``chosen`` and ``rejected`` only.
 """
 
 from __future__ import annotations
@@ -97,7 +114,7 @@ class ModelHolder:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def stream(self, prompt: str, adapter: str | None, sampling):
+    def stream(self, prompt: str, adapter: str | None, sampling, input: str = ""):
         from studio.generate import stream
 
         if self.model is None:
@@ -105,11 +122,28 @@ class ModelHolder:
         if adapter is not None and adapter not in self.adapters:
             raise PlaygroundError(f"adapter {adapter!r} is not loaded.")
         yield from stream(self.model, self.tokenizer, prompt, self.spec, adapter=adapter, sampling=sampling,
-                          lock=self.lock)
+                          lock=self.lock, input=input)
 
-    def answer(self, prompt: str, adapter: str | None, sampling) -> str:
+    def render_chat(self, history: list[dict], text: str) -> str:
+        from studio.generate import render_conversation
+
+        if self.model is None:
+            raise PlaygroundError("load a run first.")
+        return render_conversation(history, text, self.spec, self.tokenizer)
+
+    def stream_chat(self, history: list[dict], text: str, adapter: str | None, sampling):
+        """Yield the growing answer to ``text`` after the conversation ``history`` (role/content messages)."""
+        from studio.generate import stream
+
+        prompt = self.render_chat(history, text)
+        if adapter is not None and adapter not in self.adapters:
+            raise PlaygroundError(f"adapter {adapter!r} is not loaded.")
+        yield from stream(self.model, self.tokenizer, text, self.spec, adapter=adapter, sampling=sampling,
+                          lock=self.lock, prompt=prompt)
+
+    def answer(self, prompt: str, adapter: str | None, sampling, input: str = "") -> str:
         text = ""
-        for text in self.stream(prompt, adapter, sampling):
+        for text in self.stream(prompt, adapter, sampling, input=input):
             pass
         return text
 

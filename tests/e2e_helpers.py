@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from playwright.sync_api import expect
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
@@ -159,3 +160,43 @@ def screenshot(page, name: str) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+# ---- acting in the page ----------------------------------------------------------------------------
+
+# Gradio shows a status tracker on an output while its event is pending or streaming and hides it after.
+# An observer armed before the action records "shown, then hidden", so a chained event (upload, then
+# schema, then preview) cannot be mistaken for done in the gap before it starts.
+ARM = """id => {
+  window.__settled = window.__settled || {};
+  const el = document.getElementById(id);
+  const state = window.__settled[id] = {busy: false, done: false};
+  const check = () => {
+    const t = el.querySelector("[data-testid='status-tracker']");
+    const busy = !!t && !t.classList.contains("hide");
+    if (busy) state.busy = true; else if (state.busy) state.done = true;
+  };
+  new MutationObserver(check).observe(el, {attributes: true, subtree: true, childList: true});
+}"""
+# Warnings and errors reach the user as toasts; record every one shown, however briefly.
+TOAST_WATCH = """() => {
+  window.__toasts = [];
+  new MutationObserver(() => document.querySelectorAll(".toast-body.warning, .toast-body.error").forEach(t => {
+    if (!t.dataset.seen) { t.dataset.seen = "1"; window.__toasts.push(t.innerText); }
+  })).observe(document.documentElement, {childList: true, subtree: true});
+}"""
+
+
+def open_tab(page, label: str) -> None:
+    tab = page.get_by_role("tab", name=label)
+    tab.click()
+    expect(tab).to_have_attribute("aria-selected", "true")
+
+
+def arm(page, elem_id: str) -> None:
+    page.evaluate(ARM, elem_id)
+
+
+def settled(page, elem_id: str, timeout: float = 60_000) -> None:
+    """Wait until the event armed on ``elem_id`` has shown its spinner and finished."""
+    page.wait_for_function("id => window.__settled[id].done", arg=elem_id, timeout=timeout)

@@ -16,7 +16,8 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
 from conftest import SAMPLES
-from e2e_helpers import CHROMIUM_ARGS, VIEWPORT, chromium_path, screenshot, serve_app, tail
+from e2e_helpers import (CHROMIUM_ARGS, TOAST_WATCH, VIEWPORT, arm, chromium_path, open_tab, screenshot,
+                         serve_app, settled, tail)
 
 pytestmark = pytest.mark.browser
 
@@ -28,47 +29,9 @@ MAX_STEPS = 30
 LOSS_TOKEN = ".token.highlighted[style*='22, 163, 74']"  # data.COLORS["loss"], as the browser writes it
 MASKED_TOKEN = ".token.highlighted[style*='156, 163, 175']"  # data.COLORS["prompt (masked)"]
 
-# Gradio shows a status tracker on an output while its event is pending or streaming and hides it after.
-# An observer armed before the action records "shown, then hidden", so a chained event (upload, then
-# schema, then preview) cannot be mistaken for done in the gap before it starts.
-ARM = """id => {
-  window.__settled = window.__settled || {};
-  const el = document.getElementById(id);
-  const state = window.__settled[id] = {busy: false, done: false};
-  const check = () => {
-    const t = el.querySelector("[data-testid='status-tracker']");
-    const busy = !!t && !t.classList.contains("hide");
-    if (busy) state.busy = true; else if (state.busy) state.done = true;
-  };
-  new MutationObserver(check).observe(el, {attributes: true, subtree: true, childList: true});
-}"""
-# Warnings and errors reach the user as toasts; record every one shown, however briefly.
-TOAST_WATCH = """() => {
-  window.__toasts = [];
-  new MutationObserver(() => document.querySelectorAll(".toast-body.warning, .toast-body.error").forEach(t => {
-    if (!t.dataset.seen) { t.dataset.seen = "1"; window.__toasts.push(t.innerText); }
-  })).observe(document.documentElement, {childList: true, subtree: true});
-}"""
-
-
 def first_instruction() -> str:
     with UPLOAD.open(encoding="utf-8") as f:
         return json.loads(f.readline())["instruction"]
-
-
-def open_tab(page, label: str) -> None:
-    tab = page.get_by_role("tab", name=label)
-    tab.click()
-    expect(tab).to_have_attribute("aria-selected", "true")
-
-
-def arm(page, elem_id: str) -> None:
-    page.evaluate(ARM, elem_id)
-
-
-def settled(page, elem_id: str, timeout: float = 60_000) -> None:
-    """Wait until the event armed on ``elem_id`` has shown its spinner and finished."""
-    page.wait_for_function("id => window.__settled[id].done", arg=elem_id, timeout=timeout)
 
 
 def data_tab(page) -> None:
@@ -132,28 +95,98 @@ def train_tab(page) -> str:
     return run_id
 
 
-def playground_tab(page, run_id: str) -> None:
+def chat_texts(page, elem_id: str, role: str) -> list[str]:
+    """The messages of one role in a chat as the page shows them."""
+    return page.locator(f"#{elem_id} .message-row.{role}-row").all_inner_texts()
+
+
+def wait_answered(page, elem_id: str, turns: int) -> None:
+    """Wait until the chat holds ``turns`` answers and its stream has ended."""
+    expect(page.locator(f"#{elem_id} .message-row.bot-row")).to_have_count(turns, timeout=90_000)
+    expect(page.locator(f"#{elem_id} [data-testid='status-tracker']").first).to_have_class(re.compile(r"\bhide\b"),
+                                                                                            timeout=90_000)
+
+
+def playground_tab(page, run_id: str, home) -> None:
     open_tab(page, "4 · Playground")
-    page.locator("#pg-refresh").click()  # the run finished after the page was loaded
+    # The run finished after the page was loaded: the list follows it without a click.
     expect(page.locator("#pg-run input")).to_have_value(re.compile(re.escape(run_id)), timeout=20_000)
     page.locator("#pg-load").click()
     expect(page.locator("#pg-status")).to_contain_text("Loaded", timeout=60_000)
-    prompt = first_instruction()
-    page.locator("#pg-prompt textarea").fill(prompt)
-    arm(page, "pg-tuned-out")
-    page.locator("#pg-generate").click()
-    base, tuned = page.locator("#pg-base-out textarea"), page.locator("#pg-tuned-out textarea")
-    expect(tuned).not_to_have_value("", timeout=60_000)
-    settled(page, "pg-tuned-out")
-    base_text, tuned_text = base.input_value(), tuned.input_value()
+    expect(page.locator("#pg-right-model input")).to_have_value("final")
+    # A two-turn conversation with both models at once: one input, two chats.
+    box = page.locator("#pg-chat-input textarea")
+    arm(page, "pg-right-chat")
+    box.fill(first_instruction())
+    box.press("Enter")
+    settled(page, "pg-right-chat", timeout=90_000)
+    wait_answered(page, "pg-right-chat", 1)
+    base_text = chat_texts(page, "pg-left-chat", "bot")[0]
+    tuned_text = chat_texts(page, "pg-right-chat", "bot")[0]
     assert base_text.strip() and tuned_text.strip()
     assert base_text != tuned_text, "the tuned adapter should change the answer to a training prompt"
-    screenshot(page, "05-playground")
+    arm(page, "pg-right-chat")
+    box.fill("And what if revenue doubles?")
+    page.locator("#pg-send").click()
+    settled(page, "pg-right-chat", timeout=90_000)
+    wait_answered(page, "pg-right-chat", 2)
+    wait_answered(page, "pg-left-chat", 2)
+    assert chat_texts(page, "pg-right-chat", "user")[1] == "And what if revenue doubles?"
+    screenshot(page, "05-playground-chat")
+    arm(page, "pg-right-chat")
+    page.locator("#pg-regenerate").click()  # answers the last message again: still two turns
+    settled(page, "pg-right-chat", timeout=90_000)
+    wait_answered(page, "pg-right-chat", 2)
+    page.locator("#pg-clear").click()
+    expect(page.locator("#pg-right-chat .message-row")).to_have_count(0, timeout=10_000)
+
+    # Compare checkpoints on an example with an input: the table shows the whole prompt, every column in view.
+    page.get_by_role("tab", name="Compare checkpoints").click()
+    prompts = page.locator("#pg-prompts textarea")
+    expect(prompts).to_have_value(re.compile(r"\S"), timeout=10_000)  # prefilled from the run's validation split
+    prompts.fill("Calculate the break-even point in units. ### Input: Fixed costs: $1,000; price $10; cost $6.")
+    page.locator("#pg-compare").click()
+    table = page.locator("#pg-compare-table")
+    expect(table).to_contain_text("Fixed costs: $1,000", timeout=120_000)
+    expect(table.locator("[data-testid='status-tracker']").first).to_have_class(re.compile(r"\bhide\b"),
+                                                                                timeout=120_000)
+    box = table.bounding_box()
+    headers = table.locator("thead th")
+    expect(headers).to_have_count(4)  # prompt, base, final, ckpt-30
+    for i in range(4):
+        h = headers.nth(i).bounding_box()
+        assert h and h["x"] + h["width"] <= box["x"] + box["width"] + 1, f"column {i} is off screen"
+    screenshot(page, "05a-playground-compare")
+
+    # Blind A/B over a conversation: each vote saves a pair and carries the conversation on.
+    page.get_by_role("tab", name="Blind A/B").click()
+    ab_box = page.locator("#pg-ab-input textarea")
+    for turn, text in enumerate([first_instruction(), "Explain it in one sentence."], 1):
+        arm(page, "pg-ab-chat-b")
+        ab_box.fill(text)
+        page.locator("#pg-ab-generate").click()
+        settled(page, "pg-ab-chat-b", timeout=90_000)
+        wait_answered(page, "pg-ab-chat-b", turn)
+        page.locator("#pg-ab-choice").get_by_label("A", exact=True).check()
+        page.locator("#pg-vote").click()
+        expect(page.locator("#pg-ab-status")).to_contain_text("Saved: A", timeout=20_000)
+    expect(page.locator("#pg-votes-path")).to_contain_text("2 pairs", timeout=20_000)
+    expect(page.locator("#pg-votes-download")).to_be_visible()
+    with page.expect_download() as dl:
+        page.locator("#pg-votes-download").click()
+    votes = [json.loads(line) for line in open(dl.value.path(), encoding="utf-8").read().splitlines()]
+    assert [v["turn"] for v in votes] == [1, 2]
+    # The second pair's prompt is the whole conversation up to it, rendered as the model read it.
+    assert first_instruction() in votes[1]["prompt"] and votes[0]["chosen"] in votes[1]["prompt"]
+    assert votes[1]["prompt"].rstrip().endswith("### Response:")
+    assert {"prompt", "chosen", "rejected"} <= set(votes[1])
+    saved = (home / "preferences.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in saved] == votes
+    screenshot(page, "05b-playground-blind-ab")
 
 
-def evaluate_and_export(page, run_id: str) -> None:
+def evaluate_and_export(page, run_id: str, tiny_model_dir) -> None:
     open_tab(page, "5 · Evaluate")
-    page.locator("#eval-refresh").click()
     expect(page.locator("#eval-run input")).to_have_value(re.compile(re.escape(run_id)), timeout=20_000)
     # Choosing the run shows its saved evaluation (none yet); the status and tables come from one event.
     expect(page.locator("#eval-status")).to_contain_text(run_id, timeout=20_000)
@@ -161,9 +194,12 @@ def evaluate_and_export(page, run_id: str) -> None:
     expect(page.locator("#eval-start")).to_be_enabled()
     screenshot(page, "06-evaluate")
     open_tab(page, "6 · Export")
-    page.locator("#export-refresh").click()
     expect(page.locator("#export-run input")).to_have_value(re.compile(re.escape(run_id)), timeout=20_000)
-    expect(page.locator("#export-snippet")).to_contain_text(run_id, timeout=20_000)
+    snippet = page.locator("#export-snippet")
+    expect(snippet).to_contain_text(run_id, timeout=20_000)
+    # The snippet runs outside the studio: the demo's base model by its folder, not the studio's own name.
+    expect(snippet).to_contain_text(f'from_pretrained("{tiny_model_dir}")')
+    expect(snippet).not_to_contain_text('"studio-tiny-mistral"')
     screenshot(page, "07-export")
 
 
@@ -182,8 +218,8 @@ def test_person_trains_and_compares_in_the_browser(studio_home, tiny_model_dir, 
             data_tab(page)
             presets_tab(page)
             run_id = train_tab(page)
-            playground_tab(page, run_id)
-            evaluate_and_export(page, run_id)
+            playground_tab(page, run_id, studio_home)
+            evaluate_and_export(page, run_id, tiny_model_dir)
         except (AssertionError, PlaywrightError) as e:  # PlaywrightError: a wait_for_function timed out
             screenshot(page, "99-failure")
             raise AssertionError(f"{e}\n--- app log ---\n{tail(log)}") from None

@@ -238,3 +238,74 @@ def test_served_tabs_through_gradio_client(ctx, home, caplog):
     for p in home.rglob("*"):
         if p.is_file() and p.suffix in {".jsonl", ".json", ".yaml", ".log", ".md", ".txt", ".zip"}:
             assert CANARY.encode() not in p.read_bytes(), p
+
+
+# ---- the chat ------------------------------------------------------------------------------------
+
+def test_chat_is_multi_turn_per_side_and_renders_the_whole_conversation(ctx, loaded):
+    holder = ctx.holder
+    steps = list(playground.chat_turn(holder, PROMPTS[0], [], [], "base", "final", GREEDY))
+    left, right, box = steps[-1]
+    assert box == "" and len(steps) > 2  # streamed: the answers grow over several yields
+    assert [m["role"] for m in left] == ["user", "assistant"] and left[1]["content"] and right[1]["content"]
+    assert left[1]["content"] != right[1]["content"]  # base and tuned differ on a training prompt
+    # Second turn: each side's prompt holds its own earlier answer, in the run's (alpaca) template.
+    prompt = holder.render_chat(right, PROMPTS[1])
+    assert prompt.startswith(f"### Instruction:\n{PROMPTS[0]}\n\n### Response:\n{right[1]['content']}")
+    assert prompt.endswith(f"### Instruction:\n{PROMPTS[1]}\n\n### Response:\n")
+    assert holder.tokenizer.eos_token in prompt  # the earlier turn ends as training ends an example
+    left2, right2, _ = last(playground.chat_turn(holder, PROMPTS[1], left, right, "base", "ckpt-8", GREEDY))
+    assert [m["role"] for m in right2] == ["user", "assistant"] * 2 and right2[:2] == right
+    # Regenerate answers the last message again (a new seed), keeping the turns.
+    *_, (lh, rh, _, count) = playground.regenerate(holder, left2, right2, "base", "ckpt-8", GREEDY, 0)
+    assert count == 1 and len(rh) == 4 and rh[2]["content"] == PROMPTS[1]
+
+
+def test_chat_refuses_without_a_message_or_a_model(ctx, loaded):
+    with pytest.warns(UserWarning, match="type a message"):
+        assert last(playground.chat_turn(ctx.holder, "  ", [], [], "base", "final", GREEDY)) == (gr.skip(),) * 3
+    with pytest.warns(UserWarning, match="not loaded"):
+        last(playground.chat_turn(ctx.holder, "hi", [], [], "base", "ckpt-99", GREEDY))
+    # Gradio sends message content as parts: they read back as plain text.
+    assert playground.plain([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) == \
+        [{"role": "user", "content": "hi"}]
+
+
+def test_blind_conversation_votes_carry_the_rendered_conversation(ctx, loaded, home):
+    prefs = home / "preferences.jsonl"
+    rng = random.Random(5)
+    a, b, box, mapping = last(playground.blind_turn(ctx.holder, PROMPTS[0], [], "final", GREEDY, rng=rng))
+    assert mapping["turn"] == 1 and a[-1]["content"] == mapping["A"]["text"] and b[-1]["content"] == mapping["B"]["text"]
+    session = {"tuned": 0, "base": 0, "tie": 0}
+    history = playground.continue_with(mapping, "B")[0]
+    _, status, left, session = playground.vote("B", mapping, session)
+    assert left is None and "Saved" in status
+    first = json.loads(prefs.read_text().splitlines()[-1])
+    assert first["prompt"] == ctx.holder.render_chat([], PROMPTS[0]) and first["turn"] == 1
+    assert first["chosen"] == mapping["B"]["text"] and first["rejected"] == mapping["A"]["text"]
+    # Turn two continues from the chosen answer; its prompt is the whole conversation so far.
+    assert history[-1] == {"role": "assistant", "content": mapping["B"]["text"]}
+    *_, mapping2 = last(playground.blind_turn(ctx.holder, PROMPTS[2], history, "final", GREEDY, rng=rng))
+    playground.vote("A", mapping2, session)
+    second = json.loads(prefs.read_text().splitlines()[-1])
+    assert second["turn"] == 2 and second["prompt"] == ctx.holder.render_chat(history, PROMPTS[2])
+    assert PROMPTS[0] in second["prompt"] and mapping["B"]["text"] in second["prompt"]
+    assert second["messages"][-1] == {"role": "user", "content": PROMPTS[2]}
+    download = playground.votes_file()
+    assert open(download, encoding="utf-8").read() == prefs.read_text(encoding="utf-8")
+    assert str(prefs) in playground.votes_note()
+
+
+def test_compare_prompts_carry_their_input(ctx, loaded):
+    line = f"Calculate the break-even point in units.{playground.INPUT_MARK}Fixed costs: $1,000; price $10."
+    assert playground.split_input(line) == ("Calculate the break-even point in units.", "Fixed costs: $1,000; price $10.")
+    table = last(playground.compare(ctx.holder, line, GREEDY))
+    assert table["data"][0][0] == "Calculate the break-even point in units.\n\nFixed costs: $1,000; price $10."
+    assert evaluate.whole_prompt({"prompt": "Do it.", "input": "the data"}) == "Do it.\n\nthe data"
+
+
+def test_export_snippet_names_the_demo_base_by_its_folder(ctx):
+    from studio.modeling import resolve_base
+
+    code = export.snippet(ctx.store, RUN, False)
+    assert f'from_pretrained("{resolve_base("studio-tiny-mistral")}")' in code and '"studio-tiny-mistral"' not in code

@@ -13,6 +13,10 @@ lets the Presets tab drive it).  Every failure (unreadable file, bad mapping, mi
 visible sentence in the status, never a traceback.  Only files under ``samples/`` and the uploads folder are
 read (``check_data_path``): the preview endpoint never shows another file of the server.
 
+The length histogram's axis ends past Tukey's far fence, so a few outliers do not squeeze the bars (a note
+says how many are off the axis); byte-level tokens (``�``) are explained under the preview.  What the tab
+holds is kept in the server-side draft and restored on a page load (``studio.ui.state``).
+
 Layout: source and column mapping, then the preview controls (template, tokenizer, examples shown), the
 preview itself, its counts and length histogram; length, validation and sampling settings sit in a closed
 accordion below.
@@ -80,6 +84,7 @@ class DataUI:
     base_model: gr.components.Component
     preview_inputs: list  # what ``refresh`` reads, for callers chaining a redraw (``link_base_model``)
     preview_outputs: list
+    detected: gr.State  # the mapping detected for the current source ({} until one is read)
 
 
 # ---- sources ------------------------------------------------------------------------------------
@@ -262,16 +267,48 @@ def _text_pieces(examples, spec: TemplateSpec, n: int, train_on_inputs: bool) ->
     return pieces
 
 
+def axis_end(lengths: list[int], max_length: int) -> int | None:
+    """Where the length axis should end so a few outliers do not squeeze every bar to the left: a little past
+    the longest example within Tukey's far fence (third quartile + 3 interquartile ranges) and the max-length
+    line, or None when nothing lies beyond it."""
+    if not lengths:
+        return None
+    ordered = sorted(lengths)
+    q1, q3 = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
+    fence = q3 + 3 * max(q3 - q1, 1)
+    typical = max(x for x in ordered if x <= fence) if ordered[0] <= fence else ordered[0]
+    end = int(max(typical, max_length) * 1.15) + 1
+    return end if ordered[-1] > end else None
+
+
 def length_figure(lengths: list[int], max_length: int):
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Histogram(x=lengths, nbinsx=min(60, max(10, len(set(lengths)))), marker_color="#2563eb",
+    end = axis_end(lengths, max_length)
+    shown = [x for x in lengths if end is None or x <= end]
+    fig = go.Figure(go.Histogram(x=shown, nbinsx=min(60, max(10, len(set(shown)))), marker_color="#2563eb",
                                  name="examples"))
     fig.add_vline(x=max_length, line_dash="dash", line_color="#dc2626", line_width=2,
                   annotation_text=f"max length {max_length}", annotation_position="top right")
+    if end is not None:
+        beyond = len(lengths) - len(shown)
+        fig.update_xaxes(range=[0, end])
+        # Above the plot's left corner: clear of the bars and of the max-length label at the top right.
+        fig.add_annotation(x=0, y=1, xref="paper", yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
+                           text=f"{beyond} longer example{'s' if beyond != 1 else ''} off the axis "
+                                f"(longest {max(lengths)})", font=dict(color="#6b7280"))
     fig.update_layout(xaxis_title="tokens per example (before truncation)", yaxis_title="examples",
                       height=300, margin=dict(l=40, r=20, t=30, b=40), showlegend=False, bargap=0.05)
     return fig
+
+
+BYTE_NOTE = ("ℹ️ `�` marks a byte-level token: the tokenizer split a character it has no token for (an accented "
+             "letter, a symbol, an emoji) into its bytes, and one byte alone is not a character. The model reads "
+             "the bytes; the text is unchanged.")
+
+
+def byte_note(pieces: list) -> str:
+    return "\n\n" + BYTE_NOTE if any("\ufffd" in (t or "") for t, _ in pieces) else ""
 
 
 def _data_config(path, hub_dataset, hub_config, split, roles, template, custom_prompt, custom_response,
@@ -334,7 +371,7 @@ def refresh(path: str, hub_dataset: str, hub_config: str, split: str, instructio
                  f"the whole response to the max length of {d.max_length} tokens and will be left out.") \
         if dropped else ""
     status = f"✅ {len(examples)} examples ready{split_note}, tokenized with the {base_model} tokenizer." \
-        + drop_note + _skip_note(skipped, len(records))
+        + drop_note + _skip_note(skipped, len(records)) + byte_note(pieces)
     return pieces, rows, length_figure(lengths, d.max_length), stats.summary + part, status
 
 
@@ -544,4 +581,4 @@ def build(ctx, base_model=None) -> DataUI:
               custom_prompt, custom_response, mapping, max_length, train_on_inputs, seed]
     return DataUI(keys, inputs, path, sample, upload, val_upload, hub_load, mapping, role_dds, schema, template_text,
                   highlighted, counts, histogram, length_summary, status, source, base_box, preview_inputs,
-                  preview_outputs)
+                  preview_outputs, detected)

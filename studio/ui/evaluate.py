@@ -35,10 +35,20 @@ def empty() -> tuple[dict, dict, dict]:
             {"headers": EXAMPLE_HEADERS, "data": []})
 
 
+def whole_prompt(r: dict) -> str:
+    """The prompt as the model got it: the instruction and, when the example has one, its input."""
+    prompt, extra = r.get("prompt", ""), (r.get("input") or "").strip()
+    return f"{prompt}\n\n{extra}" if extra else prompt
+
+
+# Every column in view on a laptop: widths share the table, long texts wrap instead of pushing columns away.
+EXAMPLE_WIDTHS = ["28%", "18%", "22%", "22%", "10%"]
+
+
 def tables(ev: Evaluation) -> tuple[dict, dict, dict]:
     """(scores table, best examples, worst examples) as Dataframe values."""
     def rows(examples):
-        return [[r.get("prompt", ""), r.get("reference", ""), r.get("base", ""), r.get("tuned", ""),
+        return [[whole_prompt(r), r.get("reference", ""), r.get("base", ""), r.get("tuned", ""),
                  round(float(r.get("tuned_rouge_l", 0.0)), 3)] for r in examples]
 
     best, worst = ev.best_worst(EXAMPLES_SHOWN)
@@ -124,9 +134,9 @@ def build(ctx) -> EvaluateUI:
     with gr.Column(visible=results_visible(table0), elem_id="eval-results") as results:
         table = gr.Dataframe(table0, label="Base vs tuned", interactive=False, elem_id="eval-table")
         best = gr.Dataframe(best0, label="Best examples (tuned ROUGE-L)", interactive=False, wrap=True,
-                            elem_id="eval-best")
+                            column_widths=EXAMPLE_WIDTHS, elem_id="eval-best")
         worst = gr.Dataframe(worst0, label="Worst examples (tuned ROUGE-L)", interactive=False, wrap=True,
-                             elem_id="eval-worst")
+                             column_widths=EXAMPLE_WIDTHS, elem_id="eval-worst")
 
     def on_refresh(current):
         return refresh_runs(store, current)

@@ -40,9 +40,20 @@ def snippet(store: RunStore, run_id: str | None, merged: bool) -> str:
         run = _run(store, run_id)
         if merged and not (run.dir / "merged").exists():
             return "# no merged model yet: press Merge first."
-        return engine.load_snippet(run, merged=bool(merged))
+        return real_base(run, engine.load_snippet(run, merged=bool(merged)))
     except USER_ERRORS as e:
         return f"# {message(e)}"
+
+
+def real_base(run: Run, code: str) -> str:
+    """The snippet with the base model named as ``from_pretrained`` can find it: the built-in demo's name
+    (``studio-tiny-mistral``, known only to the studio) becomes its folder; a hub id or a folder stays."""
+    from studio.modeling import TINY, resolve_base
+
+    name = run.config().model.base_model
+    if name != TINY:
+        return code
+    return code.replace(f'from_pretrained("{name}")', f'from_pretrained("{resolve_base(name)}")')
 
 
 def make_zip(store: RunStore, run_id: str | None):

@@ -1,15 +1,23 @@
-"""Playground tab: base and tuned answers side by side, a checkpoint comparison table and blind A/B votes.
+"""Playground tab: chat with two models side by side, compare checkpoints on a prompt list, vote blind A/B.
 
 Contract:
 - ``build(ctx)`` (inside an open ``gr.Blocks``) returns a ``PlaygroundUI``; it draws runs only from the
   run store and generates only through ``ctx.holder`` (one base model, adapters toggled under its lock).
-- Named endpoints: ``load`` (run id, checkpoint names -> status, tuned-adapter choice), ``generate``
-  (prompt, adapter, sampling -> base text, tuned text, streamed), ``compare`` (prompts -> table with a
-  column per loaded adapter), ``ab`` (prompt, adapter, sampling -> answer A, answer B, the mapping kept
-  in server-side state) and ``vote`` (A / B / tie -> tally, status).
-- Base and tuned answers use the same sampling settings and seed and the run's template.
-- Votes for A or B append a prompt/chosen/rejected pair to ``preferences.jsonl`` with
-  ``meta["winner"]`` in {"tuned", "base"}; ties are only counted in the session tally.
+- **Chat side by side**: two ``gr.Chatbot`` chats, each with its model (base, the final adapter or a loaded
+  checkpoint), one shared input, streaming, multi-turn: each side's prompt is its own conversation rendered
+  with the run's template or the model's chat template (``ModelHolder.render_chat``).  Regenerate answers the
+  last message again with the next seed; Clear empties both.  Same sampling settings and seed on both sides.
+- **Blind A/B**: a conversation where each message is answered by the base and the tuned model in random order
+  (A and B); a vote saves the pair (``preferences.jsonl``, format in ``studio.playground``) with the whole
+  rendered conversation as its prompt, and the conversation goes on from the chosen answer (A on a tie).
+  The votes file's path, its count and a download are shown; the tally of this session and of all votes too.
+- Named endpoints: ``load`` (run id, checkpoint names -> status, tuned-adapter choice), ``chat`` (message, two
+  histories, two model names, sampling -> two histories, cleared input), ``generate`` (prompt, adapter,
+  sampling -> base text, tuned text, streamed), ``compare`` (prompts -> table with a column per loaded
+  adapter; a prompt line may carry its input after `` ### Input: ``), ``ab`` (one prompt -> answer A,
+  answer B, the mapping kept in server-side state) and ``vote`` (A / B / tie -> tally, status).
+- Votes for A or B append a prompt/chosen/rejected pair with ``winner`` in {"tuned", "base"}; ties are only
+  counted in the session tally.
 - Errors reach the user as a status line or a ``gr.Warning``, never a traceback.
 """
 
@@ -28,6 +36,7 @@ from studio.ui.messages import USER_ERRORS, message
 
 AB_CHOICES = ["A", "B", "tie"]
 COMPARE_MAX_PROMPTS = 20
+INPUT_MARK = " ### Input: "  # a comparison prompt's input, on the prompt's own line
 DEFAULT_CHECKPOINTS = 3
 
 
@@ -39,7 +48,8 @@ def example_prompts(run: Run, n: int = 3) -> list[str]:
     from studio.data.pipeline import train_val_examples
 
     train, val = train_val_examples(run.config().data)
-    return [" ".join(ex.instruction.split()) for ex in (val or train)[:n]]
+    return [" ".join(ex.instruction.split()) + (f"{INPUT_MARK}{' '.join(ex.input.split())}" if ex.input.strip() else "")
+            for ex in (val or train)[:n]]
 
 
 def run_defaults(store: RunStore, run_id: str | None) -> tuple[list[str], list[str], str | None]:
@@ -110,6 +120,18 @@ def generate(holder: engine.ModelHolder, prompt: str, adapter: str | None, s: Sa
         yield gr.skip(), gr.skip()
 
 
+def split_input(line: str) -> tuple[str, str]:
+    """A prompt line's instruction and input (written after `` ### Input: `` on the same line)."""
+    head, _, tail = line.partition(INPUT_MARK)
+    return head.strip(), tail.strip()
+
+
+def whole_prompt(line: str) -> str:
+    """The prompt as the table shows it: the instruction and, below it, its input."""
+    instruction, inp = split_input(line)
+    return f"{instruction}\n\n{inp}" if inp else instruction
+
+
 def parse_prompts(text: str) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()][:COMPARE_MAX_PROMPTS]
 
@@ -125,7 +147,9 @@ def compare(holder: engine.ModelHolder, prompts_text: str, s: Sampling):
         if not prompts:
             raise engine.PlaygroundError("enter at least one prompt, one per line.")
         for p in prompts:
-            rows.append([p, holder.answer(p, None, s), *(holder.answer(p, a, s) for a in holder.adapters)])
+            instruction, inp = split_input(p)
+            rows.append([whole_prompt(p), holder.answer(instruction, None, s, input=inp),
+                         *(holder.answer(instruction, a, s, input=inp) for a in holder.adapters)])
             yield {"headers": headers, "data": rows}
     except USER_ERRORS as e:
         gr.Warning(message(e))
@@ -174,12 +198,151 @@ def vote(choice: str | None, mapping: dict | None, session: dict | None):
         return tally_text(session), f"Tie counted (not saved as a preference pair). {reveal}", None, session
     win, lose = (mapping["A"], mapping["B"]) if choice == "A" else (mapping["B"], mapping["A"])
     try:
-        engine.record_vote(mapping["prompt"], win["text"], lose["text"],
-                           meta={"winner": win["who"], "run": mapping["run"], "adapter": mapping["adapter"]})
+        meta = {"winner": win["who"], "run": mapping["run"], "adapter": mapping["adapter"]}
+        meta.update({k: mapping[k] for k in ("turn", "messages") if k in mapping})  # a conversation turn
+        engine.record_vote(mapping["prompt"], win["text"], lose["text"], meta=meta)
     except OSError as e:
         return tally_text(session), f"**Could not save the vote:** {message(e)}", mapping, session
     session[win["who"]] += 1
     return tally_text(session), f"Saved: {choice} ({win['who']}) preferred. {reveal}", None, session
+
+
+# ---------------------------------------------------------------- chat
+
+BASE = "base"
+
+
+def plain(history) -> list[dict]:
+    """A Chatbot's value as role/content messages with text content (Gradio sends content as parts)."""
+    out = []
+    for m in history or []:
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", "")
+        if isinstance(content, list):
+            content = "".join(c.get("text", "") for c in content if isinstance(c, dict))
+        role = m.get("role") if isinstance(m, dict) else getattr(m, "role", "")
+        out.append({"role": role, "content": content if isinstance(content, str) else str(content or "")})
+    return out
+
+
+def model_choices(holder: engine.ModelHolder) -> list[str]:
+    return [BASE, *holder.adapters]
+
+
+def _adapter_of(name: str | None) -> str | None:
+    return None if name in (None, "", BASE) else name
+
+
+def _check_chat(holder: engine.ModelHolder, text: str, *models) -> None:
+    if not (text or "").strip():
+        raise engine.PlaygroundError("type a message first.")
+    if holder.model is None:
+        raise engine.PlaygroundError("load a run first.")
+    for m in models:
+        if m != BASE and m not in holder.adapters:
+            raise engine.PlaygroundError(f"choose the models to chat with ({m!r} is not loaded).")
+
+
+def chat_turn(holder: engine.ModelHolder, text: str, left, right, left_model: str, right_model: str, s: Sampling):
+    """Yield (left history, right history, input box) as both answers stream: each side's model answers the
+    same message after its own earlier answers, the left first (one model, one generation at a time)."""
+    try:
+        _check_chat(holder, text, left_model, right_model)
+        sides = [plain(left), plain(right)]
+        for i, name in enumerate((left_model, right_model)):
+            before = sides[i]
+            sides[i] = [*before, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+            for piece in holder.stream_chat(before, text, _adapter_of(name), s):
+                sides[i][-1]["content"] = piece
+                yield sides[0], sides[1], ""
+        yield sides[0], sides[1], ""
+    except USER_ERRORS as e:
+        gr.Warning(message(e))
+        yield gr.skip(), gr.skip(), gr.skip()
+
+
+def last_user(history) -> tuple[list[dict], str | None]:
+    """(the history before the last user message, that message) for a regenerate."""
+    h = plain(history)
+    for i in range(len(h) - 1, -1, -1):
+        if h[i]["role"] == "user":
+            return h[:i], h[i]["content"]
+    return h, None
+
+
+def regenerate(holder: engine.ModelHolder, left, right, left_model: str, right_model: str, s: Sampling,
+               count: int):
+    """Answer the last message again on both sides with a new seed -> yields (left, right, input, count)."""
+    left0, text = last_user(left)
+    right0, _ = last_user(right)
+    if text is None:
+        gr.Warning("nothing to regenerate yet: send a message first.")
+        yield gr.skip(), gr.skip(), gr.skip(), count
+        return
+    count = int(count or 0) + 1
+    s = Sampling(s.max_new_tokens, s.temperature, s.top_p, s.repetition_penalty, s.seed + count)
+    for lh, rh, _ in chat_turn(holder, text, left0, right0, left_model, right_model, s):
+        yield lh, rh, gr.skip(), count
+
+
+def blind_turn(holder: engine.ModelHolder, text: str, history, adapter: str | None, s: Sampling, rng=random):
+    """One blind turn of a conversation: yield (A chat, B chat, input box, mapping).  Both chats hold the shared
+    conversation so far (the answers chosen at earlier votes) plus this turn's answer, base and tuned in
+    random order; the mapping (with the rendered prompt of the whole conversation) comes with the last yield."""
+    try:
+        _check_prompt(holder, text, adapter)
+        shared = plain(history)
+        prompt = holder.render_chat(shared, text)
+        order = [("base", None), ("tuned", adapter)]
+        rng.shuffle(order)
+        texts = ["", ""]
+
+        def chats():
+            return tuple([*shared, {"role": "user", "content": text}, {"role": "assistant", "content": t}]
+                         for t in texts)
+
+        for i, (_, name) in enumerate(order):
+            for piece in holder.stream_chat(shared, text, name, s):
+                texts[i] = piece
+                yield (*chats(), "", None)
+        turn = sum(1 for m in shared if m["role"] == "user") + 1
+        mapping = {"prompt": prompt, "run": holder.run.id, "adapter": adapter, "turn": turn,
+                   "messages": [*shared, {"role": "user", "content": text}], "history": shared, "text": text,
+                   "A": {"who": order[0][0], "text": texts[0]}, "B": {"who": order[1][0], "text": texts[1]}}
+        yield (*chats(), "", mapping)
+    except USER_ERRORS as e:
+        gr.Warning(message(e))
+        yield gr.skip(), gr.skip(), gr.skip(), None
+
+
+def continue_with(mapping: dict | None, choice: str | None):
+    """After a vote on a conversation turn: the shared conversation continues with the chosen answer (A on a
+    tie) -> (shared history, A chat, B chat), or ``gr.skip()`` three times for a single-prompt pair."""
+    if not mapping or "history" not in mapping or choice not in AB_CHOICES:
+        return gr.skip(), gr.skip(), gr.skip()
+    won = mapping["B"] if choice == "B" else mapping["A"]
+    h = [*mapping["history"], {"role": "user", "content": mapping["text"]}, {"role": "assistant", "content": won["text"]}]
+    return h, h, h
+
+
+def votes_file():
+    """A copy of the votes file to download (the studio home is not served), or None before the first vote."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    src = engine.preferences_path()
+    if not src.is_file():
+        return None
+    dest = Path(tempfile.mkdtemp(prefix="studio-votes-")) / "preferences.jsonl"
+    shutil.copyfile(src, dest)
+    return str(dest)
+
+
+def votes_note() -> str:
+    p = engine.preferences_path()
+    n = engine.tally()["total"]
+    return (f"Votes are appended to `{p}` ({n} pair{'s' if n != 1 else ''}; one JSON object a line: "
+            "prompt, chosen, rejected, ...).")
 
 
 # ---------------------------------------------------------------- layout
@@ -242,30 +405,66 @@ def build(ctx) -> PlaygroundUI:
                              info="Same seed for both answers, so they differ only by the adapter.", elem_id="pg-seed")
     settings = [max_new, temperature, top_p, rep, seed]
 
-    with gr.Tab("Side by side"):
-        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="pg-prompt")
-        gen_btn = gr.Button("Generate", variant="primary", elem_id="pg-generate")
+    with gr.Tab("Chat side by side"):
         with gr.Row():
-            base_out = gr.Textbox(label="Base model", lines=8, interactive=False, elem_id="pg-base-out")
-            tuned_out = gr.Textbox(label="Tuned model", lines=8, interactive=False, elem_id="pg-tuned-out")
+            left_model = gr.Dropdown(choices=model_choices(holder), value=BASE, label="Left", elem_id="pg-left-model",
+                                     info="base, the final adapter or a checkpoint")
+            right_model = gr.Dropdown(choices=model_choices(holder), value=holder.adapters[0] if holder.adapters
+                                      else None, label="Right", elem_id="pg-right-model")
+        with gr.Row(equal_height=True):
+            left_chat = gr.Chatbot(label="Left: base", height=380, elem_id="pg-left-chat",
+                                   buttons=["copy"], feedback_options=None)
+            right_chat = gr.Chatbot(label="Right: tuned", height=380, elem_id="pg-right-chat",
+                                    buttons=["copy"], feedback_options=None)
+        with gr.Row(equal_height=True):
+            chat_input = gr.Textbox(show_label=False, placeholder="Message both models (Enter sends)", scale=4,
+                                    elem_id="pg-chat-input", container=False)
+            send_btn = gr.Button("Send", variant="primary", elem_id="pg-send", scale=0, min_width=90)
+            regen_btn = gr.Button("Regenerate", elem_id="pg-regenerate", scale=0, min_width=120)
+            clear_btn = gr.Button("Clear", elem_id="pg-clear", scale=0, min_width=80)
+        gr.Markdown("Each side answers after its own earlier answers, with the run's template (or the model's chat "
+                    "template) applied to the whole conversation, the same sampling and seed.")
+        # Kept for API clients: one prompt, base and tuned answers (``/generate``) and a one-prompt pair (``/ab``).
+        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="pg-prompt", visible=False)
+        gen_btn = gr.Button("Generate", elem_id="pg-generate", visible=False)
+        base_out = gr.Textbox(label="Base model", interactive=False, elem_id="pg-base-out", visible=False)
+        tuned_out = gr.Textbox(label="Tuned model", interactive=False, elem_id="pg-tuned-out", visible=False)
     with gr.Tab("Compare checkpoints"):
         prompts = gr.Textbox(first_prompts or "", label="Prompts (one per line)", lines=4, elem_id="pg-prompts",
-                             info=f"At most {COMPARE_MAX_PROMPTS}; filled from the run's validation examples.")
+                             info=f"One per line, at most {COMPARE_MAX_PROMPTS}; an example's input follows "
+                                  f"'{INPUT_MARK.strip()}' on its line. Filled from the run's validation examples.")
         cmp_btn = gr.Button("Compare", elem_id="pg-compare")
         table = gr.Dataframe(headers=["prompt", "base", "final"], label="Answers", interactive=False, wrap=True,
                              elem_id="pg-compare-table")
     with gr.Tab("Blind A/B"):
-        gr.Markdown("The prompt above, answered by the base and the tuned model in random order.")
-        ab_btn = gr.Button("New blind pair", elem_id="pg-ab-generate")
-        with gr.Row():
-            ab_a = gr.Textbox(label="Answer A", lines=8, interactive=False, elem_id="pg-ab-a")
-            ab_b = gr.Textbox(label="Answer B", lines=8, interactive=False, elem_id="pg-ab-b")
+        gr.Markdown("A conversation with the base and the tuned model answering each message in random order. "
+                    "Vote for the better answer: the conversation goes on from it, and the pair is saved for "
+                    "preference training.")
+        with gr.Row(equal_height=True):
+            ab_chat_a = gr.Chatbot(label="Answer A", height=340, elem_id="pg-ab-chat-a", feedback_options=None,
+                                   buttons=["copy"])
+            ab_chat_b = gr.Chatbot(label="Answer B", height=340, elem_id="pg-ab-chat-b", feedback_options=None,
+                                   buttons=["copy"])
+        with gr.Row(equal_height=True):
+            ab_input = gr.Textbox(show_label=False, placeholder="Message (Enter sends a blind pair)", scale=4,
+                                  container=False, elem_id="pg-ab-input")
+            ab_btn = gr.Button("Send blind", variant="primary", elem_id="pg-ab-generate", scale=0, min_width=120)
+            ab_clear = gr.Button("New conversation", elem_id="pg-ab-clear", scale=0, min_width=150)
         with gr.Row():
             ab_choice = gr.Radio(AB_CHOICES, value=None, label="Which answer is better?", elem_id="pg-ab-choice")
             vote_btn = gr.Button("Submit vote", elem_id="pg-vote", scale=0)
         ab_status = gr.Markdown(elem_id="pg-ab-status")
         session0 = {"tuned": 0, "base": 0, "tie": 0}
         tally = gr.Markdown(tally_text(session0), elem_id="pg-tally")
+        with gr.Row(equal_height=True):
+            votes_md = gr.Markdown(votes_note(), elem_id="pg-votes-path")
+            votes_dl = gr.DownloadButton("Download votes", value=votes_file(), elem_id="pg-votes-download",
+                                         scale=0, min_width=170)
+        ab_pair_btn = gr.Button("pair", visible=False, elem_id="pg-ab-pair")
+        ab_a = gr.Textbox(label="Answer A", interactive=False, elem_id="pg-ab-a", visible=False)
+        ab_b = gr.Textbox(label="Answer B", interactive=False, elem_id="pg-ab-b", visible=False)
+    ab_history = gr.State([])  # the blind conversation as chosen so far (the server's copy)
+    regen_count = gr.State(0)
     ab_mapping = gr.State(None)  # which of A/B is tuned: kept on the server, never sent to the browser
     session_tally = gr.State(session0)
 
@@ -291,13 +490,55 @@ def build(ctx) -> PlaygroundUI:
     # On page load: pick up runs that finished since the app started (the newest first).
     gr.on(None, lambda: refresh_runs(store, None, has_weights), outputs=run, api_visibility="private")
     run.change(on_select, run, [checkpoints, prompts], api_visibility="private")
-    load_btn.click(on_load, [run, checkpoints], [status, adapter], api_name="load")
+    load_btn.click(on_load, [run, checkpoints], [status, adapter], api_name="load") \
+        .then(lambda: (gr.Dropdown(choices=model_choices(holder), value=BASE),
+                       gr.Dropdown(choices=model_choices(holder),
+                                   value=holder.adapters[0] if holder.adapters else None)),
+              None, [left_model, right_model], api_visibility="private")
     gen_btn.click(on_generate, [prompt, adapter, *settings], [base_out, tuned_out], api_name="generate")
     prompt.submit(on_generate, [prompt, adapter, *settings], [base_out, tuned_out], api_visibility="private")
     cmp_btn.click(on_compare, [prompts, *settings], table, api_name="compare")
-    ab_btn.click(on_ab, [prompt, adapter, *settings], [ab_a, ab_b, ab_mapping], api_name="ab")
-    vote_btn.click(vote, [ab_choice, ab_mapping, session_tally], [tally, ab_status, ab_mapping, session_tally],
-                   api_name="vote")
+    ab_pair_btn.click(on_ab, [prompt, adapter, *settings], [ab_a, ab_b, ab_mapping], api_name="ab")
+
+    def on_chat(text, left, right, lm, rm, *values):
+        yield from chat_turn(holder, text, left, right, lm, rm, sampling(*values))
+
+    def on_regen(left, right, lm, rm, count, *values):
+        yield from regenerate(holder, left, right, lm, rm, sampling(*values), count)
+
+    def on_blind(text, history, name, *values):
+        yield from blind_turn(holder, text, history, name, sampling(*values))
+
+    chat_in = [chat_input, left_chat, right_chat, left_model, right_model, *settings]
+    gr.on([send_btn.click, chat_input.submit], on_chat, chat_in, [left_chat, right_chat, chat_input],
+          api_name="chat")
+    regen_btn.click(on_regen, [left_chat, right_chat, left_model, right_model, regen_count, *settings],
+                    [left_chat, right_chat, chat_input, regen_count], api_visibility="private")
+    clear_btn.click(lambda: ([], [], 0), None, [left_chat, right_chat, regen_count], api_visibility="private")
+    gr.on([left_model.change, right_model.change], lambda lm, rm: (gr.Chatbot(label=f"Left: {lm or '—'}"),
+                                                                   gr.Chatbot(label=f"Right: {rm or '—'}")),
+          [left_model, right_model], [left_chat, right_chat], api_visibility="private")
+    gr.on([ab_btn.click, ab_input.submit], on_blind, [ab_input, ab_history, adapter, *settings],
+          [ab_chat_a, ab_chat_b, ab_input, ab_mapping], api_visibility="private")
+    ab_clear.click(lambda: ([], [], [], None, ""), None, [ab_history, ab_chat_a, ab_chat_b, ab_mapping, ab_status],
+                   api_visibility="private")
+
+    ab_next = gr.State(None)
+
+    def stage(mapping, choice):
+        return continue_with(mapping, choice)[0] if mapping and "history" in mapping else None
+
+    def after_vote(next_history, mapping):
+        moved = next_history is not None and mapping is None  # the vote was recorded (or a tie counted)
+        chats = (next_history,) * 3 if moved else (gr.skip(),) * 3
+        return (*chats, votes_note(), votes_file())
+
+    # The conversation moves on from the chosen answer once the vote is in; /vote itself answers as before.
+    vote_btn.click(stage, [ab_mapping, ab_choice], ab_next, api_visibility="private") \
+        .then(vote, [ab_choice, ab_mapping, session_tally], [tally, ab_status, ab_mapping, session_tally],
+              api_name="vote") \
+        .then(after_vote, [ab_next, ab_mapping], [ab_history, ab_chat_a, ab_chat_b, votes_md, votes_dl],
+              api_visibility="private")
     return PlaygroundUI(run, refresh, checkpoints, load_btn, status, adapter, max_new, temperature, top_p, rep, seed,
                         prompt, gen_btn, base_out, tuned_out, prompts, cmp_btn, table, ab_btn, ab_a, ab_b,
                         ab_choice, vote_btn, ab_status, tally, ab_mapping, session_tally)

@@ -3,11 +3,16 @@
 Contract: ``build(ctx) -> PresetsUI``, callable inside an open ``gr.Blocks``.
 - ``PresetsUI.keys``/``inputs`` cover every ``model.*``, ``lora.*``, ``train.*`` and ``output.*`` key, in the
   same order; ``PresetsUI.base`` (a ``gr.State``) holds the chosen preset's ``RunConfig.to_dict()``, the base
-  the Train tab passes to ``widgets.to_config``.  Choosing a preset (or loading a YAML) refills every widget.
+  the Train tab passes to ``widgets.to_config``.  Choosing a preset (or loading a YAML) refills every widget;
+  the list is read afresh on every page load (``studio.ui.state``) and after a save, a loaded YAML shows in it
+  by its file name, and a saved preset becomes the base the changes are measured from.
+- Each section shows first what most runs set; its speed, memory and GPU-only switches sit in a closed
+  accordion; help is one sentence.
 - The changes panel lists each key whose value differs from the preset: ``key: preset value → new value``.
 - "Will it fit" estimates peak GPU memory (``studio.estimate``) against the common cards and the detected
-  CUDA GPU, with a verdict and what to change; served as ``api_name="estimate"``.  When the model's shape
-  cannot be known offline, it says so.
+  CUDA GPU (rows: card, its memory, fits, what to change, the estimated peak there), the verdict opening with
+  this machine (its GPU, or "CPU only"); served as ``api_name="estimate"``.  When the model's shape cannot
+  be known offline, it says so.
 - Saving writes a user preset (``studio.presets.save_preset``); its data section is the base preset's.
 Every error (bad value, bad name, bad YAML) is a visible sentence naming the key or line.
 """
@@ -32,7 +37,13 @@ SECTIONS = (("Model & quantization", "model"), ("LoRA", "lora"), ("Training", "t
 KEYS = [k for k in field_specs() if k.split(".")[0] in {s for _, s in SECTIONS}]
 # Keys shown as text boxes: they are looked up only when left or submitted, not on every keystroke.
 TEXT_KEYS = {k for k in KEYS if field_type(k) not in (bool, int, float) and "choices" not in field_specs()[k].metadata}
-FIT_HEADERS = ["GPU", "memory (GiB)", "fits", "what to change"]
+FIT_HEADERS = ["GPU", "card memory (GiB)", "fits", "what to change", "estimated peak (GiB)"]
+# Switches most runs leave alone (speed, memory, GPU-only): each section keeps them in a closed accordion.
+ADVANCED = {"model.double_quant", "model.gradient_checkpointing", "model.offload_checkpoints", "model.offload_up_proj",
+            "model.fp32_frozen", "model.dequantized_cache", "model.attn_implementation", "model.trust_remote_code",
+            "model.revision", "train.tensorboard", "train.liger", "train.num_gpus", "train.fsdp", "train.padding_free",
+            "train.auto_batch", "train.cuda_graphs", "train.fused_lora", "train.weight_decay", "train.max_grad_norm",
+            "train.logging_steps", "train.save_total_limit", "train.sample_max_new_tokens"}
 MAX_YAML_BYTES = 256 * 1024
 RETRY_AFTER_S = 60.0
 
@@ -90,9 +101,19 @@ def _keep(status: str):
     return (gr.update(), gr.update(), *(gr.update() for _ in KEYS), status)
 
 
+def preset_choices(extra: str | None = None) -> list:
+    """The preset list read afresh (a preset saved in another browser appears), plus a loaded YAML's label."""
+    names = list(list_presets())
+    return [*names, (extra, extra)] if extra and extra not in names else names
+
+
+def yaml_label(filename: str) -> str:
+    return f"{Path(filename).name} (loaded file, not saved)"
+
+
 def choose_preset(name: str):
     """-> (base, description, *widget values, status)."""
-    if not name:
+    if not name or name.endswith("(loaded file, not saved)"):
         return _keep("")
     try:
         # A name from the list, never a path: the event can be sent by hand with any string.
@@ -118,6 +139,14 @@ def load_yaml(file) -> tuple:
     return _fill(cfg, f"Loaded **{p.name}** (preset name {cfg.name}); save it to add it to the list.")
 
 
+def yaml_shown(file, status: str):
+    """The preset list after a YAML load: the file's name, chosen, so the list says what the widgets hold."""
+    if not file or not (status or "").startswith("Loaded"):
+        return gr.update()
+    label = yaml_label(file)
+    return gr.update(choices=preset_choices(label), value=label)
+
+
 def changes(base: dict, *values) -> str:
     """Markdown listing every key that differs from the preset, or the validation error."""
     try:
@@ -139,7 +168,15 @@ def save(base: dict, name: str, *values):
         path = save_preset(_config(base, values), name)
     except (ConfigError, SecurityError) as e:
         return f"⚠️ {e}", gr.update()
-    return f"Saved preset **{name}** to {path}.", gr.update(choices=list(list_presets()), value=name)
+    return f"Saved preset **{name}** to {path}.", gr.update(choices=preset_choices(), value=name)
+
+
+def adopt_saved(name: str, status: str):
+    """After a save: the saved preset becomes the base the changes are measured from (status kept)."""
+    if not (status or "").startswith("Saved"):
+        return _keep(status)
+    base, desc, *values, _ = choose_preset(name)
+    return (base, desc, *values, status)
 
 
 _ARCH: dict[tuple, object] = {}
@@ -179,6 +216,19 @@ def gpu_table() -> dict[str, float]:
     return gpus
 
 
+def machine_line(est) -> str:
+    """This machine first: its GPU (also a row of the table) or "CPU only", with the estimate for this config."""
+    mine = local_gpu()
+    if mine:
+        verdict = "fits" if est.fits(mine[1]) else "does not fit"
+        return f"**This machine: {mine[0].replace(' (this machine)', '')}** ({mine[1]:.0f} GiB): this config {verdict}."
+    import psutil
+
+    ram = psutil.virtual_memory().total / 2**30
+    return (f"**This machine: CPU only** ({ram:.0f} GiB RAM): training runs on the CPU in system RAM, slowly; the "
+            "table is for the GPUs it would run on.")
+
+
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
@@ -201,15 +251,16 @@ def fit(base: dict, *values):
             planned, p_est = plan(cfg, arch, int(gib * GiB))
             tips = advice(planned, p_est, gib)
             rows.append([gpu, round(gib, 1), "yes" if p_est.fits(gib) else "no",
-                         "; ".join(tips) or "auto: " + describe_plan(planned)])
+                         "; ".join(tips) or "auto: " + describe_plan(planned), round(p_est.reserved_gib(), 1)])
         else:
             tips = advice(cfg, est, gib)
-            rows.append([gpu, round(gib, 1), "yes" if est.fits(gib) else "no", "; ".join(tips)])
+            rows.append([gpu, round(gib, 1), "yes" if est.fits(gib) else "no", "; ".join(tips),
+                         round(est.reserved_gib(), 1)])
         if tips:
             misses.append((gpu, tips))
     parts = ", ".join(f"{k} {_size(v)}" for k, v in est.parts.items())
-    head = (f"Estimated peak ≈ **{_size(est.total)}** allocated, ≈ {est.reserved_gib():.1f} GiB with the "
-            f"CUDA context and allocator cache ({parts}).")
+    head = (f"{machine_line(est)}\n\nEstimated peak ≈ **{_size(est.total)}** allocated, ≈ {est.reserved_gib():.1f} GiB "
+            f"with the CUDA context and allocator cache ({parts}).")
     if not misses:
         return rows, head + "\n\n✅ Fits on every GPU listed."
     if len(misses) == len(rows):
@@ -249,24 +300,32 @@ def _triggers(components: dict) -> list:
 
 
 def _section(cfg0: RunConfig, section: str, components: dict) -> None:
-    """One section's widgets in a wrapping row, its checkboxes in a row of their own after them: Gradio
-    ignores a Checkbox's min_width, so beside sliders a checkbox would be squeezed to a sliver."""
-    keys = [k for k in KEYS if k.startswith(section + ".")]
-    flags = [k for k in keys if field_type(k) is bool]
-
+    """One section's widgets in a wrapping row, its checkboxes in a row of their own after them (Gradio
+    ignores a Checkbox's min_width, so beside sliders a checkbox would be squeezed to a sliver); the section's
+    advanced switches the same way inside a closed accordion."""
     def make(key):
         components[key] = widget(key, get_value(cfg0, key), min_width=220,
                                  elem_id="presets-" + key.replace(".", "-").replace("_", "-"))
 
-    with gr.Row():
-        for key in keys:
-            if key not in flags:
-                make(key)
-    if flags:
+    def rows(keys):
+        flags = [k for k in keys if field_type(k) is bool]
         with gr.Row():
-            for key in flags:
-                with gr.Column(min_width=220):
+            for key in keys:
+                if key not in flags:
                     make(key)
+        if flags:
+            with gr.Row():
+                for key in flags:
+                    with gr.Column(min_width=220):
+                        make(key)
+
+    keys = [k for k in KEYS if k.startswith(section + ".")]
+    rows([k for k in keys if k not in ADVANCED])
+    advanced = [k for k in keys if k in ADVANCED]
+    if advanced:
+        with gr.Accordion("More: speed, memory and GPU-only switches", open=False,
+                          elem_id=f"presets-{section}-advanced"):
+            rows(advanced)
 
 
 def build(ctx) -> PresetsUI:
@@ -310,9 +369,12 @@ def build(ctx) -> PresetsUI:
         return dep.then(changes, state_in, changed, api_visibility="private") \
             .then(fit, state_in, [fit_table, fit_verdict], api_visibility="private")
 
-    redraw(preset.change(choose_preset, preset, filled, api_visibility="private"))
-    redraw(yaml_upload.upload(load_yaml, yaml_upload, filled, api_visibility="private"))
-    save_button.click(save, [base, save_name, *inputs], [status, preset], api_visibility="private")
+    # .input: only the user's choice reloads a preset (a saved preset or a loaded YAML set the list's value too).
+    redraw(preset.input(choose_preset, preset, filled, api_visibility="private"))
+    redraw(yaml_upload.upload(load_yaml, yaml_upload, filled, api_visibility="private")
+           .then(yaml_shown, [yaml_upload, status], preset, api_visibility="private"))
+    redraw(save_button.click(save, [base, save_name, *inputs], [status, preset], api_visibility="private")
+           .then(adopt_saved, [preset, status], filled, api_visibility="private"))
     edits = _triggers(components)
     gr.on(edits, changes, state_in, changed, api_visibility="private", trigger_mode="always_last")
     gr.on(edits, _named(fit, ["base"] + [k.replace(".", "__") for k in KEYS]), state_in, [fit_table, fit_verdict],

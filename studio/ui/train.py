@@ -4,10 +4,13 @@ Contract:
 - ``build(ctx, data_ui, presets_ui) -> TrainUI`` lays the tab out inside an open ``gr.Blocks``.  Start
   builds the config with ``widgets.to_config`` from the chosen preset (``presets_ui.base``) and the
   values of ``presets_ui.inputs + data_ui.inputs``, then hands it to ``studio.worker``; the run trains
-  in a worker process, so closing the browser does not stop it.
+  in a worker process, so closing the browser does not stop it.  Start builds the config with
+  ``config_for`` and refuses what ``check_data`` and ``check_machine`` refuse; the summary above Start
+  (``TrainUI.summary``, drawn by ``studio.ui.state``) is computed from the same function and checks.
 - Everything shown is drawn from the run folder (events through ``ctx.follower``, the worker log), so a
   reload, a second browser or an app restart shows the same run with its full history.  On page load
-  the active run is selected, else the most recent one; a ``gr.Timer`` tick refreshes the view, follows
+  the active run is selected, else the most recent one; a run that appeared since the last tick is shown
+  even when it already ended; a ``gr.Timer`` tick refreshes the view, follows
   a run started elsewhere and raises one toast per run ending (completed, stopped, failed, halted,
   interrupted) per browser session.
 - Figures and texts come from plain functions of an events list (``loss_figure``, ``memory_figure``,
@@ -72,6 +75,7 @@ class TrainUI:
     compare_plot: gr.Plot
     timer: gr.Timer
     session: gr.State
+    summary: gr.Markdown | None = None  # what Start would train on (drawn by ``studio.ui.state``)
 
 
 # ---- plain functions of events ------------------------------------------------------------------
@@ -409,13 +413,29 @@ def check_data(cfg: RunConfig) -> None:
     check_before_start(cfg)  # the Data tab preview's own checks: Start refuses what the preview refuses
 
 
+def check_machine(cfg: RunConfig) -> None:
+    """This machine's refusals (a GPU-only optimizer or dtype on a CPU, more GPUs than there are, a missing
+    package), the worker's own ``preflight`` without reading the model: Start refuses them before any run
+    folder exists, as the pre-Start summary says it will."""
+    from studio.hardware import detect
+    from studio.modeling import preflight
+
+    preflight(cfg, detect(), check_model=False)
+
+
 # ---- actions (the event handlers' engine side) --------------------------------------------------
+
+def config_for(base: dict, keys: list[str], values: list) -> RunConfig:
+    """The config Start trains on; the pre-Start summary (``studio.ui.state``) describes this same value."""
+    return to_config(RunConfig.from_dict(base), keys, list(values))
+
 
 def start_run(store: RunStore, keys: list[str], base: dict, name: str, values: list) -> tuple[str | None, str]:
     """Build the config and launch the worker; returns (run id or None, message)."""
     try:
-        cfg = to_config(RunConfig.from_dict(base), keys, values)
+        cfg = config_for(base, keys, values)
         check_data(cfg)
+        check_machine(cfg)
         run = worker.start(store, cfg, (name or "").strip())
     except (ConfigError, DataError, SecurityError, worker.Busy, ValueError, KeyError) as e:
         return None, f"⚠️ {message(e)}"
@@ -479,6 +499,12 @@ def poll(store: RunStore, selected: str | None, session: dict | None) -> tuple[s
     if active is not None and active.id not in s["live"]:
         s["live"].append(active.id)  # started here, in another browser or from the CLI: show it
         selected, changed = active.id, True
+    elif s["ids"]:
+        # A run that appeared since the last listing but is no longer live (it failed or ended between two
+        # ticks, or a tick drawn before Start overwrote the choice) is still the one to show.
+        fresh = [r.id for r in store.list() if r.id not in s["ids"]]
+        if fresh and selected not in fresh:
+            selected, changed = fresh[0], True
     if not selected:
         selected = default_run(store)
         changed = changed or selected is not None
@@ -565,6 +591,8 @@ def _history_df(store: RunStore) -> pd.DataFrame:
 def build(ctx, data_ui, presets_ui) -> TrainUI:
     store = ctx.store
     keys = list(presets_ui.keys) + list(data_ui.keys)
+    with gr.Accordion("Before you start: what Start would train on", open=True):
+        summary = gr.Markdown("Reading your choices…", elem_id="train-summary")
     # No label box over the name: the textbox is then as tall as the buttons beside it.
     with gr.Row(equal_height=True):
         run_name = gr.Textbox(value="", label="Run name (optional)", show_label=False, container=False,
@@ -598,7 +626,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
     timer = gr.Timer(ctx.timer_seconds)
     session = gr.State({})
     ui = TrainUI(run_name, start, stop, resume, message, run, status, progress, loss_plot, memory_plot, samples,
-                 log, history, compare, compare_plot, timer, session)
+                 log, history, compare, compare_plot, timer, session, summary)
     view_outputs = [status, progress, loss_plot, memory_plot, samples, log]
 
     tick_outputs = [run, history, compare, stop, session, *view_outputs]

@@ -1,6 +1,7 @@
 """Typed widgets built from ``RunConfig`` field metadata, and the one mapping from widget values to a config.
 
-Contract: ``widget(key, value)`` returns a bounded Slider/Number, a Dropdown for choices, a Checkbox
+Contract: ``widget(key, value)`` returns a bounded Slider or a Number (its range in the help text, checked by
+``RunConfig`` rather than by Gradio, so any typing sequence is accepted), a Dropdown for choices, a Checkbox
 for booleans or a Textbox for strings (lists as comma-separated text), labelled with the field name
 and its help text.  ``to_config(base, keys, values)`` applies the values by dotted key onto ``base``
 and validates: errors come back as ``ConfigError`` naming the key, for the caller to show.
@@ -25,12 +26,32 @@ def get_value(cfg: RunConfig, key: str):
     return cur
 
 
+def short_help(text: str | None, limit: int = 110) -> str | None:
+    """The help's first sentence (long explanations live in docs/ and the config's own help)."""
+    if not text:
+        return text
+    first = text.split(". ")[0].rstrip(".") + "."
+    return first if len(first) <= limit else first[:limit - 1].rsplit(" ", 1)[0] + "…"
+
+
+def bounded_info(info: str | None, lo, hi) -> str | None:
+    """Help text with the allowed range, since the number box itself does not refuse keystrokes."""
+    if lo is None and hi is None:
+        return info
+    def num(v):
+        return f"{v:,}" if isinstance(v, int) else f"{v:g}"
+
+    rng = f"{num(lo)} to {num(hi)}" if lo is not None and hi is not None else (
+        f"at least {num(lo)}" if lo is not None else f"at most {num(hi)}")
+    return f"{info} ({rng})" if info else rng
+
+
 def widget(key: str, value, label: str | None = None, **kw):
     f: dataclasses.Field = field_specs()[key]
     typ = field_type(key)
     meta = f.metadata
     label = label or key.split(".")[-1].replace("_", " ")
-    info = meta.get("help")
+    info = short_help(meta.get("help"))
     if "choices" in meta:
         return gr.Dropdown(choices=list(meta["choices"]), value=value, label=label, info=info, **kw)
     if typ is bool:
@@ -41,7 +62,10 @@ def widget(key: str, value, label: str | None = None, **kw):
             return gr.Slider(minimum=lo, maximum=hi, step=1, value=value, label=label, info=info, **kw)
         if key not in LOG_SLIDERS and typ is float and hi is not None and hi <= 1.0:
             return gr.Slider(minimum=lo, maximum=hi, step=0.01, value=value, label=label, info=info, **kw)
-        return gr.Number(value=value, minimum=lo, maximum=hi, label=label, info=info,
+        # No minimum/maximum on the Number itself: Gradio would raise on every keystroke's partial value
+        # (typing 48 sends 4 first, 0.003 sends 0) and paint the panels fed by it as errors.  The bounds are
+        # in the help text and RunConfig checks the final value, naming the key in a visible message.
+        return gr.Number(value=value, label=label, info=bounded_info(info, lo, hi),
                          precision=0 if typ is int else None, **kw)
     if typing.get_origin(typ) is list:
         return gr.Textbox(value=", ".join(value or []), label=label, info=info, **kw)

@@ -1,0 +1,93 @@
+"""The studio's draft: what the user chose (preset, its edits, the data and its mapping), kept on the server.
+
+Contract:
+- One draft per studio home, in ``<studio_home>/draft.json``: the preset's label (a preset name, or the YAML
+  file it came from), the preset's whole config as a base (so a loaded YAML, which is not in the preset list,
+  comes back too) and the values of the widgets that differ from it, by dotted key (``{"data.max_length":
+  48}``).  Values are kept as the widgets hold them, even half-typed or out of range, so a reload shows
+  exactly what was on screen; ``config`` validates them into a ``RunConfig`` (errors name the key).
+- ``save`` writes atomically (a temp file, then a rename), so a reader never sees half a draft; ``load``
+  returns ``None`` for a missing, torn or foreign file rather than raising.
+- No secret goes in: the config has no token field, and every string value passes through ``redact``.
+- Every browser reads the same file, so a second browser (or the same one after a reload) starts where the
+  last edit left off.  Imports nothing of the UI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from studio.config import RunConfig
+from studio.paths import studio_home
+from studio.security import redact
+
+VERSION = 1
+MAX_BYTES = 4 * 2**20  # a draft is a few KB; anything this large is not ours
+
+
+@dataclass
+class Draft:
+    preset: str  # the preset list's value, or a label such as "my.yaml (loaded file)"
+    base: dict  # the preset's RunConfig.to_dict()
+    values: dict = field(default_factory=dict)  # dotted key -> widget value, only where it differs from base
+
+    def value(self, key: str, default):
+        return self.values.get(key, default)
+
+    def config(self) -> RunConfig:
+        """The config a run would train on: the base with the values applied, validated."""
+        return RunConfig.from_dict(self.base).replace(self.values)
+
+
+def path() -> Path:
+    return studio_home() / "draft.json"
+
+
+def _clean(v):
+    if isinstance(v, str):
+        return redact(v)
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float)):
+        return v
+    return redact(str(v))
+
+
+def save(draft: Draft) -> Path:
+    p = path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"version": VERSION, "preset": _clean(draft.preset), "base": _clean(draft.base),
+                       "values": _clean(draft.values)}, ensure_ascii=False, indent=1)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".draft-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(body)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def load() -> Draft | None:
+    p = path()
+    try:
+        if not p.is_file() or p.stat().st_size > MAX_BYTES:
+            return None
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("version") != VERSION or not isinstance(d.get("base"), dict) \
+            or not isinstance(d.get("values"), dict):
+        return None
+    return Draft(str(d.get("preset") or ""), d["base"], d["values"])
+
+
+def clear() -> None:
+    path().unlink(missing_ok=True)
