@@ -55,7 +55,8 @@ def test_the_wheel_installs_into_a_fresh_venv_and_qlora_studio_trains_and_serves
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "studio").rglob("*.py") if "__pycache__" not in p.parts}
     assert modules <= names, f"modules missing from the wheel: {sorted(modules - names)}"
-    shipped = {f"studio/shipped/{p.relative_to(ROOT)}" for d in ("presets", "samples") for p in (ROOT / d).iterdir()}
+    shipped = {f"studio/shipped/{p.relative_to(ROOT)}" for d in ("presets", "samples") for p in (ROOT / d).rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}  # every shipped file, the stage presets' folder too
     assert shipped | {"studio/shipped/app.py"} <= names
     assert not [n for n in names if n.startswith(("tests/", "bench/", "scripts/"))]
 
