@@ -45,14 +45,10 @@ def pins() -> dict[str, str]:
 
 
 def installed(name: str) -> str | None:
-    for where in ([str(SITE)], None):
-        try:
-            dists = metadata.distributions(path=where) if where else [metadata.distribution(name)]
-            for d in dists:
-                if d.metadata["Name"].lower().replace("_", "-") == name:
-                    return d.version
-        except metadata.PackageNotFoundError:
-            pass
+    """The version of distribution ``name`` this run would import: ``.gpu-site/`` first, then the machine's."""
+    for d in metadata.distributions(path=[str(SITE), *sys.path]):
+        if d.metadata["Name"].lower().replace("_", "-") == name:
+            return d.version
     return None
 
 

@@ -7,6 +7,10 @@ Contract:
   FSDP it is collective); rank 0 gets ``{peft parameter name: CPU tensor}``, the others ``None``.
 - ``write_adapter(peft_model, weights, folder, tokenizer)`` writes only what loading needs, in peft's format:
   ``adapter_config.json``, ``adapter_model.safetensors`` and the tokenizer files.  No pickles.
+- ``save_adapter(trainer, folder, tokenizer=None, checkpoint=False)`` is the three together, as every save
+  runs them: gather (every rank), then on rank 0 write and check; it returns False on the other ranks.  A
+  final adapter folder is written afresh and removed again if its check fails; a checkpoint folder (which
+  also holds Trainer's resume state) is written into.
 - ``restore_lora(trainer, checkpoint)`` puts a checkpoint's adapter back into an FSDP-sharded model when a run
   resumes (every rank calls it).
 - ``check_adapter(folder, peft_model, trained, checkpoint=False)`` reads the saved tensors back and compares their names and
@@ -48,6 +52,26 @@ def lora_weights(trainer) -> dict | None:
         with FSDP.summon_full_params(trainer.model_wrapped, writeback=False, rank0_only=True, offload_to_cpu=True):
             return _collect(peft_model) if trainer.is_world_process_zero() else None
     return _collect(peft_model) if trainer.is_world_process_zero() else None
+
+
+def save_adapter(trainer, folder: Path, tokenizer=None, checkpoint: bool = False) -> bool:
+    import shutil
+
+    weights = lora_weights(trainer)  # collective under FSDP: every rank gets here
+    if weights is None:
+        return False
+    folder = Path(folder)
+    if not checkpoint:
+        shutil.rmtree(folder, ignore_errors=True)
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    write_adapter(peft_model, weights, folder, tokenizer)
+    try:
+        check_adapter(folder, peft_model, trained=trainer.state.global_step > 0, checkpoint=checkpoint)
+    except AdapterError:
+        if not checkpoint:
+            shutil.rmtree(folder, ignore_errors=True)  # nothing half-made is left
+        raise
+    return True
 
 
 def _disk_name(name: str, adapter: str = "default") -> str:

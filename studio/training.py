@@ -188,7 +188,7 @@ class Recipe:
         self.trainer = None
         self.callback = None
         self.sample_examples = []
-        self.resumed_from: Path | None = None  # the checkpoint train() resumes from
+        self.resumed_from = None  # the checkpoint folder train() resumes from, if any
 
     # ---- steps --------------------------------------------------------------------------------
     def setup(self):
@@ -383,17 +383,8 @@ class Recipe:
         cfg = self.cfg
         out = self.run.adapter_dir
         tmp = out.with_name("adapter.partial")
-        weights = adapters.lora_weights(self.trainer)  # every rank takes part: FSDP gathers the shards
-        if not self.trainer.is_world_process_zero():
-            return  # rank 0 holds the full adapter and writes it
-        shutil.rmtree(tmp, ignore_errors=True)
-        peft_model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        adapters.write_adapter(peft_model, weights, tmp, self.tokenizer)
-        try:
-            adapters.check_adapter(tmp, peft_model, trained=self.trainer.state.global_step > 0)
-        except adapters.AdapterError:
-            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-made is left; adapter/ keeps what it held
-            raise
+        if not adapters.save_adapter(self.trainer, tmp, self.tokenizer):
+            return  # every rank took part in gathering; rank 0 holds the full adapter and wrote it
         from studio.export import write_card
 
         write_card(self.run, tmp, "adapter")  # README.md (Hub metadata, how it was made) + loss_curve.png
@@ -422,17 +413,9 @@ class Recipe:
         """Make the checkpoint Trainer just wrote hold the full, checked adapter (every rank calls this).
 
         Under FSDP Trainer's checkpoint keeps sharded state for resuming but no loadable adapter: the gathered
-        one is written beside it, so every checkpoint can be compared, exported or resumed alike.
+        one is written beside it, on every launch alike, so every checkpoint can be compared, exported or resumed.
         """
-        trainer = self.trainer
-        folder = self.run.checkpoints_dir / f"checkpoint-{step}"
-        weights = adapters.lora_weights(trainer) if trainer.is_fsdp_enabled else None
-        if not trainer.is_world_process_zero():
-            return
-        peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        if weights is not None:
-            adapters.write_adapter(peft_model, weights, folder)
-        adapters.check_adapter(folder, peft_model, trained=step > 0, checkpoint=True)
+        adapters.save_adapter(self.trainer, self.run.checkpoints_dir / f"checkpoint-{step}", checkpoint=True)
 
     def cleanup(self):
         import gc
