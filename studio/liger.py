@@ -19,18 +19,12 @@ import sys
 import types
 
 
-def _modeling_module(base):
-    return sys.modules[type(base).__module__]
-
-
 def _with_liger_rope(forward, rope):
     """``forward``'s code with ``apply_rotary_pos_emb`` bound to Liger's in its own globals."""
-    f = forward
-    g = dict(f.__globals__)
-    g["apply_rotary_pos_emb"] = rope
-    new = types.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__)
-    new.__kwdefaults__ = f.__kwdefaults__
-    new.__dict__.update(f.__dict__)
+    g = {**forward.__globals__, "apply_rotary_pos_emb": rope}
+    new = types.FunctionType(forward.__code__, g, forward.__name__, forward.__defaults__, forward.__closure__)
+    new.__kwdefaults__ = forward.__kwdefaults__
+    new.__dict__.update(forward.__dict__)
     return new
 
 
@@ -40,7 +34,7 @@ def apply_liger(model) -> list[str]:
     from peft import PeftModel
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    module = _modeling_module(base)
+    module = sys.modules[type(base).__module__]
     before = dict(vars(module))
     applied = []
     try:
@@ -67,6 +61,5 @@ def apply_liger(model) -> list[str]:
             ropes += 1
     if ropes:
         applied.append("rope")
-    base._studio_liger = True
     return applied
 
