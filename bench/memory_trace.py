@@ -23,7 +23,7 @@ def main() -> None:
     from transformers import TrainerCallback
 
     from bench.train_speed import studio_config, variant_overrides
-    from studio import graphs
+    from studio.speed import graphs
     from studio.runs import RunStore
     from studio.training import Recipe
 

@@ -38,7 +38,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.config import ConfigError, RunConfig
+from studio.config import SPEED_SWITCHES, ConfigError, RunConfig
 from studio.data.files import DataError, Records, read_hub, read_records
 from studio.runs import Run, RunStore
 
@@ -281,7 +281,9 @@ def stage_estimate(cfg: RunConfig):
     if arch is None:
         return None
     p = cfg.prefer
-    est = estimate(cfg, arch, micro_batch=2 * p.batch_size, seq_len=p.max_length)
+    from studio.speed.plan import reference
+
+    est = estimate(cfg, arch, reference(cfg), micro_batch=2 * p.batch_size, seq_len=p.max_length)
     if p.method in ("dpo", "kto"):
         opt = 2 if "8bit" in cfg.train.optimizer else (0 if cfg.train.optimizer == "sgd" else 8)
         est.parts["reference adapter"] = est.parts["LoRA + grads + optimizer"] * 4 // (8 + opt)  # fp32, no grads
@@ -338,11 +340,10 @@ def parent_adapter(parent: Run, checkpoint: int = 0) -> Path:
     return parent.adapter_dir
 
 
-# Speed switches the preference stage does not run with yet (they change nothing learned, so the stage
-# simply runs without them).
-_STAGE_OFF = {"train.cuda_graphs": False, "train.auto_batch": False, "train.liger": False, "train.fused_lora": False,
-              "train.padding_free": False, "train.fsdp": False, "train.num_gpus": 1,
-              "model.offload_up_proj": False, "model.offload_checkpoints": False, "model.dequantized_cache": False}
+# The stage runs on one device; its speed parts are the planner's (the plain path: TRL's trainer runs none of the
+# SFT recipe's speed machinery), whatever the parent pinned.
+_STAGE_OFF = {"train.fsdp": False, "train.num_gpus": 1,
+              **{f"speed.{k}": "auto" for k in SPEED_SWITCHES}, "speed.micro_batch": 0}
 
 
 def stage_config(parent: Run, method: str = "", checkpoint: int = 0, votes: str = "", preset: str = "",

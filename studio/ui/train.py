@@ -250,9 +250,9 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
                      + (f", {data['skipped']} skipped" if data.get("skipped") else "") + ".")
     plan = _last(events, "plan")
     if plan:
-        lines.append(plan_text(plan, _last(events, "graphs"), _last(events, "weight_cache")))
-    lean = lean_text(_last(events, "fused_lora"), _last(events, "checkpoint_offload"),
-                     None if plan else _last(events, "graphs"))
+        lines.append(plan_text(plan))
+    lean = lean_text(_last(events, "fused_lora"), _last(events, "checkpoint_offload"), _last(events, "graphs"),
+                     _last(events, "weight_cache"))
     if lean:
         lines.append(lean)
     last = _last(events, "status") or {}
@@ -278,27 +278,34 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
     return "\n\n".join(lines)
 
 
-def plan_text(plan: dict, graphs: dict | None, cache: dict | None) -> str:
-    """What train.auto_batch chose for this GPU, and what the speed switches did."""
-    bits = [f"micro-batch {plan.get('batch_size')} × accumulation {plan.get('grad_accum')}",
-            "gradient checkpointing" if plan.get("gradient_checkpointing") else "no gradient checkpointing"]
-    if plan.get("cuda_graphs"):
-        bits.append(f"CUDA graphs ({graphs['layers']} layers captured in {graphs['seconds']} s)" if graphs
-                    else "CUDA graphs")
-    if plan.get("dequantized_cache"):
-        bits.append(f"16-bit weight cache ({cache['gib']} GiB)" if cache else "16-bit weight cache")
+def plan_text(plan: dict) -> str:
+    """How the run computes on its machine (the ``plan`` event of ``studio.speed``), with what fell back."""
+    from studio.speed.plan import LABELS
+
+    micro = plan.get("micro_batch", plan.get("batch_size"))  # batch_size: runs of earlier versions
+    bits = [f"micro-batch {micro} × accumulation {plan.get('grad_accum')}"]
+    if plan.get("compute_dtype"):
+        bits.append(str(plan["compute_dtype"]))
+    bits += [label for key, label in LABELS.items() if plan.get(key) is True]
+    if plan.get("dequantized_cache") is True:  # earlier versions' name for the weight cache
+        bits.append(LABELS["weight_cache"])
     est = plan.get("estimate_gib")
-    return f"Plan for this GPU: {', '.join(bits)}" + (f"; estimated peak {est} GiB." if est else ".")
+    where = plan.get("device") or "this GPU"
+    text = f"Plan on {where}: {', '.join(bits)}" + (f"; estimated peak {est} GiB." if est else ".")
+    notes = [n for n in plan.get("notes") or [] if isinstance(n, str)]
+    return text + "".join(f" ⚠️ {n}" for n in notes)
 
 
-def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None) -> str:
-    """The speed and memory switches that took effect (fused LoRA, offloaded checkpoints, graphs without a plan)."""
+def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None, cache: dict | None = None) -> str:
+    """The speed parts that took effect: graphs captured, weight cache, offloaded checkpoints, fused LoRA."""
     bits = []
     if graphs:
         what = "checkpointed layer stack as one CUDA graph" if graphs.get("checkpointed") else \
             f"CUDA graphs ({graphs.get('layers')} layers)"
         bits.append(what + (", its saved inputs in CPU RAM" if graphs.get("offload") else "")
                     + f" (captured in {graphs.get('seconds')} s)")
+    if cache:
+        bits.append(f"16-bit weight cache ({cache.get('gib')} GiB)")
     if offload:
         bits.append(f"checkpointed inputs of {offload.get('layers')} layers kept in CPU RAM")
         if offload.get("up_proj"):
@@ -308,7 +315,7 @@ def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None) -> 
             bits.append(f"MLP up-projections recomputed: offload_up_proj {offload['up_proj_note']}")
     if fused:
         bits.append(f"fused 4-bit LoRA in {fused.get('layers')} layers")
-    return ("Speed and memory: " + "; ".join(bits) + ".") if bits else ""
+    return ("In effect: " + "; ".join(bits) + ".") if bits else ""
 
 
 def finish_notice(run_id: str, status: str, last: dict) -> tuple[str, str] | None:

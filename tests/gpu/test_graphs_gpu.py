@@ -37,7 +37,7 @@ B, L = 8, 128
 
 
 def _batch(seed):
-    from studio.graphs import StaticRowsCollator
+    from studio.speed.graphs import StaticRowsCollator
 
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -51,7 +51,7 @@ def _batch(seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graphed_layers_match_eager_step():
     from bench.common import random_model
-    from studio.graphs import graph_layers
+    from studio.speed.graphs import graph_layers
 
     work = Path(os.environ.get("STUDIO_BENCH_WORK", "/tmp/qlora-bench"))
     model_dir = random_model(work / "mistral-7b-width-2-layers", layers=2)
@@ -110,7 +110,7 @@ def test_fast_path_matches_reference_path():
     the loss agrees within 1e-2 relative and each LoRA gradient within 5e-2 relative norm (bf16)."""
     from bench.common import random_model
     from studio import modeling
-    from studio.graphs import graph_layers
+    from studio.speed.graphs import graph_layers
     from studio.presets import load_preset
 
     work = Path(os.environ.get("STUDIO_BENCH_WORK", "/tmp/qlora-bench"))
@@ -126,7 +126,7 @@ def test_fast_path_matches_reference_path():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)
     assert fast.get_input_embeddings().weight.dtype == torch.bfloat16
-    assert modeling.cache_dequantized(fast, torch.bfloat16) > 0
+    assert cache_dequantized(fast, torch.bfloat16) > 0
     graph_layers(fast, B, L, torch.bfloat16)
     worst_loss, worst_grad = 0.0, 0.0
     for seed in (4, 5):

@@ -64,8 +64,8 @@ def _measured(model, batch):
 @pytest.mark.parametrize("offload", [False, True])
 def test_lean_graphed_stack_with_fused_lora_matches_reference(offload):
     from bench.common import random_model
-    from studio.fused_lora import fuse_lora
-    from studio.graphs import graph_layers
+    from studio.speed.fused_lora import fuse_lora
+    from studio.speed.graphs import graph_layers
 
     model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
     ref = _model(model_dir)  # peft's k-bit preparation and LoRA forward, eager, no checkpointing
@@ -87,8 +87,8 @@ def test_lean_graphed_stack_with_fused_lora_matches_reference(offload):
 
 def test_offloaded_checkpoints_match_and_free_the_saved_inputs():
     from bench.common import random_model
-    from studio.fused_lora import fuse_lora
-    from studio.offload import _stack, use_offloaded_checkpoints
+    from studio.speed.fused_lora import fuse_lora
+    from studio.speed.offload import _stack, use_offloaded_checkpoints
 
     layers, b, n = 8, 4, 2048
     model_dir = random_model(_work() / "mistral-7b-width-8-layers", layers=layers)
@@ -116,8 +116,8 @@ def test_offloaded_checkpoints_match_and_free_the_saved_inputs():
 @pytest.mark.parametrize("targets", ["all", "qkvo"])
 def test_kept_up_proj_outputs_match_and_cost_at_most_one_output(targets):
     from bench.common import random_model
-    from studio import offload
-    from studio.fused_lora import fuse_lora
+    from studio.speed import offload
+    from studio.speed.fused_lora import fuse_lora
 
     layers, b, n = 8, 4, 2048
     model_dir = random_model(_work() / "mistral-7b-width-8-layers", layers=layers)
@@ -146,8 +146,8 @@ def test_kept_up_proj_outputs_match_and_cost_at_most_one_output(targets):
 @pytest.mark.parametrize("offload", [False, True])
 def test_fused_lora_with_dropout_draws_peft_masks_on_gpu(offload):
     from bench.common import random_model
-    from studio.fused_lora import fuse_lora
-    from studio.offload import use_offloaded_checkpoints
+    from studio.speed.fused_lora import fuse_lora
+    from studio.speed.offload import use_offloaded_checkpoints
 
     model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
     over = {"lora.dropout": 0.1, "model.gradient_checkpointing": offload, "model.fp32_frozen": False}
@@ -208,8 +208,8 @@ def test_shared_dequant_buffer_in_the_graphed_stack_matches_and_shrinks_its_pool
     stack: with every weight dequantized into the shared buffer the steps learn what the reference learns, and the
     graph's private memory pool (no expandable segments there) holds no weight-sized temporaries."""
     from bench.common import random_model
-    from studio.fused_lora import fuse_lora, share_dequant_buffer
-    from studio.graphs import graph_layers
+    from studio.speed.fused_lora import fuse_lora, share_dequant_buffer
+    from studio.speed.graphs import graph_layers
 
     model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
     qv = {"lora.target_modules": ["q_proj", "v_proj"]}
