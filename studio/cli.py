@@ -106,6 +106,10 @@ def follow(run, out=sys.stdout) -> str:
                                f"step {e['step']}: eval loss {el}", file=out)
                 elif t == "sample":
                     tqdm.write(f"step {e['step']} sample: {e['prompt'][:60]!r} -> {e['answer'][:80]!r}", file=out)
+                elif t == "plan":
+                    from studio.speed.plan import event_text
+
+                    tqdm.write(event_text(e), file=out)
                 elif t == "data":
                     tqdm.write(f"data: {e['train']} train / {e['validation']} validation; {e['stats']['summary']}",
                                file=out)

@@ -85,3 +85,19 @@ def reference(cfg, device: str = "cuda", dtype: str | None = None) -> Plan:
     return Plan(device="GPU" if device == "cuda" else "CPU", micro_batch=micro,
                 grad_accum=t.batch_size * t.grad_accum // micro, compute_dtype=dtype, **flags,
                 reasons={"micro_batch": "as written"})
+
+
+def event_text(ev: dict) -> str:
+    """One paragraph from a run's ``plan`` event (the Train tab's status and the CLI print it); events of earlier
+    versions (``batch_size``, ``dequantized_cache``) read too."""
+    micro = ev.get("micro_batch", ev.get("batch_size"))
+    bits = [f"micro-batch {micro} × accumulation {ev.get('grad_accum')}"]
+    if ev.get("compute_dtype"):
+        bits.append(str(ev["compute_dtype"]))
+    bits += [label for key, label in LABELS.items() if ev.get(key) is True and key in SPEED_SWITCHES]
+    if ev.get("dequantized_cache") is True:
+        bits.append(LABELS["weight_cache"])
+    est = ev.get("estimate_gib")
+    text = f"Plan on {ev.get('device') or 'this GPU'}: {', '.join(bits)}" + (f"; estimated peak {est} GiB." if est
+                                                                             else ".")
+    return text + "".join(f" ⚠️ {n}" for n in ev.get("notes") or [] if isinstance(n, str))

@@ -280,20 +280,9 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
 
 def plan_text(plan: dict) -> str:
     """How the run computes on its machine (the ``plan`` event of ``studio.speed``), with what fell back."""
-    from studio.speed.plan import LABELS
+    from studio.speed.plan import event_text
 
-    micro = plan.get("micro_batch", plan.get("batch_size"))  # batch_size: runs of earlier versions
-    bits = [f"micro-batch {micro} × accumulation {plan.get('grad_accum')}"]
-    if plan.get("compute_dtype"):
-        bits.append(str(plan["compute_dtype"]))
-    bits += [label for key, label in LABELS.items() if plan.get(key) is True]
-    if plan.get("dequantized_cache") is True:  # earlier versions' name for the weight cache
-        bits.append(LABELS["weight_cache"])
-    est = plan.get("estimate_gib")
-    where = plan.get("device") or "this GPU"
-    text = f"Plan on {where}: {', '.join(bits)}" + (f"; estimated peak {est} GiB." if est else ".")
-    notes = [n for n in plan.get("notes") or [] if isinstance(n, str)]
-    return text + "".join(f" ⚠️ {n}" for n in notes)
+    return event_text(plan)
 
 
 def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None, cache: dict | None = None) -> str:
