@@ -214,7 +214,7 @@ class Recipe:
             num_train_epochs=t.epochs,
             max_steps=t.max_steps or -1,
             per_device_train_batch_size=self.plan.micro_batch,
-            per_device_eval_batch_size=self.plan.micro_batch,
+            per_device_eval_batch_size=self.plan.eval_batch or self.plan.micro_batch,
             gradient_accumulation_steps=self.plan.grad_accum,
             learning_rate=t.learning_rate,
             lr_scheduler_type=t.scheduler,

@@ -53,7 +53,8 @@ def decoder_layers(model):
 
 @dataclass
 class StaticRowsCollator:
-    """One example per row, right-padded to ``length``; always ``batch_size`` rows."""
+    """One example per row, right-padded to ``length``; at least ``batch_size`` rows (a larger evaluation batch
+    keeps every example: it runs eagerly, the graphs replay only the training shape)."""
 
     batch_size: int
     length: int
@@ -62,9 +63,10 @@ class StaticRowsCollator:
     def __call__(self, features):
         import torch
 
-        ids = torch.full((self.batch_size, self.length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((self.batch_size, self.length), -100, dtype=torch.long)
-        for i, f in enumerate(features[: self.batch_size]):
+        rows = max(self.batch_size, len(features))
+        ids = torch.full((rows, self.length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((rows, self.length), -100, dtype=torch.long)
+        for i, f in enumerate(features):
             x = list(f["input_ids"])[: self.length]
             y = list(f.get("labels", x))[: len(x)]
             ids[i, : len(x)] = torch.tensor(x)

@@ -40,6 +40,7 @@ class Plan:
     reasons: dict = field(default_factory=dict)
     notes: tuple = ()
     estimate_gib: float | None = None  # reserved GiB the estimate expects; None without a known shape or GPU
+    eval_batch: int = 0  # examples per evaluation forward; 0: the micro-batch
 
     @property
     def dtype(self):
@@ -59,6 +60,8 @@ class Plan:
                ("compute dtype", self.compute_dtype, self.reasons.get("compute_dtype", ""))]
         for k in SPEED_SWITCHES:
             out.append((LABELS[k], "on" if getattr(self, k) else "off", self.reasons.get(k, "")))
+        out.append(("evaluation batch", str(self.eval_batch or self.micro_batch),
+                    self.reasons.get("eval_batch", "As the micro-batch")))
         return out
 
     def summary(self) -> str:

@@ -226,7 +226,9 @@ def plan_run(cfg, hw, *, arch=_UNKNOWN, host_free: int | None = None, liger_inst
               "them" if room else "no room for a 16-bit copy of the weights beside this micro-batch",
               can="weight_cache" not in cannot, cannot=cannot.get("weight_cache", ""))
         why = "set in speed.micro_batch" if pins.micro_batch else "the largest micro-batch that fits"
-        return finish(micro, why)
+        # Evaluation keeps no activations and runs eagerly: fewer, larger forwards spend less time in the host.
+        c.why["eval_batch"] = "Evaluation keeps no activations: 8 micro-batches per forward, fewer host round trips"
+        return replace(finish(micro, why), eval_batch=min(64, 8 * micro))
 
     # Long rows: memory, not the host, bounds them.
     gc = c.set("gradient_checkpointing", True, "long rows: recomputing costs less than keeping every activation")
