@@ -218,8 +218,8 @@ def test_fit_panel_for_the_fast_preset_lists_this_machine_then_the_gpus():
     assert gpus[1:] == ["T4 16 GB", "L4 24 GB", "A100 40 GB", "A100 80 GB", "H100 80 GB", "H200 141 GB"]
     assert all(r[3] == "yes" for r in rows[1:]) and "Fits on every GPU" in verdict
     assert [r[0] for r in plan_rows][:2] == ["micro-batch", "compute dtype"]
-    big = dict(zip(presets.KEYS, values)) | {"data.max_length": 32768, "speed.gradient_checkpointing": "off",
-                                             "speed.micro_batch": 8}
+    big = dict(zip(presets.KEYS, values)) | {"train.batch_size": 256, "speed.micro_batch": 256,
+                                             "speed.gradient_checkpointing": "off"}
     rows, verdict, _ = presets.fit(base, *[big[k] for k in presets.KEYS])
     assert rows[1][:2] == ["T4 16 GB", 15.0] and rows[1][3] == "no" and "speed.gradient_checkpointing" in rows[1][4]
     assert "not on T4 16 GB" in verdict or "none of these" in verdict
@@ -293,9 +293,10 @@ def test_served_preview_and_estimate_endpoints(tiny_model_dir):
         assert [p["parameter_name"] for p in params] == [k.replace(".", "__") for k in presets_ui.keys]
         values = [c.value for c in presets_ui.inputs]
         values[presets_ui.keys.index("train.batch_size")] = 2
-        table, verdict = client.predict(*values, api_name="/estimate")
-        assert [r[0] for r in table["data"]][:5] == ["T4 16 GB", "L4 24 GB", "A100 40 GB", "A100 80 GB",
-                                                     "H100 80 GB"]
-        assert "Fits on every GPU" in verdict
+        table, verdict, plan = client.predict(*values, api_name="/estimate")
+        assert [r[0] for r in table["data"]][1:6] == ["T4 16 GB", "L4 24 GB", "A100 40 GB", "A100 80 GB",
+                                                      "H100 80 GB"]
+        assert table["data"][0][0].endswith("(this machine)")
+        assert "Fits on every GPU" in verdict and plan["data"][0][:2] == ["micro-batch", "2 x 1 accumulated"]
     finally:
         demo.close()
