@@ -339,14 +339,14 @@ class Recipe:
     def emit_samples(self, model, step: int):
         if not self.sample_examples:
             return
-        from studio.generate import generate_text
+        from studio.generate import generate_texts
 
         was_training = model.training
         model.eval()
         try:
-            for ex in self.sample_examples:
-                answer = generate_text(model, self.tokenizer, ex.instruction, self.spec, input=ex.input,
-                                       system=ex.system, max_new_tokens=self.cfg.train.sample_max_new_tokens)
+            answers = generate_texts(model, self.tokenizer, self.sample_examples, self.spec,
+                                     self.cfg.train.sample_max_new_tokens)
+            for ex, answer in zip(self.sample_examples, answers):
                 self.run.emit("sample", step=step, prompt=ex.instruction, input=ex.input,
                               reference=ex.response, answer=answer)
         finally:
