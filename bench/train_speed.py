@@ -51,6 +51,15 @@ def preset_command(preset: str, model: str, data: str, steps: int = 0) -> list[s
     return cmd
 
 
+def preset_config(preset: str, model: str, data: str, steps: int, sets: list[str] | None = None):
+    """The config ``preset_command`` makes the CLI build (the diagnostics in bench/ run it in-process), plus
+    ``--set`` style overrides."""
+    from studio.cli import _config, parser
+
+    cmd = preset_command(preset, model, data, steps)[3:] + [x for s in sets or [] for x in ("--set", s)]
+    return _config(parser().parse_args(cmd))
+
+
 def run_preset(preset: str, model: str, data: str, home: Path, steps: int, timeout: int) -> dict:
     """The preset through the CLI worker; numbers from its run folder's events."""
     from studio.runs import RunStore
