@@ -39,7 +39,9 @@ from studio.data.files import DataError, check_size
 from studio.runs import LIVE, TERMINAL, Run, RunStore, status_of
 from studio.security import SecurityError, check_output_free, local_dataset, local_model, output_dir, redact
 from studio.ui.data import check_before_start, check_data_path
+from studio.ui import stage
 from studio.ui.messages import message
+from studio.ui.stage import StageUI
 from studio.ui.widgets import to_config
 
 SAMPLE_HEADERS = ["step", "prompt", "reference", "answer"]
@@ -76,6 +78,7 @@ class TrainUI:
     timer: gr.Timer
     session: gr.State
     summary: gr.Markdown | None = None  # what Start would train on (drawn by ``studio.ui.state``)
+    stage: StageUI | None = None  # the preference stage's section (``studio.ui.stage``)
 
 
 # ---- plain functions of events ------------------------------------------------------------------
@@ -116,8 +119,51 @@ def _empty_figure(text: str, height: int = 320) -> go.Figure:
     return fig
 
 
+PREFER_FIELDS = ("reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected")
+
+
+def is_stage(events: list[dict]) -> bool:
+    """A preference stage's events: its starting status names the parent run, its metrics carry rewards."""
+    return any((e.get("type") == "status" and e.get("parent_run"))
+               or (e.get("type") == "metric" and any(k in e for k in PREFER_FIELDS)) for e in events)
+
+
+def prefer_figure(events: list[dict]) -> go.Figure:
+    """A preference stage: loss, reward margin and (right axis) reward accuracy above; the log-probabilities of
+    the chosen and rejected answers below (the margin grows as they part)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.58, 0.42],
+                        specs=[[{"secondary_y": True}], [{}]])
+    lines = [("metric", "loss", "training loss", "#1f77b4", 1, False, "lines+markers"),
+             ("eval", "eval_loss", "validation loss", "#1f77b4", 1, False, "markers"),
+             ("metric", "reward_margin", "reward margin", "#9467bd", 1, False, "lines+markers"),
+             ("eval", "reward_margin", "validation reward margin", "#9467bd", 1, False, "markers"),
+             ("metric", "reward_accuracy", "reward accuracy", "#ff7f0e", 1, True, "lines+markers"),
+             ("eval", "reward_accuracy", "validation reward accuracy", "#ff7f0e", 1, True, "markers"),
+             ("metric", "logps_chosen", "log-prob chosen", "#2a9d8f", 2, False, "lines+markers"),
+             ("metric", "logps_rejected", "log-prob rejected", "#e63946", 2, False, "lines+markers")]
+    for type_, field, name, color, row, right, mode in lines:
+        s, v = _series(events, type_, field)
+        if type_ == "eval" and not s:
+            continue  # no held-out pairs: no validation traces in the legend
+        fig.add_trace(go.Scatter(x=s, y=v, name=name, mode=mode, marker_size=7 if type_ == "eval" else 4,
+                                 line=dict(color=color, dash="dot" if right else None)),
+                      row=row, col=1, secondary_y=right if row == 1 else None)
+    fig.update_yaxes(title_text="loss · margin", row=1, col=1, secondary_y=False)
+    fig.update_yaxes(title_text="accuracy", range=[-0.05, 1.05], showgrid=False, row=1, col=1, secondary_y=True)
+    fig.update_yaxes(title_text="log-prob", row=2, col=1)
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    fig.update_layout(height=460, margin=dict(l=10, r=10, t=TOP_MARGIN + 20, b=10), legend=LEGEND,
+                      hovermode="x unified", uirevision="prefer")
+    return fig
+
+
 def loss_figure(events: list[dict]) -> go.Figure:
-    """Training loss, validation loss and (right axis) learning rate against the step."""
+    """Training loss, validation loss and (right axis) learning rate against the step; a preference stage's
+    rewards and log-probabilities (``prefer_figure``) for a stage run."""
+    if is_stage(events):
+        return prefer_figure(events)
     fig = go.Figure()
     s, v = _series(events, "metric", "loss")
     fig.add_trace(go.Scatter(x=s, y=v, name="training loss", mode="lines+markers", marker_size=4))
@@ -603,6 +649,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
                          interactive=store.active() is not None)
         resume = gr.Button("Resume", elem_id="train-resume", scale=1, min_width=100)
     message = gr.Markdown(label="Message", elem_id="train-message")
+    stage_ui = stage.build(ctx)
     # Custom values allowed: run folders appear after the page is built (another browser, the CLI),
     # and every id goes through store.get, which validates it.
     run = gr.Dropdown(label="Run shown", choices=[], value=None, allow_custom_value=True, elem_id="train-run",
@@ -626,7 +673,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
     timer = gr.Timer(ctx.timer_seconds)
     session = gr.State({})
     ui = TrainUI(run_name, start, stop, resume, message, run, status, progress, loss_plot, memory_plot, samples,
-                 log, history, compare, compare_plot, timer, session, summary)
+                 log, history, compare, compare_plot, timer, session, summary, stage_ui)
     view_outputs = [status, progress, loss_plot, memory_plot, samples, log]
 
     tick_outputs = [run, history, compare, stop, session, *view_outputs]
@@ -679,6 +726,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
         return run_status(store, run_id)
 
     gr.api(status_api, api_name="status")
+    stage.wire(ui, stage_ui, store)
     return ui
 
 
