@@ -16,8 +16,11 @@ Contract:
   sampling -> base text, tuned text, streamed), ``compare`` (prompts -> table with a column per loaded
   adapter; a prompt line may carry its input after `` ### Input: ``), ``ab`` (one prompt -> answer A,
   answer B, the mapping kept in server-side state) and ``vote`` (A / B / tie -> tally, status).
-- Votes for A or B append a prompt/chosen/rejected pair with ``winner`` in {"tuned", "base"}; ties are only
-  counted in the session tally.
+- Votes for A or B append a prompt/chosen/rejected pair with ``winner`` in {"tuned", "base"} (the adapters'
+  names when the tuned adapter is pitted against another, e.g. a DPO stage against its SFT start); ties, and
+  votes between two equal answers, are only counted in the session tally.
+- The tally area shows how many pairs the loaded run has (``pairs_update``) and "Train on these votes", which
+  the app links to the Train tab's preference stage (``studio.ui.stage.link_playground``).
 - Errors reach the user as a status line or a ``gr.Warning``, never a traceback.
 """
 
@@ -198,6 +201,11 @@ def vote(choice: str | None, mapping: dict | None, session: dict | None):
         session["tie"] += 1
         return tally_text(session), f"Tie counted (not saved as a preference pair). {reveal}", None, session
     win, lose = (mapping["A"], mapping["B"]) if choice == "A" else (mapping["B"], mapping["A"])
+    if win["text"].strip() == lose["text"].strip():
+        # Two equal answers teach no preference (and a stage refuses such a pair): a tie in all but name.
+        session["tie"] += 1
+        return (tally_text(session), f"Both answers are the same text: counted as a tie, not saved as a pair. "
+                f"{reveal}", None, session)
     try:
         meta = {"winner": win["who"], "run": mapping["run"], "adapter": mapping["adapter"]}
         meta.update({k: mapping[k] for k in ("turn", "messages", "base_model", "against") if k in mapping})
