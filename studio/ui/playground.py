@@ -356,19 +356,24 @@ def votes_run(holder: engine.ModelHolder, run_id: str | None) -> str | None:
     return holder.run.id if holder.run is not None and holder.model is not None else run_id
 
 
-def pairs_update(store: RunStore, run_id: str | None):
-    """-> (the run's pair count line, the "Train on these votes" button, enabled once it has a vote)."""
+def pairs_count(store: RunStore, run_id: str | None) -> tuple[str, int]:
+    """(the line saying how many pairs the run has, that count)."""
     from studio.votes import count_pairs
 
     if not run_id:
-        return "No run loaded: load one and vote to collect preference pairs.", gr.Button(interactive=False)
+        return "No run loaded: load one and vote to collect preference pairs.", 0
     try:
         n = count_pairs(store.get(run_id))
     except USER_ERRORS as e:
-        return f"⚠️ {message(e)}", gr.Button(interactive=False)
-    text = (f"**{n} pair{'s' if n != 1 else ''} voted for run `{run_id}`**: train the run on them as a preference "
-            "stage (DPO, ORPO or KTO)." if n else
-            f"No votes for run `{run_id}` yet: each A or B vote is a preference pair to train it on.")
+        return f"⚠️ {message(e)}", 0
+    return ((f"**{n} pair{'s' if n != 1 else ''} voted for run `{run_id}`**: train the run on them as a preference "
+             "stage (DPO, ORPO or KTO)." if n else
+             f"No votes for run `{run_id}` yet: each A or B vote is a preference pair to train it on."), n)
+
+
+def pairs_update(store: RunStore, run_id: str | None):
+    """-> (the run's pair count line, the "Train on these votes" button, enabled once it has a vote)."""
+    text, n = pairs_count(store, run_id)
     return text, gr.Button(interactive=n > 0)
 
 
@@ -511,11 +516,11 @@ def build(ctx) -> PlaygroundUI:
         ab_status = gr.Markdown(elem_id="pg-ab-status")
         session0 = {"tuned": 0, "base": 0, "tie": 0}
         tally = gr.Markdown(tally_text(session0), elem_id="pg-tally")
-        pairs0 = pairs_update(store, first_id)[0]
+        pairs0, n0 = pairs_count(store, first_id)  # plain values: a component made here would be drawn here
         with gr.Row(equal_height=True):
             pairs_md = gr.Markdown(pairs0, elem_id="pg-pairs")
             train_votes = gr.Button("Train on these votes", variant="primary", elem_id="pg-train-votes", scale=0,
-                                    min_width=200, interactive="voted for run" in pairs0)
+                                    min_width=200, interactive=n0 > 0)
         with gr.Row(equal_height=True):
             votes_md = gr.Markdown(votes_note(), elem_id="pg-votes-path")
             votes_dl = gr.DownloadButton("Download votes", value=votes_file(), elem_id="pg-votes-download",

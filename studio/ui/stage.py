@@ -114,7 +114,8 @@ def fit_text(cfg: RunConfig) -> str:
             if hw.device == "cuda" else "this machine has no GPU: the stage trains on the CPU")
     where = f"fits {', '.join(fits)}" if fits else "fits none of the GPUs listed (T4 to H100)"
     return (f"Fit: estimated peak ≈ **{est.total_gib:.2f} GiB** allocated, ≈ {est.reserved_gib():.1f} GiB reserved "
-            f"({', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in est.parts.items())}); {where}; {here}.")
+            f"({', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in est.parts.items() if v >= est.total / 50)}); "
+            f"{where}; {here}.")
 
 
 def plan(store: RunStore, parent_id: str | None, checkpoint, method: str, preset: str, source: str,

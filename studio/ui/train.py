@@ -294,6 +294,9 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
     if data:
         lines.append(f"Data: {data.get('train', 0)} training and {data.get('validation', 0)} validation examples"
                      + (f", {data['skipped']} skipped" if data.get("skipped") else "") + ".")
+    stage_line = stage_text(events)
+    if stage_line:
+        lines.append(stage_line)
     plan = _last(events, "plan")
     if plan:
         lines.append(plan_text(plan, _last(events, "graphs"), _last(events, "weight_cache")))
@@ -322,6 +325,23 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
         lines.append("The worker ended without a final status (the app or the machine restarted, or the process "
                      "was killed). Resume continues from the last complete checkpoint.")
     return "\n\n".join(lines)
+
+
+def stage_text(events: list[dict]) -> str:
+    """For a preference stage: the method, the run and adapter it started from, the last rewards logged."""
+    start = next((e for e in events if e.get("type") == "status" and e.get("parent_run")), None)
+    if start is None:
+        return ""
+    adapter = str(start.get("adapter") or "")
+    origin = f"checkpoint {adapter.rsplit('-', 1)[-1]}" if "checkpoint-" in adapter else "final adapter"
+    text = (f"Preference stage: {str(start.get('method', '')).upper()} on run `{start['parent_run']}` from its "
+            f"{origin}.")
+    m = next((e for e in reversed(events) if e.get("type") == "metric" and _num(e.get("reward_margin")) is not None),
+             None)
+    if m:
+        text += (f" Step {m.get('step')}: reward margin {_fmt(m['reward_margin'])}, reward accuracy "
+                 f"{_fmt(m.get('reward_accuracy'))}.")
+    return text
 
 
 def plan_text(plan: dict, graphs: dict | None, cache: dict | None) -> str:
@@ -657,7 +677,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
     status = gr.Markdown(label="Status", elem_id="train-status")
     progress = gr.HTML(elem_id="train-progress")
     with gr.Row():
-        loss_plot = gr.Plot(label="Loss and learning rate", elem_id="train-loss-plot", scale=3)
+        loss_plot = gr.Plot(label="Training curves", elem_id="train-loss-plot", scale=3)
         memory_plot = gr.Plot(label="Memory", elem_id="train-memory", scale=2)
     samples = gr.Dataframe(value=_samples_df([]), label="Answers to the validation prompts at each evaluation",
                            interactive=False, wrap=True, elem_id="train-samples", max_height=360)
