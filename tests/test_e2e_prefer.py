@@ -164,8 +164,10 @@ def compare_sft_and_dpo(page, stage_id: str) -> None:
     page.locator("#pg-ab-choice").get_by_label("A", exact=True).check()
     page.locator("#pg-vote").click()
     status = page.locator("#pg-ab-status")
-    expect(status).to_contain_text(re.compile(r"A was \*?\*?(dpo|sft)|A was (dpo|sft)"), timeout=20_000)
+    expect(status).to_contain_text(re.compile(r"A was (dpo|sft)"), timeout=20_000)
     expect(status).to_contain_text(re.compile(r"B was (dpo|sft)"))
+    # The vote is the stage's first pair: the count follows it.
+    expect(page.locator("#pg-pairs")).to_contain_text(f"1 pair voted for run {stage_id}", timeout=20_000)
     screenshot(page, "p6-playground-blind-sft-vs-dpo")
 
 

@@ -193,3 +193,20 @@ def test_a_vote_between_two_equal_answers_is_a_tie_not_a_pair(home):
     tally, msg, left, session = playground.vote("B", mapping, None)
     assert "counted as a tie, not saved" in msg and left is None and session["tie"] == 1
     assert (prefs.read_text() if prefs.exists() else "") == before
+
+
+def test_evaluate_measures_a_stage_against_its_sft_start(ctx, voted):
+    from studio.ui import evaluate
+
+    stages = [r for r in ctx.store.list() if r.config().prefer.parent_run and r.has_adapter()]
+    if not stages:  # this test alone: train one
+        rid, msg = stage.start(ctx.store, RUN, 0, "dpo", "dpo-tiny", stage.VOTES, None, 0.1, 2e-3, 2)
+        assert rid, msg
+        assert wait_until_done(ctx.store.get(rid)) == "completed"
+        stages = [ctx.store.get(rid)]
+    status, table, best, worst = evaluate.evaluate(ctx.store, stages[0].id, 4, 8)
+    assert status.startswith("Evaluated"), status
+    assert table["headers"] == ["metric", "sft", "dpo"] and best["headers"][2:] == ["sft", "dpo", "ROUGE-L (dpo)"]
+    assert len(table["data"]) == 4
+    # The saved evaluation shows the same sides after a reload.
+    assert evaluate.show_saved(ctx.store, stages[0].id)[1]["headers"] == ["metric", "sft", "dpo"]

@@ -493,9 +493,9 @@ def build(ctx) -> PlaygroundUI:
         table = gr.Dataframe(headers=["prompt", "base", "final"], label="Answers", interactive=False, wrap=True,
                              elem_id="pg-compare-table")
     with gr.Tab("Blind A/B"):
-        gr.Markdown("A conversation with the base and the tuned model answering each message in random order. "
-                    "Vote for the better answer: the conversation goes on from it, and the pair is saved for "
-                    "preference training.")
+        gr.Markdown("A conversation with the tuned model and the base (or the adapter chosen below) answering each "
+                    "message in random order. Vote for the better answer: the conversation goes on from it, and the "
+                    "pair is saved for preference training.")
         against = gr.Dropdown(choices=against_choices(holder), value=start_adapter(holder) or BASE,
                               label="Tuned adapter against", elem_id="pg-ab-against",
                               info="base, or another loaded adapter: a preference stage against the SFT adapter it "
