@@ -13,11 +13,15 @@ Contract:
   even when it already ended; a ``gr.Timer`` tick refreshes the view, follows
   a run started elsewhere and raises one toast per run ending (completed, stopped, failed, halted,
   interrupted) per browser session.
+- The preference stage (DPO, ORPO, KTO on a finished run's votes) has its own folded section
+  (``studio.ui.stage``); the run it starts is shown here like any run, its chart drawn by ``prefer_figure``
+  (loss, reward margin, reward accuracy, chosen/rejected log-probs) and its status by ``stage_text``.
 - Figures and texts come from plain functions of an events list (``loss_figure``, ``memory_figure``,
   ``progress_text``, ``status_text``, ``sample_rows``) or of the store (``history_rows``,
   ``compare_figure``), testable without a browser.
 - API endpoints: ``start`` (run id shown, message: the new run's id, or the unchanged one when nothing
-  started), ``stop`` (message), ``resume`` (run id -> message) and ``status`` (run id -> dict).
+  started), ``stop`` (message), ``resume`` (run id -> message), ``status`` (run id -> dict) and ``prefer``
+  (the stage section's values -> the stage's run id, message).
   Engine errors come back as messages, never tracebacks.
 """
 
