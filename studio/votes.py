@@ -25,8 +25,9 @@ Pair sources, in order: ``prefer.votes`` (a JSONL/JSON/CSV/Parquet file of ``pro
 ``prompt/completion/label`` rows for KTO), ``prefer.hub_dataset``, else the studio's votes for the parent run.
 A row may also carry ``input`` and ``system`` (rendered by the run's template like training data) and the
 Playground's ``run``, ``adapter``, ``winner``, ``base_model`` and ``messages`` (a vote's conversation: its
-``prompt`` must then be the run's template rendering of it, and a later turn trains on that whole prompt).  Votes from the studio's file that belong to
-other runs (or name none) are left out, and counted in the ``data`` event's ``left_out``; in a file the user names, a row for another run or base model is refused.
+``prompt`` must then be the run's template rendering of it, and a later turn trains on that whole prompt).
+Votes from the studio's file that belong to other runs (or name none) are left out, and counted in the ``data``
+event's ``left_out``; in a file the user names, a row for another run or base model is refused.
 
 The UI should record ``base_model`` with each vote (``record_vote(..., meta={"run", "adapter", "winner",
 "base_model"})``) so votes on a run whose base changed are refused too.
@@ -167,8 +168,8 @@ def _conversation(rec: dict, cfg: RunConfig, tokenizer, where: str) -> tuple[str
         except DataError as e:
             raise DataError(f"{where}: field 'messages': {e}") from None
         if expected != prompt:
-            raise DataError(f"{where}: field 'prompt' is not the run's template ({cfg.data.template}) rendering of field "
-                            "'messages': the vote was cast under another template or edited. Remove the line.")
+            raise DataError(f"{where}: field 'prompt' is not the run's template ({cfg.data.template}) rendering of "
+                            "field 'messages': the vote was cast under another template or edited. Remove the line.")
     return text, (prompt if len(msgs) > 1 else "")
 
 

@@ -121,7 +121,8 @@ def train_on_votes(page, run_id: str) -> str:
     expect(plot).to_contain_text("log-prob chosen")
     screenshot(page, "p3-train-stage-chart")
     status = page.locator("#train-status")
-    expect(status).to_contain_text(re.compile(r": (completed|failed|halted|stopped|interrupted)"), timeout=STAGE_DONE_MS)
+    expect(status).to_contain_text(re.compile(r": (completed|failed|halted|stopped|interrupted)"),
+                                   timeout=STAGE_DONE_MS)
     expect(status).to_contain_text(f"Run {stage_id}: completed")
     # Every curve has its two points (steps 2 and 4): the loss line is the first trace of the top plot.
     expect(plot.locator(".scatterlayer").first.locator(".trace").first.locator(".point")).to_have_count(2)

@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-from studio import playground as engine
 from studio import votes
 from studio.generate import Sampling
 from studio.presets import load_preset
@@ -131,7 +130,8 @@ def test_train_section_defaults_and_refusals_name_file_line_and_field(ctx, voted
     assert not ready and "line 2: field 'rejected' is the same text as field 'chosen'" in text
     rows[1]["rejected"], rows[3]["run"] = "Different.", "another-run"
     bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    ready, text = stage.plan(ctx.store, RUN, **{**args, "source": stage.FILE, "path": stage.store_votes_upload(str(bad))})
+    path = stage.store_votes_upload(str(bad))
+    ready, text = stage.plan(ctx.store, RUN, **{**args, "source": stage.FILE, "path": path})
     assert not ready and "line 4: field 'run' is 'another-run'" in text
     # A vote whose prompt is not the run's template rendering of its conversation is refused by line and field.
     prefs = home / "preferences.jsonl"
