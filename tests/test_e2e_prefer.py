@@ -114,18 +114,21 @@ def train_on_votes(page, run_id: str) -> str:
     expect(message).to_contain_text("Started DPO stage", timeout=60_000)
     stage_id = re.search(r"Started DPO stage (\S+) on run", message.inner_text()).group(1)
     expect(page.locator("#train-run input")).to_have_value(stage_id, timeout=20_000)
-    # The chart moves: points of the loss and of the reward margin appear while the stage trains.
-    plot = page.locator("#train-loss-plot")
-    expect(plot.locator(".scatterlayer .trace .point").first).to_be_visible(timeout=STAGE_FIRST_POINT_MS)
-    expect(plot).to_contain_text("reward margin")
+    # The chart moves: once the stage's worker has started, the chart is the stage's (its legend names the
+    # rewards and log-probs), then the loss line gets its points.
+    status, plot = page.locator("#train-status"), page.locator("#train-loss-plot")
+    expect(status).to_contain_text(f"Preference stage: DPO on run {run_id} from its final adapter",
+                                   timeout=STAGE_FIRST_POINT_MS)
+    expect(plot).to_contain_text("reward margin", timeout=20_000)
     expect(plot).to_contain_text("log-prob chosen")
+    loss_points = plot.locator(".scatterlayer").first.locator(".trace").first.locator(".point")
+    expect(loss_points).not_to_have_count(0, timeout=STAGE_FIRST_POINT_MS)
     screenshot(page, "p3-train-stage-chart")
-    status = page.locator("#train-status")
     expect(status).to_contain_text(re.compile(r": (completed|failed|halted|stopped|interrupted)"),
                                    timeout=STAGE_DONE_MS)
     expect(status).to_contain_text(f"Run {stage_id}: completed")
-    # Every curve has its two points (steps 2 and 4): the loss line is the first trace of the top plot.
-    expect(plot.locator(".scatterlayer").first.locator(".trace").first.locator(".point")).to_have_count(2)
+    expect(status).to_contain_text(re.compile(r"Step 4: reward margin -?\d"))
+    expect(loss_points).to_have_count(2)  # steps 2 and 4
     screenshot(page, "p4-train-stage-completed")
     return stage_id
 
