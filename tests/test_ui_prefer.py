@@ -143,6 +143,9 @@ def test_train_section_defaults_and_refusals_name_file_line_and_field(ctx, voted
         assert not ready and "preferences.jsonl line 9: field 'prompt' is not the run's template (alpaca)" in text
     finally:
         prefs.write_text(saved)
+    # A preset is named, never a file of the server (an API client could send a path).
+    ready, text = stage.plan(ctx.store, RUN, **{**args, "preset": "/etc/hostname.yaml"})
+    assert not ready and "no preference-stage preset '/etc/hostname.yaml'" in text
     # Start refuses the same way, and no run folder is created.
     before = [r.id for r in ctx.store.list()]
     rid, msg = stage.start(ctx.store, RUN, **{**args, "preset": "dpo-mistral-7b"})

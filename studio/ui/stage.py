@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio import votes
-from studio.config import PREFER_METHODS, RunConfig, field_specs
+from studio.config import PREFER_METHODS, ConfigError, RunConfig, field_specs
 from studio.data.files import DataError
 from studio.runs import RunStore
 from studio.ui.messages import USER_ERRORS, message
@@ -92,6 +92,13 @@ def _tokenizer(cfg: RunConfig):
     return _TOKENIZERS[key]
 
 
+def known_preset(name: str | None) -> str:
+    """A stage preset by name only: the browser (or an API client) never names a file of the server."""
+    if name and name not in votes.stage_presets():
+        raise ConfigError("preset", f"no preference-stage preset {name!r}; known: {', '.join(votes.stage_presets())}.")
+    return name or ""
+
+
 def votes_file(source: str, path: str | None) -> str:
     if source != FILE:
         return ""
@@ -126,7 +133,7 @@ def plan(store: RunStore, parent_id: str | None, checkpoint, method: str, preset
         return False, "Choose a finished run to train on its votes."
     try:
         parent = store.get(parent_id)
-        cfg = votes.stage_config(parent, method, int(checkpoint or 0), votes_file(source, path), preset,
+        cfg = votes.stage_config(parent, method, int(checkpoint or 0), votes_file(source, path), known_preset(preset),
                                  overrides(beta, learning_rate, epochs))
         pairs = votes.load_pairs(cfg, parent, tokenizer=_tokenizer(cfg))
     except USER_ERRORS as e:
@@ -157,7 +164,7 @@ def start(store: RunStore, parent_id: str | None, checkpoint, method: str, prese
         return None, "⚠️ choose the run whose votes to train on."
     try:
         parent = store.get(parent_id)
-        run = votes.start_stage(parent, method, int(checkpoint or 0), votes_file(source, path), preset,
+        run = votes.start_stage(parent, method, int(checkpoint or 0), votes_file(source, path), known_preset(preset),
                                 overrides(beta, learning_rate, epochs), store=store)
     except USER_ERRORS as e:
         return None, f"⚠️ {message(e)}"
