@@ -148,9 +148,9 @@ def plan(store: RunStore, parent_id: str | None, checkpoint, method: str, preset
     src = f"the studio's votes for run `{parent.id}`" if source != FILE else f"`{pairs.source}`"
     left = f" ({pairs.left_out} votes on other runs left out)" if pairs.left_out else ""
     lines = [f"**{n} {unit}** from {src}{left}; at least {p.min_pairs} needed.",
-             f"**{p.method.upper()}** on run `{parent.id}` from {start} (also the reference, as a frozen copy)"
+             f"**{p.method.upper()}** on run `{parent.id}` from {start} (also the reference, as a frozen copy)."
              if p.method in ("dpo", "kto") else f"**{p.method.upper()}** on run `{parent.id}` from {start} "
-                                                 "(no reference model)",
+                                                 "(no reference model).",
              f"beta {p.beta:g} · learning rate {p.learning_rate:g} · {p.epochs:g} epochs · batch {p.batch_size} × "
              f"accumulation {p.grad_accum} · max length {p.max_length} → about {steps} optimizer steps.",
              fit_text(cfg)]
@@ -240,7 +240,7 @@ def build(ctx) -> StageUI:
         summary = gr.Markdown("Choose a finished run to train on its votes.", elem_id="stage-summary")
         with gr.Row():
             start_btn = gr.Button("Start preference stage", variant="primary", elem_id="stage-start", scale=0,
-                                  min_width=220)
+                                  min_width=280)
             msg = gr.Markdown(elem_id="stage-message")
     ui = StageUI(accordion, parent, checkpoint, method, preset, beta, learning_rate, epochs, source, upload, path,
                  summary, start_btn, msg)
