@@ -143,6 +143,11 @@ def test_train_section_defaults_and_refusals_name_file_line_and_field(ctx, voted
         assert not ready and "preferences.jsonl line 9: field 'prompt' is not the run's template (alpaca)" in text
     finally:
         prefs.write_text(saved)
+    # A Hub dataset: named, then read (offline here: the reason, not a traceback).
+    ready, text = stage.plan(ctx.store, RUN, **{**args, "source": stage.HUB, "hub": " "})
+    assert not ready and "prefer.hub_dataset: name a Hub preference dataset" in text
+    ready, text = stage.plan(ctx.store, RUN, **{**args, "source": stage.HUB, "hub": "nobody/no-such-prefs"})
+    assert not ready and text.startswith("⚠️") and "Traceback" not in text
     # A preset is named, never a file of the server (an API client could send a path).
     ready, text = stage.plan(ctx.store, RUN, **{**args, "preset": "/etc/hostname.yaml"})
     assert not ready and "no preference-stage preset '/etc/hostname.yaml'" in text

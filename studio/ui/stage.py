@@ -4,9 +4,9 @@ Contract:
 - ``build(ctx) -> StageUI`` lays out a collapsed accordion inside the Train tab: the parent run and the adapter
   it starts from (final or a checkpoint), the method, a stage preset (``studio.votes.stage_presets``) with its
   key fields (beta, learning rate, epochs) editable, the pairs (the studio's votes for the run, or an uploaded
-  ``prompt/chosen/rejected`` or ``prompt/completion/label`` file), and before Start a summary: how many pairs,
-  what the stage would run, the fit estimate (``studio.votes.stage_estimate``), or the refusal naming the
-  file, line and field.  ``wire(train_ui, stage_ui)`` connects its Start to the Train tab: Start launches the
+  ``prompt/chosen/rejected`` or ``prompt/completion/label`` file, or a Hub dataset), and before Start a
+  summary: how many pairs, what the stage would run, the fit estimate (``studio.votes.stage_estimate``), or
+  the refusal naming the file, line and field.  ``wire(train_ui, stage_ui, store)`` connects its Start to the Train tab: Start launches the
   stage through ``studio.votes.start_stage`` (the same worker as training) and hands the new run to the Train
   tab's "Run shown", whose live chart draws the stage's preference metrics.
 - ``link_playground(playground_ui, stage_ui, tabs)``: the Playground's "Train on these votes" opens this
@@ -31,8 +31,8 @@ from studio.ui.messages import USER_ERRORS, message
 from studio.ui.run_picker import has_weights, run_choices
 from studio.ui.widgets import bounded_info, short_help
 
-VOTES, FILE = "the studio's votes for this run", "an uploaded file"
-SOURCES = [VOTES, FILE]
+VOTES, FILE, HUB = "the studio's votes for this run", "an uploaded file", "a Hub dataset"
+SOURCES = [VOTES, FILE, HUB]
 FIELDS = ("prefer.beta", "prefer.learning_rate", "prefer.epochs")  # the ones a person tunes most
 _TOKENIZERS: dict = {}  # base model -> tokenizer (or None when it cannot be read): the summary is drawn often
 
@@ -70,8 +70,8 @@ def preset_fields(name: str) -> tuple[str, float, float, float]:
     return p.method, p.beta, p.learning_rate, p.epochs
 
 
-def overrides(beta, learning_rate, epochs) -> dict:
-    out = {}
+def overrides(beta, learning_rate, epochs, source: str = VOTES, hub: str | None = None) -> dict:
+    out = hub_override(source, hub)
     for key, v in zip(FIELDS, (beta, learning_rate, epochs)):
         if v is not None and v != "":
             out[key] = float(v)
@@ -104,8 +104,22 @@ def votes_file(source: str, path: str | None) -> str:
         return ""
     if not path:
         raise DataError("prefer.votes: no file uploaded yet; upload a prompt/chosen/rejected file (JSONL, "
-                              "JSON, CSV or Parquet), or train on the studio's votes.")
+                        "JSON, CSV or Parquet), or train on the studio's votes.")
     return path
+
+
+def hub_override(source: str, hub: str | None) -> dict:
+    """``prefer.hub_dataset`` for a Hub source: an id, never a folder of the server unless the operator allowed it."""
+    from studio.security import local_dataset
+
+    if source != HUB:
+        return {}
+    hub = (hub or "").strip()
+    if not hub:
+        raise DataError("prefer.hub_dataset: name a Hub preference dataset (owner/name, with prompt, chosen and "
+                        "rejected columns), or train on the studio's votes.")
+    local_dataset(hub, "prefer.hub_dataset")
+    return {"prefer.hub_dataset": hub}
 
 
 def fit_text(cfg: RunConfig) -> str:
@@ -126,7 +140,7 @@ def fit_text(cfg: RunConfig) -> str:
 
 
 def plan(store: RunStore, parent_id: str | None, checkpoint, method: str, preset: str, source: str,
-         path: str | None, beta, learning_rate, epochs) -> tuple[bool, str]:
+         path: str | None, beta, learning_rate, epochs, hub: str | None = None) -> tuple[bool, str]:
     """What Start would train, checked as Start checks it -> (ready, markdown): the pairs, the loop, the fit, or
     the refusal (the file, line and field) of Start itself."""
     if not parent_id:
@@ -134,7 +148,7 @@ def plan(store: RunStore, parent_id: str | None, checkpoint, method: str, preset
     try:
         parent = store.get(parent_id)
         cfg = votes.stage_config(parent, method, int(checkpoint or 0), votes_file(source, path), known_preset(preset),
-                                 overrides(beta, learning_rate, epochs))
+                                 overrides(beta, learning_rate, epochs, source, hub))
         pairs = votes.load_pairs(cfg, parent, tokenizer=_tokenizer(cfg))
     except USER_ERRORS as e:
         return False, f"⚠️ {message(e)}"
@@ -145,7 +159,8 @@ def plan(store: RunStore, parent_id: str | None, checkpoint, method: str, preset
     per_epoch = math.ceil(rows / (p.batch_size * p.grad_accum))
     steps = p.max_steps or math.ceil(per_epoch * p.epochs)
     start = f"checkpoint {p.parent_checkpoint}" if p.parent_checkpoint else "its final adapter"
-    src = f"the studio's votes for run `{parent.id}`" if source != FILE else f"`{pairs.source}`"
+    src = {VOTES: f"the studio's votes for run `{parent.id}`", HUB: f"Hub dataset `{p.hub_dataset}`"}.get(
+        source, f"`{pairs.source}`")
     left = f" ({pairs.left_out} votes on other runs left out)" if pairs.left_out else ""
     lines = [f"**{n} {unit}** from {src}{left}; at least {p.min_pairs} needed.",
              f"**{p.method.upper()}** on run `{parent.id}` from {start} (also the reference, as a frozen copy)."
@@ -158,14 +173,14 @@ def plan(store: RunStore, parent_id: str | None, checkpoint, method: str, preset
 
 
 def start(store: RunStore, parent_id: str | None, checkpoint, method: str, preset: str, source: str,
-          path: str | None, beta, learning_rate, epochs) -> tuple[str | None, str]:
+          path: str | None, beta, learning_rate, epochs, hub: str | None = None) -> tuple[str | None, str]:
     """Launch the stage through the training worker -> (new run id or None, message)."""
     if not parent_id:
         return None, "⚠️ choose the run whose votes to train on."
     try:
         parent = store.get(parent_id)
         run = votes.start_stage(parent, method, int(checkpoint or 0), votes_file(source, path), known_preset(preset),
-                                overrides(beta, learning_rate, epochs), store=store)
+                                overrides(beta, learning_rate, epochs, source, hub), store=store)
     except USER_ERRORS as e:
         return None, f"⚠️ {message(e)}"
     p = run.config().prefer
@@ -195,6 +210,7 @@ class StageUI:
     source: gr.Radio
     upload: gr.File
     path: gr.State
+    hub: gr.Textbox
     summary: gr.Markdown
     start: gr.Button
     message: gr.Markdown
@@ -202,7 +218,7 @@ class StageUI:
     @property
     def inputs(self) -> list:
         return [self.parent, self.checkpoint, self.method, self.preset, self.source, self.path, self.beta,
-                self.learning_rate, self.epochs]
+                self.learning_rate, self.epochs, self.hub]
 
 
 def _number(key: str, value, elem_id: str) -> gr.Number:
@@ -235,7 +251,9 @@ def build(ctx) -> StageUI:
             source = gr.Radio(SOURCES, value=VOTES, label="Pairs", elem_id="stage-source", scale=2)
             upload = gr.File(label="prompt/chosen/rejected file (kto: prompt/completion/label)", type="filepath",
                              file_types=[".jsonl", ".json", ".csv", ".parquet"], elem_id="stage-upload", height=110,
-                             scale=3)
+                             scale=2)
+            hub = gr.Textbox(label="Hub dataset", placeholder="owner/name", elem_id="stage-hub", scale=2,
+                             info="prompt, chosen and rejected text columns (its train split).")
         path = gr.State(None)
         summary = gr.Markdown("Choose a finished run to train on its votes.", elem_id="stage-summary")
         with gr.Row():
@@ -243,7 +261,7 @@ def build(ctx) -> StageUI:
                                   min_width=280)
             msg = gr.Markdown(elem_id="stage-message")
     ui = StageUI(accordion, parent, checkpoint, method, preset, beta, learning_rate, epochs, source, upload, path,
-                 summary, start_btn, msg)
+                 hub, summary, start_btn, msg)
     store = ctx.store
 
     def on_plan(*values):
@@ -281,8 +299,12 @@ def build(ctx) -> StageUI:
             return None, gr.skip()
 
     draw(upload.upload(on_upload, upload, [path, source], api_visibility="private").then)
+    # Typing a Hub id picks that source; its summary comes when the box is left (the dataset is read then).
+    hub.input(lambda v: HUB if (v or "").strip() else gr.skip(), hub, source, api_visibility="private",
+              show_progress="hidden")
     gr.on([checkpoint.input, source.input, beta.blur, beta.submit, learning_rate.blur, learning_rate.submit,
-           epochs.blur, epochs.submit], on_plan, ui.inputs, summary, api_visibility="private", show_progress="minimal")
+           epochs.blur, epochs.submit, hub.blur, hub.submit], on_plan, ui.inputs, summary, api_visibility="private",
+          show_progress="minimal")
     return ui
 
 
