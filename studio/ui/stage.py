@@ -6,9 +6,9 @@ Contract:
   key fields (beta, learning rate, epochs) editable, the pairs (the studio's votes for the run, or an uploaded
   ``prompt/chosen/rejected`` or ``prompt/completion/label`` file, or a Hub dataset), and before Start a
   summary: how many pairs, what the stage would run, the fit estimate (``studio.votes.stage_estimate``), or
-  the refusal naming the file, line and field.  ``wire(train_ui, stage_ui, store)`` connects its Start to the Train tab: Start launches the
-  stage through ``studio.votes.start_stage`` (the same worker as training) and hands the new run to the Train
-  tab's "Run shown", whose live chart draws the stage's preference metrics.
+  the refusal naming the file, line and field.  ``wire(train_ui, stage_ui, store)`` connects its Start to the
+  Train tab: Start launches the stage through ``studio.votes.start_stage`` (the same worker as training) and
+  hands the new run to the Train tab's "Run shown", whose live chart draws the stage's preference metrics.
 - ``link_playground(playground_ui, stage_ui, tabs)``: the Playground's "Train on these votes" opens this
   section on the Train tab with that run chosen and its votes as the pairs.
 - The handlers are plain functions of the store and the widget values (``parent_choices``,
