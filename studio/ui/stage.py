@@ -250,7 +250,7 @@ def build(ctx) -> StageUI:
         with gr.Row(equal_height=True):
             source = gr.Radio(SOURCES, value=VOTES, label="Pairs", elem_id="stage-source", scale=2)
             upload = gr.File(label="prompt/chosen/rejected file (kto: prompt/completion/label)", type="filepath",
-                             file_types=[".jsonl", ".json", ".csv", ".parquet"], elem_id="stage-upload", height=110,
+                             file_types=[".jsonl", ".json", ".csv", ".parquet"], elem_id="stage-upload", height=140,
                              scale=2)
             hub = gr.Textbox(label="Hub dataset", placeholder="owner/name", elem_id="stage-hub", scale=2,
                              info="prompt, chosen and rejected text columns (its train split).")
