@@ -79,6 +79,7 @@ def render_rows(pairs: list, method: str, spec, tokenizer) -> list[dict]:
         if isinstance(p, Pair):
             prompt, chosen = answer(p, p.chosen)
             _, rejected = answer(p, p.rejected)
+            prompt = p.rendered or prompt  # a later turn of a Playground conversation: earlier turns included
             if method == "kto":
                 rows += [{"prompt": prompt, "completion": chosen, "label": True},
                          {"prompt": prompt, "completion": rejected, "label": False}]

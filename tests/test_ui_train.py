@@ -411,3 +411,20 @@ def test_api_stop_ends_a_long_run_as_stopped(served, capsys):
     stop = train.refresh(ctx, "long", session)[3]
     assert f"Run long stopped at step {st['step']}" in capsys.readouterr().out
     assert stop.interactive is False
+
+
+def test_a_preference_stage_charts_its_rewards_and_log_probs_and_says_where_it_started():
+    evs = [{"type": "status", "status": "starting", "t": 0, "method": "dpo", "parent_run": "sft",
+            "adapter": "checkpoints/checkpoint-4"}]
+    for step in (2, 4):
+        evs.append({"type": "metric", "step": step, "loss": (7 - step) / 10, "reward_margin": step / 10,
+                    "reward_accuracy": step / 4, "logps_chosen": -10.0 + step, "logps_rejected": -10.0 - step})
+    evs.append({"type": "eval", "step": 4, "eval_loss": 0.5, "reward_margin": 0.3, "reward_accuracy": 0.75})
+    assert train.is_stage(evs) and train.is_stage(evs[:1]) and not train.is_stage(_events())
+    tr = _traces(train.loss_figure(evs))
+    assert tr["training loss"].y == (0.5, 0.3) and tr["reward margin"].y == (0.2, 0.4)
+    assert tr["reward accuracy"].yaxis == "y2" and tr["log-prob chosen"].yaxis == "y3"
+    assert tr["log-prob rejected"].y == (-12.0, -14.0) and tr["validation reward accuracy"].x == (4,)
+    text = train.status_text("dpo-sft", evs, "running")
+    assert "Preference stage: DPO on run `sft` from its checkpoint 4." in text
+    assert "Step 4: reward margin 0.4000, reward accuracy 1.0000." in text
