@@ -123,17 +123,17 @@ def hub_override(source: str, hub: str | None) -> dict:
 
 
 def fit_text(cfg: RunConfig) -> str:
-    from studio.estimate import GPUS
     from studio.hardware import detect
+    from studio.speed.profiles import PROFILES
 
     est = votes.stage_estimate(cfg)
     if est is None:
         return f"Fit: the shape of {cfg.model.base_model} is unknown offline, so its memory cannot be estimated."
-    fits = [g for g, gib in GPUS.items() if est.fits(gib)]
+    fits = [g for g, hw in PROFILES.items() if est.fits(hw.total_bytes / 2**30)]
     hw = detect()
     here = (f"this GPU ({hw.name}, {hw.total_gib:.0f} GiB): {'fits' if est.fits(hw.total_gib) else 'does not fit'}"
             if hw.device == "cuda" else "this machine has no GPU: the stage trains on the CPU")
-    where = f"fits {', '.join(fits)}" if fits else "fits none of the GPUs listed (T4 to H100)"
+    where = f"fits {', '.join(fits)}" if fits else "fits none of the GPUs listed (T4 to H200)"
     return (f"Fit: estimated peak ≈ **{est.total_gib:.2f} GiB** allocated, ≈ {est.reserved_gib():.1f} GiB reserved "
             f"({', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in est.parts.items() if v >= est.total / 50)}); "
             f"{where}; {here}.")
