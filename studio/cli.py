@@ -20,7 +20,8 @@ other fields read VALUE as YAML (numbers, true/false, ``[a, b]``, ``{instruction
 studio's own Playground votes for RUN, as a new run; ``--set prefer.beta=0.2`` and the like tune it.
 ``train`` launches the training worker (as the UI does) and follows its events with a progress
 bar; Ctrl+C asks the worker to stop at the next step.  Every error prints one line naming the field
-or file, and exits with status 2; no traceback reaches the user.
+or file, and exits with status 2; a run the worker refuses (its hardware and model checks) or that fails prints
+its reason and remedy and exits with status 1.  No traceback reaches the user.
 """
 
 from __future__ import annotations
@@ -145,7 +146,6 @@ def cmd_train(args) -> int:
     if not cfg.data.path and not cfg.data.hub_dataset:
         raise ConfigError("data.path", "no data: pass --data FILE or set data.hub_dataset.")
     from studio.data.files import DataError, check_size
-    from studio.modeling import preflight
     from studio.paths import shipped_file
 
     for key in ("path", "val_path"):  # refuse now rather than start a run that fails a second later
@@ -155,7 +155,9 @@ def cmd_train(args) -> int:
             if not path.is_file():
                 raise DataError(f"data.{key}: {value}: no such file.")
             check_size(path)
-    preflight(cfg)
+    # The hardware and model checks (``modeling.preflight``) are the worker's first step, before anything loads:
+    # here they would import torch, bitsandbytes and transformers once more before the worker does (15 s on a
+    # fresh GPU machine).  A refusal there ends the run as failed with the field and the remedy, printed below.
     run = worker.start(RunStore(), cfg)
     print(f"run {run.id} in {run.dir}")
     st = follow(run)

@@ -52,3 +52,15 @@ def test_estimate_prints_gpu_table(studio_home):
     out = cli("estimate", "--preset", "mistral-7b-instruct-thorough", "--gpu", "T4 16 GB", env_home=studio_home)
     assert out.returncode == 0 and "T4 16 GB" in out.stdout and "fp16" in out.stdout  # no bf16 there: a note
     assert "has no bf16" in out.stdout
+
+
+def test_worker_refusal_names_the_field(studio_home):
+    """The hardware checks run in the worker (the CLI no longer imports torch to repeat them): the fast preset's
+    fp16 on this CPU ends the run as failed, and the CLI prints the field and the remedy, no traceback."""
+    out = cli("train", "--preset", "mistral-7b-finance-fast", "--data", "samples/finance_alpaca.jsonl",
+              "--set", "model.base_model=studio-tiny-mistral", "--name", "refused", env_home=studio_home,
+              timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "[failed] model.compute_dtype: fp16 mixed precision needs a CUDA GPU" in out.stdout
+    assert "fix the named field" in out.stdout and "run refused: failed" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr

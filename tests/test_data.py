@@ -11,7 +11,7 @@ from studio.data.pipeline import preview, prepare, split, to_examples
 from studio.data.schema import Example, detect, to_example
 from studio.data.stats import length_stats
 from studio.data.templates import TemplateSpec, render, render_prompt
-from studio.data.tokenize import IGNORE, tokenize_pair
+from studio.data.tokenize import IGNORE, encode_prompt, tokenize_pair, tokenize_pairs
 
 EXPECTED = {
     "finance_alpaca.jsonl": "alpaca",
@@ -90,6 +90,25 @@ def test_truncation_and_chat_template_single_bos_eos(tiny_tokenizer):
     t = tokenize_pair(p, r, tok, 128)
     assert t.input_ids.count(tok.bos_token_id) == 1 and t.input_ids.count(tok.eos_token_id) == 2  # user + assistant turn ends
     assert t.labels[-1] == tok.eos_token_id
+
+
+def test_batched_tokenization_keeps_each_text_and_its_order(tiny_tokenizer):
+    """The pipeline tokenizes a file in batches (texts opening with BOS apart from the rest); each row is still
+    its own text's ids with EOS, in the file's order, its loss starting where the answer does."""
+    tok = tiny_tokenizer
+    chat = render(Example(instruction="Hi", response="Hello."), TemplateSpec("chat"), tok)
+    pairs = [render(Example(instruction=f"Question {i} " + "word " * (i % 40), response=f"Answer {i}."),
+                    TemplateSpec("alpaca")) for i in range(50)]
+    pairs[10:10] = [chat, ("### Answer: ", "  spaced"), ("", ""), ("é✓😀 ", "中文 text")]
+    rows = tokenize_pairs(pairs, tok, 64)
+    assert len(rows) == len(pairs)
+    for (p, r), t in zip(pairs, rows):
+        alone = tokenize_pair(p, r, tok, 64)
+        assert (t.input_ids, t.labels, t.full_length) == (alone.input_ids, alone.labels, alone.full_length)
+        ids = tok(p + r, add_special_tokens=not (p + r).startswith(tok.bos_token))["input_ids"]
+        ids = ids if ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]  # the chat template ends with EOS
+        assert t.input_ids == ids[:64] and t.full_length == len(ids)
+    assert rows[11].labels.count(IGNORE) <= len(encode_prompt(tok, "### Answer: "))
 
 
 def test_preview_marks_loss_tokens(tiny_tokenizer):

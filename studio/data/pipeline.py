@@ -24,7 +24,7 @@ from studio.data.files import DataError, read_hub, read_records, where_of
 from studio.data.schema import Detection, Example, check_mapping, columns_of, detect, to_example
 from studio.data.stats import LengthStats, length_stats
 from studio.data.templates import TemplateSpec, render
-from studio.data.tokenize import Tokenized, tokenize_pair
+from studio.data.tokenize import Tokenized, tokenize_pair, tokenize_pairs
 
 
 @dataclass
@@ -95,7 +95,7 @@ def train_val_examples(data_cfg, token: str | None = None) -> tuple[list[Example
 
 def tokenize_examples(examples: list[Example], spec: TemplateSpec, tokenizer, max_length: int,
                       train_on_inputs: bool) -> list[Tokenized]:
-    return [tokenize_pair(*render(ex, spec, tokenizer), tokenizer, max_length, train_on_inputs) for ex in examples]
+    return tokenize_pairs([render(ex, spec, tokenizer) for ex in examples], tokenizer, max_length, train_on_inputs)
 
 
 class TokenDataset:

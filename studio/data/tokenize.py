@@ -2,10 +2,11 @@
 
 Contract: ``tokenize_pair(prompt, response, tokenizer, max_length, train_on_inputs)`` returns a
 ``Tokenized`` with ``input_ids``, ``labels`` (-100 where no loss), the untruncated length and whether
-it was truncated.  The ids are those of ``prompt + response`` as one text (so they decode to exactly the
+it was truncated; ``tokenize_pairs`` does the same for a list of pairs in a few tokenizer calls (the
+pipeline's way: one call per pair cost seconds per 10,000 examples).  The ids are those of ``prompt + response`` as one text (so they decode to exactly the
 template's text); the loss starts at the first token holding response characters.  ``encode_prompt``
-gives the ids generation sends for a prompt, which begin the training sequences of its template.  EOS is appended so the model learns to stop (unless the response text already
-ends with it, as chat templates do).  The loss mask depends on positions, not on token ids, so a
+gives the ids generation sends for a prompt, which begin the training sequences of its template.  EOS is
+appended so the model learns to stop (unless the response text already ends with it, as chat templates do).  The loss mask depends on positions, not on token ids, so a
 pad token equal to EOS could never mask the EOS that ends a response.  ``ensure_pad_token`` gives a
 tokenizer a pad token distinct from EOS where it can.
 """
@@ -29,7 +30,7 @@ class Tokenized:
 
     @property
     def loss_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return len(self.labels) - self.labels.count(IGNORE)
 
 
 def ensure_pad_token(tokenizer) -> bool:
@@ -62,24 +63,40 @@ def _whole(tokenizer, prompt: str, response: str) -> tuple[list[int], int] | Non
     prompt's trailing spaces.
     None where the tokenizer cannot map tokens to characters (a slow tokenizer).
     """
-    text = prompt + response
+    return _wholes(tokenizer, [(prompt, response)])[0]
+
+
+def _wholes(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int] | None]:
+    """``_whole`` for many pairs in as few tokenizer calls as the BOS rule allows (texts that open with BOS and
+    texts that do not are encoded apart); a fast tokenizer encodes a list on its own threads, and per text
+    gives the same ids as alone (no padding, no truncation)."""
+    texts = [p + r for p, r in pairs]
     bos = tokenizer.bos_token
-    try:
-        enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError):
-        return None
-    ids, offsets = enc["input_ids"], enc.get("offset_mapping")
-    if offsets is None or len(offsets) != len(ids):
-        return None
-    # The prompt's trailing spaces go with the answer whether or not the tokenizer joins them to its first
-    # word, so the prompt's ids never depend on the answer (and ``encode_prompt`` can send exactly them).
-    boundary = len(prompt.rstrip(" "))
-    n_prompt = 0
-    for start, end in offsets:
-        if end > boundary:
-            break
-        n_prompt += 1
-    return ids, n_prompt
+    out: list[tuple[list[int], int] | None] = [None] * len(texts)
+    for add in (True, False):
+        idx = [i for i, t in enumerate(texts) if (not (bos and t.startswith(bos))) == add]
+        if not idx:
+            continue
+        try:
+            enc = tokenizer([texts[i] for i in idx], add_special_tokens=add, return_offsets_mapping=True)
+        except (NotImplementedError, TypeError, ValueError):
+            return out
+        offsets_all = enc.get("offset_mapping")
+        if offsets_all is None:
+            return out
+        for i, ids, offsets in zip(idx, enc["input_ids"], offsets_all):
+            if len(offsets) != len(ids):
+                continue
+            # The prompt's trailing spaces go with the answer whether or not the tokenizer joins them to its
+            # first word, so the prompt's ids never depend on the answer (``encode_prompt`` sends exactly them).
+            boundary = len(pairs[i][0].rstrip(" "))
+            n_prompt = 0
+            for start, end in offsets:
+                if end > boundary:
+                    break
+                n_prompt += 1
+            out[i] = (ids, n_prompt)
+    return out
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -94,14 +111,28 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 def tokenize_pair(prompt: str, response: str, tokenizer, max_length: int,
                   train_on_inputs: bool = False) -> Tokenized:
-    whole = _whole(tokenizer, prompt, response)
-    if whole is not None:
-        ids, n_prompt = whole
-    else:
-        p_ids = _encode(tokenizer, prompt, True)
-        ids, n_prompt = p_ids + _encode(tokenizer, response, False), len(p_ids)
+    return tokenize_pairs([(prompt, response)], tokenizer, max_length, train_on_inputs)[0]
+
+
+BATCH = 2048  # texts per tokenizer call: its threads stay busy and a long file's offsets never all sit in memory
+
+
+def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int,
+                   train_on_inputs: bool = False) -> list[Tokenized]:
+    """``tokenize_pair`` for each pair, the same ids and labels, with the tokenizer called once per ``BATCH``
+    pairs rather than once per pair (a 20,000-example file: about a second instead of ten)."""
+    out = []
     eos = tokenizer.eos_token_id
-    if eos is not None and not (len(ids) > n_prompt and ids[-1] == eos):
-        ids = ids + [eos]
-    labels = (list(ids) if train_on_inputs else [IGNORE] * n_prompt + list(ids[n_prompt:]))
-    return Tokenized(ids[:max_length], labels[:max_length], len(ids))
+    for k in range(0, len(pairs), BATCH):
+        chunk = pairs[k:k + BATCH]
+        for (prompt, response), whole in zip(chunk, _wholes(tokenizer, chunk)):
+            if whole is not None:
+                ids, n_prompt = whole
+            else:
+                p_ids = _encode(tokenizer, prompt, True)
+                ids, n_prompt = p_ids + _encode(tokenizer, response, False), len(p_ids)
+            if eos is not None and not (len(ids) > n_prompt and ids[-1] == eos):
+                ids = ids + [eos]
+            labels = (list(ids) if train_on_inputs else [IGNORE] * n_prompt + list(ids[n_prompt:]))
+            out.append(Tokenized(ids[:max_length], labels[:max_length], len(ids)))
+    return out
