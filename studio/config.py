@@ -162,7 +162,7 @@ class SpeedSection:
     liger: str = _f("auto", "Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear cross-entropy).",
                     choices=SWITCH)
     padding_free: str = _f("auto", "One flattened row per micro-batch instead of padded rows.", choices=SWITCH)
-    cuda_graphs: str = _f("auto", "Replay each decoder layer as a CUDA graph (fixed batch x max_length rows).",
+    cuda_graphs: str = _f("auto", "Replay the decoder layers as one CUDA graph (fixed batch x max_length rows).",
                           choices=SWITCH)
     fused_lora: str = _f("auto", "Each 4-bit LoRA layer as one fused autograd function.", choices=SWITCH)
 

@@ -2,7 +2,7 @@
 
 A QLoRA step on short rows (the fast preset: 8 examples of at most 128 tokens) launches thousands of
 small kernels (4-bit dequantisation, LoRA, norms, rotary) and the GPU mostly waits for Python between
-them.  Capturing each decoder layer's forward and backward once with
+them.  Capturing the decoder layers' forward and backward once with
 ``torch.cuda.make_graphed_callables`` and replaying them removes that wait.  Replay needs identical
 shapes, so every training micro-batch is exactly [batch_size, max_length] (``StaticRowsCollator``):
 one example per row, right-padded, labels -100 on the padding, and no attention mask.  Attention is
@@ -12,16 +12,20 @@ the same examples padded with a mask, and the causal flash kernel runs instead o
 Contract:
 - ``StaticRowsCollator(batch_size, length, pad_token_id)`` -> ``input_ids`` and ``labels`` of shape
   [batch_size, length] (missing rows are all padding, labels -100).
-- ``graph_layers(model, batch_size, length, dtype)`` captures every decoder layer (CUDA, training mode)
-  and counts replays in ``base_model.graph_replays[0]``.  A layer replays its graph only in training
-  mode with gradients on, no attention mask and the captured shapes; anything else (evaluation,
-  sample answers, generation) runs the layer eagerly.
-- Without gradient checkpointing each layer is its own graph.  With it, the whole stack of layers is
-  one graph in which every layer is checkpointed (torch's non-reentrant checkpoint, recomputed inside
-  the backward graph): one graph keeps the memory of eager checkpointing, where per-layer graphs would
-  each hold static input, output and gradient buffers.  The first layer runs the stack and the others
-  pass its result through.  Recomputation inside a graph cannot replay a dropout mask, so this needs
-  LoRA dropout 0 (the planner, ``studio.speed.planner``, keeps to that).  With ``offload`` the saved layer inputs go to
+- ``graph_layers(model, batch_size, length, dtype)`` captures the decoder layers (CUDA, training mode)
+  and counts replays in ``base_model.graph_replays[0]``.  The graph replays only in training mode with
+  gradients on, no attention mask and the captured shapes; anything else (evaluation, sample answers,
+  generation) runs the layers eagerly.
+- The whole stack of layers is one graph, forward and backward: the first layer replays it and the
+  others pass its result through.  Per-layer graphs cost a Python round trip per layer and direction
+  (64 a step on Mistral-7B, about 15 ms of an 80 ms step at 8 x 128 tokens, with the GPU waiting for
+  them: ``bench.profile_step --gaps``); one graph is two launches a step.  Its memory is that of the
+  eager stack: the activations the backward reads, in the graph's pool.
+- With gradient checkpointing every layer is checkpointed inside the graph (torch's non-reentrant
+  checkpoint, recomputed inside the backward graph), which keeps the memory of eager checkpointing.
+  Recomputation inside a graph cannot replay a dropout mask, so this needs LoRA dropout 0 (the planner,
+  ``studio.speed.planner``, keeps to that); without checkpointing the dropout masks are drawn inside the
+  forward graph and saved for its backward, as eagerly.  With ``offload`` the saved layer inputs go to
   pinned host memory inside the graph (copies on a side stream, the backward's fetched one layer ahead).
 """
 
@@ -72,23 +76,6 @@ class StaticRowsCollator:
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
         return {"input_ids": ids, "labels": labels}
-
-
-def _layer_call_cls():
-    import torch
-
-    class LayerCall(torch.nn.Module):
-        """Positional tensors in, tensor out: the form make_graphed_callables captures."""
-
-        def __init__(self, layer, eager):
-            super().__init__()
-            self.layer = layer  # registered so its parameters (the LoRA weights) get gradients
-            self.eager = eager
-
-        def forward(self, hidden, cos, sin):
-            return self.eager(hidden, attention_mask=None, position_embeddings=(cos, sin))
-
-    return LayerCall
 
 
 def layer_inputs(model, batch_size: int, length: int, dtype) -> list[tuple]:
@@ -162,56 +149,27 @@ def _replayable(layer, hidden_states, attention_mask, position_embeddings, shape
             and tuple(position_embeddings[0].shape) == c_shape)
 
 
-def graph_layers(model, batch_size: int, length: int, dtype, offload: bool = False):
-    """Capture every decoder layer of ``model`` as CUDA graphs for [batch_size, length] micro-batches.
-
-    ``offload`` (checkpointed layers only): the saved layer inputs live in pinned host memory."""
-
-    layers = decoder_layers(model)
-    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
-        return graph_checkpointed_stack(model, batch_size, length, dtype, offload)
-    was_training = model.training
-    model.train()
-    specs = layer_inputs(model, batch_size, length, dtype)
-    device = next(p for p in layers[0].parameters()).device
-    base = _unwrapped(model)
-    LayerCall = _layer_call_cls()
-    calls = tuple(LayerCall(layer, layer.forward) for layer in layers)
-    graphed = _capture(model, calls, tuple(_sample(base, spec, batch_size, length, device) for spec in specs), dtype)
-    shape = (batch_size, length, base.config.hidden_size)
-    stats = base.__dict__.setdefault("graph_replays", [0])  # layer replays so far: tests check graphs really run
-    for layer, call, (_, _, _, c_shape) in zip(layers, graphed, specs):
-        eager = call.eager
-
-        def forward(hidden_states, attention_mask=None, position_embeddings=None, _eager=eager, _call=call,
-                    _layer=layer, _c_shape=c_shape, **kw):
-            if _replayable(_layer, hidden_states, attention_mask, position_embeddings, shape, _c_shape):
-                stats[0] += 1
-                return _call(hidden_states, *position_embeddings)
-            return _eager(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
-                          **kw)
-
-        layer.forward = forward
-    model.train(was_training)
-    return len(layers)
-
-
 def _stack_call_cls():
     import torch
     from torch.utils.checkpoint import checkpoint
 
     class StackCall(torch.nn.Module):
-        """All decoder layers, each checkpointed, as one positional callable."""
+        """All decoder layers (each checkpointed, with ``checkpointed``) as one positional callable."""
 
-        def __init__(self, layers, eagers):
+        def __init__(self, layers, eagers, checkpointed: bool):
             super().__init__()
             self.layers = torch.nn.ModuleList(layers)  # registered so the LoRA weights get gradients
             self.eagers = eagers
+            self.checkpointed = checkpointed
 
         def forward(self, hidden, cos, sin):
             for eager in self.eagers:
-                hidden = checkpoint(lambda h, c, s, _f=eager: _f(h, attention_mask=None, position_embeddings=(c, s)),
-                                    hidden, cos, sin, use_reentrant=False, preserve_rng_state=False)
+                if self.checkpointed:
+                    hidden = checkpoint(lambda h, c, s, _f=eager: _f(h, attention_mask=None,
+                                                                     position_embeddings=(c, s)),
+                                        hidden, cos, sin, use_reentrant=False, preserve_rng_state=False)
+                else:
+                    hidden = eager(hidden, attention_mask=None, position_embeddings=(cos, sin))
             return hidden
 
     return StackCall
@@ -310,10 +268,13 @@ def _offloaded_stack_call_cls():
     return OffloadedStackCall
 
 
-def graph_checkpointed_stack(model, batch_size: int, length: int, dtype, offload: bool = False):
-    """One CUDA graph for the whole checkpointed layer stack; see the module docstring."""
+def graph_layers(model, batch_size: int, length: int, dtype, offload: bool = False) -> int:
+    """Capture the decoder layers of ``model`` as one CUDA graph for [batch_size, length] micro-batches; returns
+    how many layers it holds.  Layers with gradient checkpointing on are checkpointed inside it; ``offload``
+    (checkpointed layers only): their saved inputs live in pinned host memory.  See the module docstring."""
 
     layers = decoder_layers(model)
+    checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
     was_training = model.training
     model.train()
     spec = layer_inputs(model, batch_size, length, dtype)[0]
@@ -322,14 +283,14 @@ def graph_checkpointed_stack(model, batch_size: int, length: int, dtype, offload
     sample = _sample(base, spec, batch_size, length, device)
     eagers = [layer.forward for layer in layers]
     for layer in layers:
-        layer.gradient_checkpointing = False  # the checkpointing now happens inside the graph
-    if offload:
+        layer.gradient_checkpointing = False  # any checkpointing now happens inside the graph
+    if offload and checkpointed:
         from studio.speed.offload import skip_unused_output
 
         skip_unused_output(model)  # the recomputes below skip down_proj's matmul, as offloaded_checkpoint's do
         stack = _offloaded_stack_call_cls()(layers, eagers, sample[0].detach())
     else:
-        stack = _stack_call_cls()(layers, eagers)
+        stack = _stack_call_cls()(layers, eagers, checkpointed)
     (graphed,) = _capture(model, (stack,), (sample,), dtype)
     shape, c_shape = tuple(sample[0].shape), spec[3]
     stats = base.__dict__.setdefault("graph_replays", [0])

@@ -17,8 +17,8 @@ in the order they are applied (docs/speed.md gives the measurements behind them)
    padding-free rows only with flash-attention's varlen kernel (with SDPA a packed row takes a dense mask,
    measured 0.67x at 4096 tokens).
 4. Short rows (``data.max_length`` <= 512): a step is too small to keep the GPU busy and the host's per-kernel
-   overhead dominates.  The largest micro-batch that fits, without checkpointing if possible; each decoder layer
-   replayed as a CUDA graph (not with checkpointing and LoRA dropout: a graphed recompute cannot redraw the
+   overhead dominates.  The largest micro-batch that fits, without checkpointing if possible; the decoder layers
+   replayed as one CUDA graph (not with checkpointing and LoRA dropout: a graphed recompute cannot redraw the
    forward's mask); the 16-bit weight cache where it fits beside that micro-batch.
 5. Long rows: the matmuls keep the GPU busy; memory is what to save.  Checkpointing, with the checkpointed
    layer inputs in pinned CPU RAM (where half the free RAM holds them) and each layer's MLP up-projection kept
@@ -211,7 +211,7 @@ def plan_run(cfg, hw, *, arch=_UNKNOWN, host_free: int | None = None, liger_inst
             gc = c.set("gradient_checkpointing", chosen.gradient_checkpointing,
                        "needed to fit this micro-batch" if chosen.gradient_checkpointing else
                        "the micro-batch's activations fit: nothing is recomputed")
-        graphs_why = ("each decoder layer's forward and backward replays as a CUDA graph: no per-kernel host "
+        graphs_why = ("the decoder layers' forward and backward replay as one CUDA graph: no per-kernel host "
                       "overhead, which bounds short rows")
         if gc and lora.dropout > 0:
             graphs_why = "with checkpointing and LoRA dropout a graphed recompute cannot redraw the forward's mask"

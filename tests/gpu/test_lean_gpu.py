@@ -184,7 +184,7 @@ def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
         "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {}, "data.train_samples": 0,
         "data.val_samples": 16, "train.max_steps": 8, "train.logging_steps": 1, "train.eval_steps": 4,
         "train.save_steps": 4, "train.sample_prompts": 1, "lora.target_modules": ALL,
-        # graphs-dropout: per-layer graphs (no checkpointing) replaying the fused layers' dropout draws
+        # graphs-dropout: the graphed stack without checkpointing, replaying the fused layers' dropout draws
         "lora.dropout": 0.05 if "dropout" in mode else 0.0, "speed.gradient_checkpointing": onoff("dropout" not in mode), "speed.fp32_frozen": "off", "model.double_quant": True,
         "speed.fused_lora": "on", "speed.offload_checkpoints": onoff("offload" in mode), "speed.cuda_graphs": onoff("graphs" in mode),
         "speed.offload_up_proj": onoff(mode == "offload-up"),

@@ -1,7 +1,7 @@
 """GPU tier: the path the planner chooses on this GPU learns what the plain path learns.
 
 For each seed preset, the plan ``studio.speed.plan`` makes for this machine (on the fast preset's short rows:
-per-layer CUDA graphs, the 16-bit weight cache, fused LoRA, Liger, compute-dtype frozen weights; on the thorough
+the layers as one CUDA graph, the 16-bit weight cache, fused LoRA, Liger, compute-dtype frozen weights; on the thorough
 preset's long rows: checkpointing with inputs and up-projections in CPU RAM, fused LoRA, Liger) is built by the
 speed package exactly as a run builds it, and one step on the same batches is compared with the plain path's
 (peft's k-bit preparation, checkpointing, nothing else): loss within 1e-2 relative, each LoRA gradient within
