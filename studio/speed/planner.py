@@ -145,10 +145,12 @@ def plan_run(cfg, hw, *, arch=_UNKNOWN, host_free: int | None = None, liger_inst
 
     if arch is _UNKNOWN:
         arch = arch_for(cfg)
-    if liger_installed is None:
-        liger_installed = _liger_installed(hw)
-    if host_free is None:
-        host_free = _host_free(hw)
+    if liger_installed is None or host_free is None:
+        here = _here(hw)  # once: the fit table plans for every profile on each keystroke
+        if liger_installed is None:
+            liger_installed = _liger_installed(here)
+        if host_free is None:
+            host_free = _host_free(hw, here)
     c = _Choices(cfg)
     t, lora, pins = cfg.train, cfg.lora, cfg.speed
     dtype, dtype_why = _dtype(cfg, hw, c.notes)
@@ -206,8 +208,9 @@ def plan_run(cfg, hw, *, arch=_UNKNOWN, host_free: int | None = None, liger_inst
             if chosen:
                 break
         micro = chosen.micro_batch if chosen else micros[-1]
-        gc = c.set("gradient_checkpointing", chosen is None, "needed to fit even the smallest micro-batch")
-        if chosen is not None:
+        if chosen is None:
+            gc = c.set("gradient_checkpointing", True, "needed to fit even the smallest micro-batch")
+        else:
             gc = c.set("gradient_checkpointing", chosen.gradient_checkpointing,
                        "needed to fit this micro-batch" if chosen.gradient_checkpointing else
                        "the micro-batch's activations fit: nothing is recomputed")
@@ -298,15 +301,15 @@ def _here(hw) -> bool:
     return here.device == hw.device and here.name == hw.name
 
 
-def _liger_installed(hw) -> bool:
+def _liger_installed(here: bool) -> bool:
     """Whether liger-kernel imports here; another machine is taken to have the GPU requirements installed."""
     import importlib.util
 
-    return importlib.util.find_spec("liger_kernel") is not None if _here(hw) else True
+    return importlib.util.find_spec("liger_kernel") is not None if here else True
 
 
-def _host_free(hw) -> int:
+def _host_free(hw, here: bool) -> int:
     """Free CPU RAM: measured for this machine, 80% of the profile's RAM for another."""
     import psutil
 
-    return psutil.virtual_memory().available if _here(hw) else int(hw.host_bytes * 0.8)
+    return psutil.virtual_memory().available if here else int(hw.host_bytes * 0.8)
