@@ -10,7 +10,9 @@ Contract:
   returns ``None`` for a missing, torn or foreign file rather than raising.
 - No secret goes in: the config has no token field, and every string value passes through ``redact``.
 - Every browser reads the same file, so a second browser (or the same one after a reload) starts where the
-  last edit left off.  Imports nothing of the UI.
+  last edit left off.  ``stamp`` names the version on disk, so an open page can follow edits made in another
+  browser; ``save_if_changed`` writes only a draft that differs from the file's; ``merge`` puts one page's
+  edits on top of a draft another browser saved since that page last took one on.  Imports nothing of the UI.
 """
 
 from __future__ import annotations
@@ -87,6 +89,59 @@ def load() -> Draft | None:
             or not isinstance(d.get("values"), dict):
         return None
     return Draft(str(d.get("preset") or ""), d["base"], d["values"])
+
+
+def stamp() -> str:
+    """Which version of the draft is on disk ("" when none): every save replaces the file, so its inode and
+    modification time change.  Open pages compare it with the version they show to follow other browsers."""
+    try:
+        st = path().stat()
+    except OSError:
+        return ""
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def _body(draft: Draft) -> str:
+    return json.dumps({"preset": _clean(draft.preset), "base": _clean(draft.base), "values": _clean(draft.values)},
+                      sort_keys=True)
+
+
+def save_if_changed(draft: Draft) -> bool:
+    """Save ``draft`` unless the file already holds the same choices; -> whether it wrote.  A page that takes
+    on another browser's draft sends its widgets' change events back: those must not write again, or two
+    open pages would hand the draft back and forth for ever."""
+    old = load()
+    if old is not None and _body(old) == _body(draft):
+        return False
+    save(draft)
+    return True
+
+
+def as_dict(draft: Draft) -> dict:
+    """The draft as saved (strings redacted, JSON types): what a page keeps of the version it shows."""
+    return json.loads(_body(draft))
+
+
+def from_dict(d: dict) -> Draft:
+    return Draft(str(d.get("preset") or ""), dict(d.get("base") or {}), dict(d.get("values") or {}))
+
+
+def merge(theirs: Draft, before: Draft, mine: Draft) -> Draft:
+    """``mine``'s edits since ``before`` (the version its page last took on) applied on top of ``theirs`` (a
+    newer draft another browser saved meanwhile): two people editing different fields both keep their edit.
+    Another preset chosen replaces the whole draft, as it does on one page."""
+    if mine.preset != before.preset or _clean(mine.base) != _clean(before.base):
+        return mine
+    missing = object()
+    values = dict(theirs.values)
+    for k in {*before.values, *mine.values}:
+        was, now = before.values.get(k, missing), mine.values.get(k, missing)
+        if was is missing or now is missing or json.dumps(_clean(was)) != json.dumps(_clean(now)):
+            if now is missing:
+                values.pop(k, None)  # set back to the preset's value on this page
+            else:
+                values[k] = now
+    return Draft(theirs.preset, theirs.base, values)
 
 
 def clear() -> None:

@@ -47,6 +47,40 @@ def test_a_half_typed_value_is_kept_as_typed_and_start_names_the_key(studio_home
     assert "Start would refuse" in text and "train.learning_rate" in text
 
 
+def test_two_pages_editing_different_fields_both_keep_their_edit(studio_home):
+    """Page A and page B took on the same draft; A saves max steps, then B (behind, still typing) saves its
+    template: B's edit goes on top of A's, B is left behind so its next tick takes the merged draft on."""
+    cfg = load_preset("tiny-demo")
+    first = state.draft_of("tiny-demo", cfg.to_dict(), KEYS, _values(cfg))
+    shown_a = state.keep_draft({}, first)
+    shown_b = {"stamp": drafts.stamp(), "body": drafts.as_dict(first)}
+    assert shown_a == shown_b
+    shown_a = state.keep_draft(shown_a, state.draft_of("tiny-demo", cfg.to_dict(), KEYS,
+                                                         _values(cfg, train__max_steps=9)))
+    assert shown_a["stamp"] == drafts.stamp() != shown_b["stamp"]
+    assert state.follows(shown_b["stamp"], drafts.stamp(), editing=False)
+    assert not state.follows(shown_b["stamp"], drafts.stamp(), editing=True)  # typing: taken on after
+    assert not state.follows(shown_a["stamp"], drafts.stamp(), editing=False)  # its own save
+    shown_b = state.keep_draft(shown_b, state.draft_of("tiny-demo", cfg.to_dict(), KEYS,
+                                                         _values(cfg, data__template="qa")))
+    on_disk = drafts.load().values
+    assert on_disk["train.max_steps"] == 9 and on_disk["data.template"] == "qa"
+    assert state.follows(shown_b["stamp"], drafts.stamp(), editing=False)  # B shows 0 steps: it takes 9 on
+    # Taking it on sends the widgets' values back: the same draft, nothing written, so pages never ping-pong.
+    before = drafts.stamp()
+    taken = {"stamp": before, "body": drafts.as_dict(drafts.load())}
+    again = state.keep_draft(taken, state.draft_of("tiny-demo", cfg.to_dict(), KEYS,
+                                                   _values(cfg, train__max_steps=9, data__template="qa")))
+    assert drafts.stamp() == before == again["stamp"]
+    # Setting a field back to the preset's value on a page behind removes it from the merged draft too.
+    merged = drafts.merge(drafts.load(), drafts.from_dict(taken["body"]),
+                          state.draft_of("tiny-demo", cfg.to_dict(), KEYS, _values(cfg, data__template="qa")))
+    assert "train.max_steps" not in merged.values and merged.values["data.template"] == "qa"
+    # Another preset chosen replaces the draft as a whole.
+    other = drafts.Draft("mine", {**cfg.to_dict(), "name": "mine"}, {})
+    assert drafts.merge(drafts.load(), drafts.from_dict(taken["body"]), other) is other
+
+
 def test_a_torn_or_foreign_draft_is_ignored_and_no_token_is_written(studio_home):
     drafts.path().parent.mkdir(parents=True, exist_ok=True)
     drafts.path().write_text('{"version": 1, "base": {}, "val')

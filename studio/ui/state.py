@@ -8,6 +8,11 @@ Contract:
   read afresh, a loaded YAML shown by name), the Data tab (source, detected columns, mapping, template,
   lengths, split) and redraws the preview, the changes, the fit and the summary.  With no draft yet, the
   page keeps the defaults it was built with (the preset list still refreshed).
+- An open page follows the draft live: a timer takes on a draft another browser saved (``follows``: newer
+  than the one this page shows, and the person is not typing in a Data or Presets field), then redraws as on
+  load.  A page saves only a draft that differs from the file's (``drafts.save_if_changed``), so taking one on
+  writes nothing back; a page behind a newer draft saves its own edits on top of it (``keep_draft``), so two
+  people editing different fields both keep theirs (the same field: the last edit wins).
 - ``start_config(base, keys, values)`` is the one mapping Start and the summary share; ``summary`` states
   the preset and its changes, the data (file, template, mapping, train/validation counts) and every check
   that would refuse the run (values, data, this machine), before anything loads.
@@ -162,19 +167,22 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
     keys = list(presets_ui.keys) + list(data_ui.keys)
     inputs = list(presets_ui.inputs) + list(data_ui.inputs)
 
-    def persist(preset, base, *values):
+    # The draft this page shows: the version on disk it last took on, and its own values as last saved.
+    seen = gr.State({})
+
+    def persist(preset, base, shown, *values):
+        text = summary(preset, base, keys, list(values))
         try:
-            drafts.save(draft_of(preset, base, keys, list(values)))
+            return text, keep_draft(shown, draft_of(preset, base, keys, list(values)))
         except OSError as e:
-            return summary(preset, base, keys, list(values)) + f"\n\n⚠️ Your choices could not be kept: {e}"
-        return summary(preset, base, keys, list(values))
+            return text + f"\n\n⚠️ Your choices could not be kept: {e}", gr.skip()
 
     # A model id is looked up (its tokenizer, its shape) when the summary is drawn: it is kept when the box is
     # left or submitted, not at every keystroke of a half-typed id.
     text_keys = {k for k in presets_tab.TEXT_KEYS}
     triggers = [t for k, c in zip(keys, inputs) for t in ([c.blur, c.submit] if k in text_keys else [c.change])]
     triggers += [presets_ui.base.change, presets_ui.preset.change]
-    gr.on(triggers, persist, [presets_ui.preset, presets_ui.base, *inputs], train_ui.summary,
+    gr.on(triggers, persist, [presets_ui.preset, presets_ui.base, seen, *inputs], [train_ui.summary, seen],
           api_visibility="private", trigger_mode="always_last", show_progress="hidden")
 
     roles = list(data_ui.role_dropdowns.values())
@@ -186,13 +194,14 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
         return (gr.Dropdown(choices=preset_choices(None)), *([gr.skip()] * n_rest))
 
     def restore():
+        now = drafts.stamp()  # read before the draft: a save in between shows as newer at the next tick
         draft = drafts.load()
         if draft is None:
-            return untouched()
+            return (*untouched(), {"stamp": now})
         try:
-            return restored_from(draft)
+            return (*restored_from(draft), {"stamp": now, "body": drafts.as_dict(draft)})
         except Exception:  # noqa: BLE001 - a draft from another version must never break the page: start afresh
-            return untouched()
+            return (*untouched(), {"stamp": now})
 
     def restored_from(draft):
         vals = restore_values(draft, keys)
@@ -226,12 +235,76 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
                 v.get("model.base_model", cfg.model.base_model))
 
     state_in = [presets_ui.base, *presets_ui.inputs]
-    gr.on(None, restore, None, restored, api_visibility="private") \
-        .then(data_tab.refresh, data_ui.preview_inputs, data_ui.preview_outputs, api_visibility="private") \
-        .then(presets_tab.changes, state_in, presets_ui.changes, api_visibility="private") \
-        .then(presets_tab.fit, state_in, [presets_ui.fit_table, presets_ui.fit_verdict], api_visibility="private") \
-        .then(lambda p, b, *vals: summary(p, b, keys, list(vals)), [presets_ui.preset, presets_ui.base, *inputs],
-              train_ui.summary, api_visibility="private")
+
+    def redraw(dep, **kw):
+        """After the widgets took a draft: the preview, the changes, the fit and the summary, drawn afresh."""
+        return dep.then(data_tab.refresh, data_ui.preview_inputs, data_ui.preview_outputs, api_visibility="private",
+                        **kw) \
+            .then(presets_tab.changes, state_in, presets_ui.changes, api_visibility="private", **kw) \
+            .then(presets_tab.fit, state_in, [presets_ui.fit_table, presets_ui.fit_verdict],
+                  api_visibility="private", **kw) \
+            .then(lambda p, b, *vals: summary(p, b, keys, list(vals)), [presets_ui.preset, presets_ui.base, *inputs],
+                  train_ui.summary, api_visibility="private", **kw)
+
+    redraw(gr.on(None, restore, None, [*restored, seen], api_visibility="private"))
+
+    # An open page follows edits made in another browser: a timer compares the draft's version with the one this
+    # page shows and takes the newer draft on, unless the person is typing in a Data or Presets field (their
+    # half-typed value would be replaced; the draft is taken on once they leave it).
+    editing = gr.Checkbox(False, visible=False, elem_id="draft-editing")
+    taken = gr.State(0)  # counts the drafts taken on: its change starts the redraw, so an idle tick draws nothing
+    timer = gr.Timer(DRAFT_EVERY_S)
+
+    def follow(shown, busy, count):
+        now = drafts.stamp()
+        skip_all = (*([gr.skip()] * len(restored)), gr.skip(), gr.skip())
+        if not follows((shown or {}).get("stamp"), now, busy):
+            return skip_all
+        draft = drafts.load()
+        if draft is None:
+            return skip_all
+        try:
+            out = restored_from(draft)
+        except Exception:  # noqa: BLE001 - as on load: a foreign draft leaves the page as it is
+            return (*([gr.skip()] * len(restored)), {**(shown or {}), "stamp": now}, gr.skip())
+        return (*out, {"stamp": now, "body": drafts.as_dict(draft)}, int(count or 0) + 1)
+
+    timer.tick(follow, [seen, editing, taken], [*restored, seen, taken], js=EDITING_JS, api_visibility="private",
+               show_progress="hidden")
+    redraw(taken.change(lambda: None, None, None, api_visibility="private", show_progress="hidden"),
+           show_progress="hidden")
+
+
+DRAFT_EVERY_S = 2.0
+# Sent with each tick: whether the focus is in a text or number field of the Data or Presets tab.  The page
+# counts its ticks (window.__draftTicks), so a browser test can wait for ticks instead of sleeping.
+EDITING_JS = """(shown, editing, count) => {
+  window.__draftTicks = (window.__draftTicks || 0) + 1;
+  const el = document.activeElement;
+  const busy = !!el && el.matches("input, textarea") && !!el.closest("[id^='data-'], [id^='presets-']");
+  return [shown, busy, count];
+}"""
+
+
+def keep_draft(shown: dict | None, mine: drafts.Draft) -> dict:
+    """Save a page's draft -> what the page now shows (its ``seen`` state).  When another browser saved a newer
+    draft since this page took one on, this page's edits since then go on top of it (``drafts.merge``) and the
+    page stays behind, so its next tick takes the merged draft on."""
+    shown = shown or {}
+    before = shown.get("body")
+    if before is not None and shown.get("stamp") != drafts.stamp():
+        theirs = drafts.load()
+        if theirs is not None:
+            drafts.save_if_changed(drafts.merge(theirs, drafts.from_dict(before), mine))
+            return {"stamp": shown.get("stamp", ""), "body": drafts.as_dict(mine)}
+    drafts.save_if_changed(mine)
+    return {"stamp": drafts.stamp(), "body": drafts.as_dict(mine)}
+
+
+def follows(shown: str | None, now: str, editing: bool) -> bool:
+    """Whether a page takes on the draft on disk: there is one, it is not the version the page shows, and the
+    person is not typing in a field it would overwrite."""
+    return bool(now) and now != (shown or "") and not editing
 
 
 # ---- live lists ---------------------------------------------------------------------------------
