@@ -133,12 +133,21 @@ def playground_tab(page, run_id: str, home) -> None:
     wait_answered(page, "pg-left-chat", 2)
     assert chat_texts(page, "pg-right-chat", "user")[1] == "And what if revenue doubles?"
     screenshot(page, "05-playground-chat")
+    before = [chat_texts(page, elem, "bot") for elem in ("pg-left-chat", "pg-right-chat")]
     arm(page, "pg-right-chat")
-    page.locator("#pg-regenerate").click()  # answers the last message again: still two turns
+    page.locator("#pg-regenerate").click()  # answers the last message again (the next seed): still two turns
     settled(page, "pg-right-chat", timeout=90_000)
     wait_answered(page, "pg-right-chat", 2)
+    wait_answered(page, "pg-left-chat", 2)
+    after = [chat_texts(page, elem, "bot") for elem in ("pg-left-chat", "pg-right-chat")]
+    assert [a[0] for a in after] == [b[0] for b in before], "regenerate changed the first answers"
+    assert [a[1] for a in after] != [b[1] for b in before], "regenerate gave the same last answers"
+    assert all(a[1].strip() for a in after)
+    assert chat_texts(page, "pg-left-chat", "user") == [first_instruction(), "And what if revenue doubles?"]
+    screenshot(page, "05-playground-regenerated")
     page.locator("#pg-clear").click()
     expect(page.locator("#pg-right-chat .message-row")).to_have_count(0, timeout=10_000)
+    expect(page.locator("#pg-left-chat .message-row")).to_have_count(0)
 
     # Compare checkpoints on an example with an input: the table shows the whole prompt, every column in view.
     page.get_by_role("tab", name="Compare checkpoints").click()

@@ -242,10 +242,12 @@ def test_lists_follow_saved_presets_loaded_yaml_and_new_runs(studio_home, tiny_m
                          "  learning_rate: 0.0007\n")
     with serve_app(studio_home, log) as url:
         page = new_page(browser, url)
+        open_already = new_page(browser, url)  # a second browser open all along, never reloaded
         try:
             # Every tab is visited once first, so their lists were drawn before anything changed.
             for tab in ("4 · Playground", "5 · Evaluate", "6 · Export", "2 · Presets"):
                 open_tab(page, tab)
+            open_tab(open_already, "2 · Presets")
             with page.expect_file_chooser() as chooser:
                 page.locator("#presets-yaml").click()
             chooser.value.set_files(str(yaml_file))
@@ -263,6 +265,16 @@ def test_lists_follow_saved_presets_loaded_yaml_and_new_runs(studio_home, tiny_m
             page.locator("#presets-choice input").click()
             expect(page.get_by_role("option", name="my-short", exact=True)).to_be_visible()
             page.keyboard.press("Escape")
+
+            # The browser open all along lists it too and shows it chosen, with its values, without a reload.
+            expect(open_already.locator("#presets-choice input")).to_have_value("my-short", timeout=20_000)
+            expect(open_already.locator("#presets-train-max-steps input[type=number]")).to_have_value("4")
+            open_already.locator("#presets-choice input").click()
+            expect(open_already.get_by_role("option", name="my-short", exact=True)).to_be_visible()
+            open_already.keyboard.press("Escape")
+            screenshot(open_already, "lists-02a-saved-preset-in-an-open-browser")
+            clean(open_already)
+            open_already.context.close()
 
             other = new_page(browser, url)  # a new browser lists it too, and shows it chosen
             open_tab(other, "2 · Presets")
