@@ -37,6 +37,8 @@ CSS = "\n".join([
     ", ".join(f"{t} table" for t in ANSWER_TABLES) + " { table-layout: fixed; width: 100%; }",
     ", ".join(f"{t} td, {t} [role=gridcell] .text" for t in ANSWER_TABLES)
     + " { white-space: pre-wrap; overflow-wrap: anywhere; }",
+    # A row reads from the top: a short prompt beside a long answer starts on the answer's first line.
+    ", ".join(f"{t} [role=gridcell] .cell-wrap" for t in ANSWER_TABLES) + " { align-items: flex-start; }",
 ])
 
 

@@ -115,6 +115,14 @@ def test_compare_table_has_a_column_per_adapter(ctx, loaded):
         assert last(playground.compare(ctx.holder, "  \n", GREEDY))["data"] == []
 
 
+def test_compare_columns_share_the_table_however_many_models():
+    for n in (2, 4, 8):
+        widths = [float(w.rstrip("%")) for w in playground.compare_widths(n)]
+        assert len(widths) == n + 1 and abs(sum(widths) - 100) < 0.1 and widths[0] >= 16
+    table = playground.compare_table({"headers": ["prompt", "base", "final", "ckpt-2"], "data": []})
+    assert table.column_widths == playground.compare_widths(3)
+
+
 def test_blind_ab_vote_saves_pair_and_counts(ctx, loaded, home):
     prefs = home / "preferences.jsonl"
     before = engine.tally()

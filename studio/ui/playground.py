@@ -136,6 +136,18 @@ def parse_prompts(text: str) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()][:COMPARE_MAX_PROMPTS]
 
 
+def compare_widths(n_models: int) -> list[str]:
+    """Column widths: the prompt a share like a model's (16% at least), the models split the rest, so every
+    model's column stays in view however many checkpoints are loaded."""
+    prompt = max(16, 100 // (n_models + 1))
+    return [f"{prompt}%", *[f"{(100 - prompt) / n_models:.2f}%"] * n_models]
+
+
+def compare_table(value: dict):
+    """The table as drawn: ``compare``'s value with the column widths for its number of models."""
+    return gr.Dataframe(value, column_widths=compare_widths(len(value["headers"]) - 1))
+
+
 def compare(holder: engine.ModelHolder, prompts_text: str, s: Sampling):
     """Yield the table (prompt, base, one column per loaded adapter), growing one row at a time."""
     prompts = parse_prompts(prompts_text)
@@ -434,8 +446,9 @@ def build(ctx) -> PlaygroundUI:
                              info=f"One per line, at most {COMPARE_MAX_PROMPTS}; an example's input follows "
                                   f"'{INPUT_MARK.strip()}' on its line. Filled from the run's validation examples.")
         cmp_btn = gr.Button("Compare", elem_id="pg-compare")
+        # Tall enough for a few wrapped answers side by side before the table scrolls inside itself.
         table = gr.Dataframe(headers=["prompt", "base", "final"], label="Answers", interactive=False, wrap=True,
-                             elem_id="pg-compare-table")
+                             column_widths=compare_widths(2), max_height=1000, elem_id="pg-compare-table")
     with gr.Tab("Blind A/B"):
         gr.Markdown("A conversation with the base and the tuned model answering each message in random order. "
                     "Vote for the better answer: the conversation goes on from it, and the pair is saved for "
@@ -494,7 +507,9 @@ def build(ctx) -> PlaygroundUI:
         .then(lambda: (gr.Dropdown(choices=model_choices(holder), value=BASE),
                        gr.Dropdown(choices=model_choices(holder),
                                    value=holder.adapters[0] if holder.adapters else None)),
-              None, [left_model, right_model], api_visibility="private")
+              None, [left_model, right_model], api_visibility="private") \
+        .then(lambda: compare_table({"headers": ["prompt", "base", *holder.adapters], "data": []}), None, table,
+              api_visibility="private")  # the widths for the models now loaded (/compare answers plain values)
     gen_btn.click(on_generate, [prompt, adapter, *settings], [base_out, tuned_out], api_name="generate")
     prompt.submit(on_generate, [prompt, adapter, *settings], [base_out, tuned_out], api_visibility="private")
     cmp_btn.click(on_compare, [prompts, *settings], table, api_name="compare")
