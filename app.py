@@ -33,12 +33,13 @@ from studio.runs import runs_root, studio_home  # noqa: E402
 # the visible cells as [role=gridcell] spans with white-space: normal, and measures row heights in a hidden
 # table's td cells, so both get pre-wrap (or the rows would be measured one line short).
 ANSWER_TABLES = ("#pg-compare-table", "#eval-best", "#eval-worst")
+TEXT_TABLES = (*ANSWER_TABLES, "#train-samples")  # the Train tab's answers at each evaluation: its own widths
 CSS = "\n".join([
     ", ".join(f"{t} table" for t in ANSWER_TABLES) + " { table-layout: fixed; width: 100%; }",
-    ", ".join(f"{t} td, {t} [role=gridcell] .text" for t in ANSWER_TABLES)
+    ", ".join(f"{t} td, {t} [role=gridcell] .text" for t in TEXT_TABLES)
     + " { white-space: pre-wrap; overflow-wrap: anywhere; }",
     # A row reads from the top: a short prompt beside a long answer starts on the answer's first line.
-    ", ".join(f"{t} [role=gridcell] .cell-wrap" for t in ANSWER_TABLES) + " { align-items: flex-start; }",
+    ", ".join(f"{t} [role=gridcell] .cell-wrap" for t in TEXT_TABLES) + " { align-items: flex-start; }",
 ])
 
 

@@ -91,6 +91,13 @@ def train_tab(page) -> str:
     expect(status).to_contain_text(f"Run {run_id}: completed")
     expect(status).to_contain_text("The adapter is in the run folder")
     expect(page.locator("#train-history")).to_contain_text(run_id)
+    # The answers at each evaluation: a prompt with an input shows it on its own lines, as every cell's text is
+    # drawn with its line breaks (innerText reads a collapsed line break as a space).
+    expect(page.locator("#train-samples [role=gridcell][data-col='1']").first).to_be_visible(timeout=30_000)
+    cells = page.evaluate("""() => [...document.querySelectorAll("#train-samples [role=gridcell] .text")]
+                                   .map(e => [e.innerText, e.textContent])""")
+    assert any("\n\n" in drawn for drawn, _ in cells), cells
+    assert all(drawn.strip() == held.strip() for drawn, held in cells), cells
     screenshot(page, "04-train-completed")
     return run_id
 

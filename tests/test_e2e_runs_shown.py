@@ -163,7 +163,7 @@ def test_compare_keeps_line_breaks_and_deleted_checkpoints_and_adapters_leave_ev
             assert len(drawn) == 10 and all(held.strip() for _, held in drawn), drawn
             assert any("\n" in held for _, held in drawn), "no answer had a line break to show"
             for shown_text, held in drawn:
-                assert shown_text == held.strip(), (shown_text, held)
+                assert shown_text.strip() == held.strip(), (shown_text, held)
             screenshot(page, "keep-03-compare-line-breaks")
 
             # A checkpoint deleted on disk while the page is open leaves the list (and its tick) without a reload.
