@@ -36,6 +36,7 @@ class Draft:
     preset: str  # the preset list's value, or a label such as "my.yaml (loaded file)"
     base: dict  # the preset's RunConfig.to_dict()
     values: dict = field(default_factory=dict)  # dotted key -> widget value, only where it differs from base
+    by: str = ""  # which open page saved it (a random id per page), so a page never takes on its own saves
 
     def value(self, key: str, default):
         return self.values.get(key, default)
@@ -65,7 +66,7 @@ def save(draft: Draft) -> Path:
     p = path()
     p.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"version": VERSION, "preset": _clean(draft.preset), "base": _clean(draft.base),
-                       "values": _clean(draft.values)}, ensure_ascii=False, indent=1)
+                       "values": _clean(draft.values), "by": _clean(draft.by)}, ensure_ascii=False, indent=1)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".draft-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -88,7 +89,7 @@ def load() -> Draft | None:
     if not isinstance(d, dict) or d.get("version") != VERSION or not isinstance(d.get("base"), dict) \
             or not isinstance(d.get("values"), dict):
         return None
-    return Draft(str(d.get("preset") or ""), d["base"], d["values"])
+    return Draft(str(d.get("preset") or ""), d["base"], d["values"], str(d.get("by") or ""))
 
 
 def stamp() -> str:
@@ -107,7 +108,7 @@ def _body(draft: Draft) -> str:
 
 
 def save_if_changed(draft: Draft) -> bool:
-    """Save ``draft`` unless the file already holds the same choices; -> whether it wrote.  A page that takes
+    """Save ``draft`` unless the file already holds the same choices (whoever saved them); -> whether it wrote.  A page that takes
     on another browser's draft sends its widgets' change events back: those must not write again, or two
     open pages would hand the draft back and forth for ever."""
     old = load()

@@ -46,6 +46,13 @@ def no_error_badges(page, *elems: str) -> None:
         assert not re.search(r"\bError\b", text), (elem, text)
 
 
+def quiet(page, *elems: str) -> None:
+    """Wait until no panel among ``elems`` shows a pending update (its status tracker hidden), so a screenshot
+    shows the panels as a person reads them, not greyed out mid-update."""
+    for elem in elems:
+        expect(page.locator(f"#{elem} [data-testid='status-tracker']:not(.hide)")).to_have_count(0, timeout=30_000)
+
+
 def type_slowly(page, locator, text: str) -> None:
     """Select what the box holds, then type ``text`` one key at a time (the first key replaces it)."""
     locator.click()
@@ -122,6 +129,7 @@ def test_number_fields_take_any_typing_and_the_panels_show_the_final_value(studi
             type_slowly(page, lr, "0.0002")
             expect(changes).to_contain_text("→ 0.0002", timeout=30_000)
             no_error_badges(page, "presets-changes", "presets-fit-verdict", "presets-fit")
+            quiet(page, "presets-changes", "presets-fit-verdict", "presets-fit")
             screenshot(page, "state-02-typed-learning-rate")
 
             open_tab(page, "3 · Train")

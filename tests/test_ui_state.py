@@ -53,8 +53,9 @@ def test_two_pages_editing_different_fields_both_keep_their_edit(studio_home):
     cfg = load_preset("tiny-demo")
     first = state.draft_of("tiny-demo", cfg.to_dict(), KEYS, _values(cfg))
     shown_a = state.keep_draft({}, first)
-    shown_b = {"stamp": drafts.stamp(), "body": drafts.as_dict(first)}
-    assert shown_a == shown_b
+    shown_b = {"stamp": drafts.stamp(), "body": drafts.as_dict(first), "page": "page-b"}
+    assert shown_a["stamp"] == shown_b["stamp"] and shown_a["body"] == shown_b["body"]
+    assert drafts.load().by == shown_a["page"] != "page-b"  # who saved it: a page never takes on its own save
     shown_a = state.keep_draft(shown_a, state.draft_of("tiny-demo", cfg.to_dict(), KEYS,
                                                          _values(cfg, train__max_steps=9)))
     assert shown_a["stamp"] == drafts.stamp() != shown_b["stamp"]
@@ -67,8 +68,9 @@ def test_two_pages_editing_different_fields_both_keep_their_edit(studio_home):
     assert on_disk["train.max_steps"] == 9 and on_disk["data.template"] == "qa"
     assert state.follows(shown_b["stamp"], drafts.stamp(), editing=False)  # B shows 0 steps: it takes 9 on
     # Taking it on sends the widgets' values back: the same draft, nothing written, so pages never ping-pong.
+    assert drafts.load().by == "page-b"
     before = drafts.stamp()
-    taken = {"stamp": before, "body": drafts.as_dict(drafts.load())}
+    taken = state.taken_on(drafts.load(), before, shown_b)
     again = state.keep_draft(taken, state.draft_of("tiny-demo", cfg.to_dict(), KEYS,
                                                    _values(cfg, train__max_steps=9, data__template="qa")))
     assert drafts.stamp() == before == again["stamp"]

@@ -21,6 +21,8 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -183,7 +185,7 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
     triggers = [t for k, c in zip(keys, inputs) for t in ([c.blur, c.submit] if k in text_keys else [c.change])]
     triggers += [presets_ui.base.change, presets_ui.preset.change]
     gr.on(triggers, persist, [presets_ui.preset, presets_ui.base, seen, *inputs], [train_ui.summary, seen],
-          api_visibility="private", trigger_mode="always_last", show_progress="hidden")
+          api_visibility="private", trigger_mode="always_last", show_progress="hidden", **ONE_AT_A_TIME)
 
     roles = list(data_ui.role_dropdowns.values())
     restored = [presets_ui.preset, presets_ui.base, presets_ui.description, *inputs, *roles, data_ui.detected,
@@ -196,12 +198,13 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
     def restore():
         now = drafts.stamp()  # read before the draft: a save in between shows as newer at the next tick
         draft = drafts.load()
+        page = {"stamp": now, "page": new_page_id()}  # a reload is a new page: it takes on what it shows
         if draft is None:
-            return (*untouched(), {"stamp": now})
+            return (*untouched(), page)
         try:
-            return (*restored_from(draft), {"stamp": now, "body": drafts.as_dict(draft)})
+            return (*restored_from(draft), taken_on(draft, now, page))
         except Exception:  # noqa: BLE001 - a draft from another version must never break the page: start afresh
-            return (*untouched(), {"stamp": now})
+            return (*untouched(), page)
 
     def restored_from(draft):
         vals = restore_values(draft, keys)
@@ -246,7 +249,7 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
             .then(lambda p, b, *vals: summary(p, b, keys, list(vals)), [presets_ui.preset, presets_ui.base, *inputs],
                   train_ui.summary, api_visibility="private", **kw)
 
-    redraw(gr.on(None, restore, None, [*restored, seen], api_visibility="private"))
+    redraw(gr.on(None, restore, None, [*restored, seen], api_visibility="private", **ONE_AT_A_TIME))
 
     # An open page follows edits made in another browser: a timer compares the draft's version with the one this
     # page shows and takes the newer draft on, unless the person is typing in a Data or Presets field (their
@@ -261,21 +264,24 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
         if not follows((shown or {}).get("stamp"), now, busy):
             return skip_all
         draft = drafts.load()
-        if draft is None:
-            return skip_all
+        if draft is None or draft.by == (shown or {}).get("page"):
+            return skip_all  # none, or this page's own save: its widgets are already as new
         try:
             out = restored_from(draft)
         except Exception:  # noqa: BLE001 - as on load: a foreign draft leaves the page as it is
             return (*([gr.skip()] * len(restored)), {**(shown or {}), "stamp": now}, gr.skip())
-        return (*out, {"stamp": now, "body": drafts.as_dict(draft)}, int(count or 0) + 1)
+        return (*out, taken_on(draft, now, shown), int(count or 0) + 1)
 
     timer.tick(follow, [seen, editing, taken], [*restored, seen, taken], js=EDITING_JS, api_visibility="private",
-               show_progress="hidden")
+               show_progress="hidden", **ONE_AT_A_TIME)
     redraw(taken.change(lambda: None, None, None, api_visibility="private", show_progress="hidden"),
            show_progress="hidden")
 
 
 DRAFT_EVERY_S = 2.0
+# Saving, restoring and following the draft run one at a time: a page's tick never reads its ``seen`` state while
+# its own save of the same moment is still under way (and would take on a draft older than its widgets).
+ONE_AT_A_TIME = {"concurrency_id": "draft", "concurrency_limit": 1}
 # Sent with each tick: whether the focus is in a text or number field of the Data or Presets tab.  The page
 # counts its ticks (window.__draftTicks), so a browser test can wait for ticks instead of sleeping.
 EDITING_JS = """(shown, editing, count) => {
@@ -286,19 +292,31 @@ EDITING_JS = """(shown, editing, count) => {
 }"""
 
 
+def new_page_id() -> str:
+    return uuid.uuid4().hex
+
+
 def keep_draft(shown: dict | None, mine: drafts.Draft) -> dict:
-    """Save a page's draft -> what the page now shows (its ``seen`` state).  When another browser saved a newer
-    draft since this page took one on, this page's edits since then go on top of it (``drafts.merge``) and the
-    page stays behind, so its next tick takes the merged draft on."""
+    """Save a page's draft -> what the page now shows (its ``seen`` state: ``stamp`` of the version on disk it
+    took on, ``body`` its own values as last saved or taken on, ``page`` its id).  When another page saved a
+    newer draft since this page took one on, this page's edits since then go on top of it (``drafts.merge``)
+    and the page stays behind, so its next tick takes the merged draft on."""
     shown = shown or {}
+    me = shown.get("page") or new_page_id()
+    mine = dataclasses.replace(mine, by=me)
     before = shown.get("body")
     if before is not None and shown.get("stamp") != drafts.stamp():
         theirs = drafts.load()
-        if theirs is not None:
-            drafts.save_if_changed(drafts.merge(theirs, drafts.from_dict(before), mine))
-            return {"stamp": shown.get("stamp", ""), "body": drafts.as_dict(mine)}
+        if theirs is not None and theirs.by != me:
+            drafts.save_if_changed(dataclasses.replace(drafts.merge(theirs, drafts.from_dict(before), mine), by=me))
+            return {"stamp": shown.get("stamp", ""), "body": drafts.as_dict(mine), "page": me}
     drafts.save_if_changed(mine)
-    return {"stamp": drafts.stamp(), "body": drafts.as_dict(mine)}
+    return {"stamp": drafts.stamp(), "body": drafts.as_dict(mine), "page": me}
+
+
+def taken_on(draft: drafts.Draft, now: str, shown: dict | None) -> dict:
+    """The ``seen`` state of a page that shows ``draft`` (version ``now``)."""
+    return {"stamp": now, "body": drafts.as_dict(draft), "page": (shown or {}).get("page") or new_page_id()}
 
 
 def follows(shown: str | None, now: str, editing: bool) -> bool:
