@@ -29,6 +29,18 @@ MAX_STEPS = 30
 LOSS_TOKEN = ".token.highlighted[style*='22, 163, 74']"  # data.COLORS["loss"], as the browser writes it
 MASKED_TOKEN = ".token.highlighted[style*='156, 163, 175']"  # data.COLORS["prompt (masked)"]
 
+# How many lines an element's text takes on screen (distinct tops of its text's line boxes).
+TEXT_LINES = """el => {
+  const walk = document.createTreeWalker(el, NodeFilter.SHOW_TEXT), tops = new Set();
+  for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+    if (!n.textContent.trim()) continue;
+    const r = document.createRange(); r.selectNodeContents(n);
+    for (const rect of r.getClientRects()) tops.add(Math.round(rect.top));
+  }
+  return tops.size;
+}"""
+
+
 def first_instruction() -> str:
     with UPLOAD.open(encoding="utf-8") as f:
         return json.loads(f.readline())["instruction"]
@@ -199,6 +211,9 @@ def playground_tab(page, run_id: str, home) -> None:
     saved = (home / "preferences.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in saved] == votes
     screenshot(page, "05b-playground-blind-ab")
+    # Every button label on one line (a label broken over two lines looked like two buttons).
+    for elem in ("pg-ab-generate", "pg-ab-clear", "pg-vote", "pg-votes-download"):
+        assert page.locator(f"#{elem}").evaluate(TEXT_LINES) == 1, f"#{elem}'s label wraps"
 
 
 def evaluate_and_export(page, run_id: str, tiny_model_dir) -> None:

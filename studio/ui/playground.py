@@ -421,8 +421,10 @@ def build(ctx) -> PlaygroundUI:
         with gr.Row():
             left_model = gr.Dropdown(choices=model_choices(holder), value=BASE, label="Left", elem_id="pg-left-model",
                                      info="base, the final adapter or a checkpoint")
+            # Help on both sides, so the two pickers (and the chats under them) line up.
             right_model = gr.Dropdown(choices=model_choices(holder), value=holder.adapters[0] if holder.adapters
-                                      else None, label="Right", elem_id="pg-right-model")
+                                      else None, label="Right", elem_id="pg-right-model",
+                                      info="answers the same message with the same settings")
         with gr.Row(equal_height=True):
             left_chat = gr.Chatbot(label="Left: base", height=380, elem_id="pg-left-chat",
                                    buttons=["copy"], feedback_options=None)
@@ -461,8 +463,9 @@ def build(ctx) -> PlaygroundUI:
         with gr.Row(equal_height=True):
             ab_input = gr.Textbox(show_label=False, placeholder="Message (Enter sends a blind pair)", scale=4,
                                   container=False, elem_id="pg-ab-input")
-            ab_btn = gr.Button("Send blind", variant="primary", elem_id="pg-ab-generate", scale=0, min_width=120)
-            ab_clear = gr.Button("New conversation", elem_id="pg-ab-clear", scale=0, min_width=150)
+            # Wide enough that no label breaks onto two lines on a laptop screen.
+            ab_btn = gr.Button("Send blind", variant="primary", elem_id="pg-ab-generate", scale=0, min_width=150)
+            ab_clear = gr.Button("New conversation", elem_id="pg-ab-clear", scale=0, min_width=210)
         with gr.Row():
             ab_choice = gr.Radio(AB_CHOICES, value=None, label="Which answer is better?", elem_id="pg-ab-choice")
             vote_btn = gr.Button("Submit vote", elem_id="pg-vote", scale=0)
@@ -472,7 +475,7 @@ def build(ctx) -> PlaygroundUI:
         with gr.Row(equal_height=True):
             votes_md = gr.Markdown(votes_note(), elem_id="pg-votes-path")
             votes_dl = gr.DownloadButton("Download votes", value=votes_file(), elem_id="pg-votes-download",
-                                         scale=0, min_width=170)
+                                         scale=0, min_width=200)
         ab_pair_btn = gr.Button("pair", visible=False, elem_id="pg-ab-pair")
         ab_a = gr.Textbox(label="Answer A", interactive=False, elem_id="pg-ab-a", visible=False)
         ab_b = gr.Textbox(label="Answer B", interactive=False, elem_id="pg-ab-b", visible=False)
