@@ -16,6 +16,8 @@ Contract:
   sampling -> base text, tuned text, streamed), ``compare`` (prompts -> table with a column per loaded
   adapter; a prompt line may carry its input after `` ### Input: ``), ``ab`` (one prompt -> answer A,
   answer B, the mapping kept in server-side state) and ``vote`` (A / B / tie -> tally, status).
+- The comparison table shows the whole prompt (its input below it) and every answer with its line breaks, each
+  model's column an equal share of the width (``compare_widths``, set at Load), so all stay in view.
 - Votes for A or B append a prompt/chosen/rejected pair with ``winner`` in {"tuned", "base"}; ties are only
   counted in the session tally.
 - Errors reach the user as a status line or a ``gr.Warning``, never a traceback.
