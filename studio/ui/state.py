@@ -185,7 +185,7 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
     triggers = [t for k, c in zip(keys, inputs) for t in ([c.blur, c.submit] if k in text_keys else [c.change])]
     triggers += [presets_ui.base.change, presets_ui.preset.change]
     gr.on(triggers, persist, [presets_ui.preset, presets_ui.base, seen, *inputs], [train_ui.summary, seen],
-          api_visibility="private", trigger_mode="always_last", show_progress="hidden", **ONE_AT_A_TIME)
+          api_visibility="private", trigger_mode="always_last", show_progress="hidden")
 
     roles = list(data_ui.role_dropdowns.values())
     restored = [presets_ui.preset, presets_ui.base, presets_ui.description, *inputs, *roles, data_ui.detected,
@@ -249,7 +249,7 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
             .then(lambda p, b, *vals: summary(p, b, keys, list(vals)), [presets_ui.preset, presets_ui.base, *inputs],
                   train_ui.summary, api_visibility="private", **kw)
 
-    redraw(gr.on(None, restore, None, [*restored, seen], api_visibility="private", **ONE_AT_A_TIME))
+    redraw(gr.on(None, restore, None, [*restored, seen], api_visibility="private"))
 
     # An open page follows edits made in another browser: a timer compares the draft's version with the one this
     # page shows and takes the newer draft on, unless the person is typing in a Data or Presets field (their
@@ -273,15 +273,12 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
         return (*out, taken_on(draft, now, shown), int(count or 0) + 1)
 
     timer.tick(follow, [seen, editing, taken], [*restored, seen, taken], js=EDITING_JS, api_visibility="private",
-               show_progress="hidden", **ONE_AT_A_TIME)
+               show_progress="hidden")
     redraw(taken.change(lambda: None, None, None, api_visibility="private", show_progress="hidden"),
            show_progress="hidden")
 
 
 DRAFT_EVERY_S = 2.0
-# Saving, restoring and following the draft run one at a time: a page's tick never reads its ``seen`` state while
-# its own save of the same moment is still under way (and would take on a draft older than its widgets).
-ONE_AT_A_TIME = {"concurrency_id": "draft", "concurrency_limit": 1}
 # Sent with each tick: whether the focus is in a text or number field of the Data or Presets tab.  The page
 # counts its ticks (window.__draftTicks), so a browser test can wait for ticks instead of sleeping.
 EDITING_JS = """(shown, editing, count) => {
@@ -308,7 +305,8 @@ def keep_draft(shown: dict | None, mine: drafts.Draft) -> dict:
     if before is not None and shown.get("stamp") != drafts.stamp():
         theirs = drafts.load()
         if theirs is not None and theirs.by != me:
-            drafts.save_if_changed(dataclasses.replace(drafts.merge(theirs, drafts.from_dict(before), mine), by=me))
+            # Saved as nobody's: every page takes the merged draft on, this one included.
+            drafts.save_if_changed(dataclasses.replace(drafts.merge(theirs, drafts.from_dict(before), mine), by=""))
             return {"stamp": shown.get("stamp", ""), "body": drafts.as_dict(mine), "page": me}
     drafts.save_if_changed(mine)
     return {"stamp": drafts.stamp(), "body": drafts.as_dict(mine), "page": me}
