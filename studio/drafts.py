@@ -131,7 +131,7 @@ def merge(theirs: Draft, before: Draft, mine: Draft) -> Draft:
     """``mine``'s edits since ``before`` (the version its page last took on) applied on top of ``theirs`` (a
     newer draft another browser saved meanwhile): two people editing different fields both keep their edit.
     Another preset chosen replaces the whole draft, as it does on one page."""
-    if mine.preset != before.preset or _clean(mine.base) != _clean(before.base):
+    if mine.preset != before.preset:  # the base comes with the preset: its label says whether it changed
         return mine
     missing = object()
     values = dict(theirs.values)

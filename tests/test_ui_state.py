@@ -52,7 +52,8 @@ def test_two_pages_editing_different_fields_both_keep_their_edit(studio_home):
     template: B's edit goes on top of A's, B is left behind so its next tick takes the merged draft on."""
     cfg = load_preset("tiny-demo")
     first = state.draft_of("tiny-demo", cfg.to_dict(), KEYS, _values(cfg))
-    shown_a = state.keep_draft({}, first)
+    assert state.keep_draft({}, first) == {} and drafts.load() is None  # not restored yet: saves nothing
+    shown_a = state.keep_draft({"stamp": "", "page": "page-a"}, first)
     shown_b = {"stamp": drafts.stamp(), "body": drafts.as_dict(first), "page": "page-b"}
     assert shown_a["stamp"] == shown_b["stamp"] and shown_a["body"] == shown_b["body"]
     assert drafts.load().by == shown_a["page"] != "page-b"  # who saved it: a page never takes on its own save

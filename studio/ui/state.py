@@ -165,6 +165,13 @@ def preset_choices(current: str | None) -> list:
     return choices
 
 
+def preset_dropdown(current: str | None, **value):
+    """The preset list read afresh.  It takes a value that has just left the list: a save already queued when
+    "Save preset" (or another browser) replaced a loaded YAML's label must not fail with Gradio's "not in the
+    list of choices"; ``presets.choose_preset`` answers a name it does not know with a message."""
+    return gr.Dropdown(choices=preset_choices(current), allow_custom_value=True, **value)
+
+
 def wire(ctx, data_ui, presets_ui, train_ui) -> None:
     keys = list(presets_ui.keys) + list(data_ui.keys)
     inputs = list(presets_ui.inputs) + list(data_ui.inputs)
@@ -193,7 +200,7 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
     n_rest = len(restored) - 1
 
     def untouched():
-        return (gr.Dropdown(choices=preset_choices(None)), *([gr.skip()] * n_rest))
+        return (preset_dropdown(None), *([gr.skip()] * n_rest))
 
     def restore():
         now = drafts.stamp()  # read before the draft: a save in between shows as newer at the next tick
@@ -230,7 +237,7 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
         samples = data_tab.sample_files()
         tmpl = data_tab.template_changed(v.get("data.template", "alpaca"), v.get("data.custom_prompt", ""),
                                          v.get("data.custom_response", "{response}"))[0]
-        return (gr.Dropdown(choices=preset_choices(draft.preset), value=draft.preset or None), draft.base,
+        return (preset_dropdown(draft.preset, value=draft.preset or None), draft.base,
                 presets_tab.describe_preset(cfg), *widget_vals, *shown_roles, detected, schema,
                 data_tab.source_label(path, v.get("data.hub_dataset", ""), v.get("data.hub_config", ""),
                                       v.get("data.split", "train")),
@@ -297,9 +304,12 @@ def keep_draft(shown: dict | None, mine: drafts.Draft) -> dict:
     """Save a page's draft -> what the page now shows (its ``seen`` state: ``stamp`` of the version on disk it
     took on, ``body`` its own values as last saved or taken on, ``page`` its id).  When another page saved a
     newer draft since this page took one on, this page's edits since then go on top of it (``drafts.merge``)
-    and the page stays behind, so its next tick takes the merged draft on."""
+    and the page stays behind, so its next tick takes the merged draft on.  A page that has not restored the
+    draft yet (no ``page`` id) saves nothing: a change event before its restore must not put defaults back."""
     shown = shown or {}
-    me = shown.get("page") or new_page_id()
+    me = shown.get("page")
+    if not me:  # the page has not restored the draft yet: its widgets still hold the defaults it was built with
+        return shown
     mine = dataclasses.replace(mine, by=me)
     before = shown.get("body")
     if before is not None and shown.get("stamp") != drafts.stamp():
