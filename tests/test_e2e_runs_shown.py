@@ -31,7 +31,7 @@ LIST_FOLLOWS_MS = 20_000  # the lists' timer ticks every 2 s; a busy two-core ma
 EVAL_MS = 180_000
 
 
-def trained_run(home, tmp_path) -> str:
+def trained_run(home) -> str:
     """A finished tiny-demo run of 4 steps with checkpoints checkpoint-2 and checkpoint-4 and a final adapter."""
     env = dict(os.environ, STUDIO_HOME=str(home))
     out = subprocess.run([sys.executable, "-m", "studio", "train", "--preset", "tiny-demo",
@@ -78,7 +78,7 @@ def whole_prompt(example: dict) -> str:
 
 def test_evaluate_shows_the_whole_prompt_on_its_lines_and_every_column_after_a_reload(
         studio_home, tiny_model_dir, browser, tmp_path):
-    run_id = trained_run(studio_home, tmp_path)
+    run_id = trained_run(studio_home)
     log = tmp_path / "app.log"
     with serve_app(studio_home, log) as url:
         page = new_page(browser, url)
@@ -130,7 +130,7 @@ def test_evaluate_shows_the_whole_prompt_on_its_lines_and_every_column_after_a_r
 
 def test_compare_keeps_line_breaks_and_deleted_checkpoints_and_adapters_leave_every_list(
         studio_home, tiny_model_dir, browser, tmp_path):
-    run_id = trained_run(studio_home, tmp_path)
+    run_id = trained_run(studio_home)
     run_dir = studio_home / "runs" / run_id
     log = tmp_path / "app.log"
     with serve_app(studio_home, log) as url:
