@@ -46,14 +46,14 @@ CSS = "\n".join([
 def build_app(ctx=None):
     import gradio as gr
 
-    from studio.ui import data, evaluate, export, playground, presets, state, train
+    from studio.ui import data, evaluate, export, playground, presets, stage, state, train
     from studio.ui.context import UIContext
 
     ctx = ctx or UIContext()
     # No analytics: the studio sends nothing anywhere but to the browsers it serves.
     with gr.Blocks(title="QLoRA Studio", fill_width=True, analytics_enabled=False) as demo:
         gr.Markdown("# QLoRA Studio\nData → preset → train → chat → evaluate → export, on one GPU or the offline demo.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("1 · Data", id="data"):
                 data_ui = data.build(ctx)
             with gr.Tab("2 · Presets", id="presets"):
@@ -72,6 +72,8 @@ def build_app(ctx=None):
         state.wire(ctx, data_ui, presets_ui, train_ui)
         # Run lists everywhere follow the runs folder (a run that finished, a checkpoint deleted).
         state.follow_lists(ctx, playground_ui, evaluate_ui, export_ui)
+        # The Playground's "Train on these votes" opens the Train tab's preference stage on that run.
+        stage.link_playground(playground_ui, train_ui.stage, tabs, ctx)
     return demo
 
 

@@ -1,6 +1,6 @@
 """Where a graphed run's peak memory is reached: allocated and peak GiB around each stage of capture and steps.
 
-    python -m bench.memory_trace --variant lean@fast --model DIR --data FILE      # on the GPU machine
+    python -m bench.memory_trace --preset mistral-7b-finance-fast --model DIR --data FILE [--set K=V]   # on a GPU
 
 Wraps (without changing) the layer-input probe, ``torch.cuda.make_graphed_callables``, each CUDA graph
 capture and each optimizer step, resetting the peak between stages, and prints one line per stage.
@@ -14,7 +14,8 @@ import argparse
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--variant", default="lean@fast")
+    p.add_argument("--preset", default="mistral-7b-finance-fast")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as studio train's --set")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     a = p.parse_args()
@@ -22,8 +23,8 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
-    from bench.train_speed import studio_config, variant_overrides
-    from studio import graphs
+    from bench.train_speed import preset_config
+    from studio.speed import graphs
     from studio.runs import RunStore
     from studio.training import Recipe
 
@@ -62,8 +63,8 @@ def main() -> None:
             torch.cuda.synchronize()
             line(f"step {state.global_step}")
 
-    cfg = studio_config(a.variant, a.model, a.data, 6, variant_overrides(a.variant))
-    recipe = Recipe(RunStore().create(cfg, "memory-" + a.variant.replace("@", "-at-")))
+    cfg = preset_config(a.preset, a.model, a.data, 6, a.set)
+    recipe = Recipe(RunStore().create(cfg, "memory-" + a.preset))
     recipe.setup()
     line("after setup (model loaded)")
     recipe.trainer.add_callback(Steps())

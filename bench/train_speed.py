@@ -1,29 +1,28 @@
-"""Training speed and memory on the GPU: the seed recipe as written against the studio's paths.
+"""Training speed and memory on the GPU: the shipped presets through the CLI worker, beside the seed script, plain HF
+and Unsloth, in one call.
 
-    python -m bench.train_speed --out bench/results            # on the GPU machine
+    python -m bench.train_speed --group fast        # the fast job: seed script vs `studio train --preset ...fast`
+    python -m bench.train_speed --group thorough    # 4096-token rows: hf, unsloth, the thorough preset, matmul rate
 
-Builds a random-weight Mistral-7B (the real architecture; no hub there), writes synthetic data with
-the length distribution stated in ``bench.common``, and runs each variant in its own process so
-peak memory is measured cleanly:
+Builds a random-weight Mistral-7B (the real architecture; no hub there) and synthetic Alpaca-style data with the
+length distribution of ``bench.common``.  Every variant runs in its own process, so peak memory is its own:
 
-- ``seed``: the fast recipe exactly as hand-written (``bench.seed_recipe``: padded to 128).
-- ``studio``: the studio's engine with the preset unchanged (dynamic padding per batch).
-- ``studio-fast``: the same preset with ``train.padding_free`` and ``train.auto_batch``
-  (same examples, epochs, learning rate and effective batch in examples).
-- ``studio-graphs``: the fast path plus ``train.cuda_graphs`` (decoder layers replayed as CUDA graphs).
-- ``hf@SHAPE`` / ``unsloth@SHAPE`` / ``studio@SHAPE``: the speed issue's three shapes (``bench.shapes``)
-  on full-length rows: hand-written HF, Unsloth (where its wheels are installed), and the studio's
-  engine with its speed options (padding-free, auto micro-batch, Liger, CUDA graphs where the planner
-  drops checkpointing).
-- ``lean@SHAPE``: the engine at the shape's own batch and checkpointing with the switches that save
-  memory or cost none (fused 4-bit LoRA, offloaded checkpoints, Liger, compute-dtype frozen weights,
-  nested quantization as Unsloth loads, the checkpointed stack as one CUDA graph on short rows).
-- ``lean-up@SHAPE``: lean, eager, with ``model.offload_up_proj`` (up_proj products kept in CPU RAM).
-- ``studio-max-fused``: studio-max with ``train.fused_lora`` (the fast preset's LoRA dropout kept).
+- ``seed``: the fast recipe as hand-written (``bench.seed_recipe``), timed over ``--seed-steps`` steps; its whole
+  job is its load time + 2,500 optimizer steps (20,000 examples / 8) x seconds per step.
+- ``preset:NAME``: ``python -m studio train --preset NAME --data FILE --set model.base_model=MODEL`` exactly as a
+  user runs it (the planner picks the path for this GPU; nothing else is set), timed from the command's start to
+  its exit.  For the fast preset that is the whole 20,000-example job: data, load, 2,500 steps, evaluations,
+  sample answers, checkpoints and the adapter.  ``--steps N`` stops a preset after N steps (its job is then
+  extrapolated like the seed's).
+- ``hf`` / ``unsloth``: plain transformers + peft + bitsandbytes, and Unsloth (``bench.shapes``), on exactly the
+  token rows the studio trains (its own tokenization of the same file), at the preset's settings, dropout
+  included.  Unsloth runs where ``UNSLOTH_DIR`` names a folder holding it (``pip install --no-deps --target DIR
+  unsloth==2026.10.9 unsloth_zoo torchao tyro trl==1.15.0 docstring-parser typeguard cut-cross-entropy msgspec``,
+  then delete ``DIR/studio``, its web UI, which would shadow this package).
+- ``matmul``: the GPU's bf16 matrix rate on a Mistral MLP shape, for the FLOP ceiling (6N FLOP a token with
+  recompute, N the model's parameters).
 
-Prints a table (tokens/s, peak allocated/reserved, time to adapter, ratio to the seed recipe) and
-writes JSON with the date and the GPU.  Time to adapter = load time + optimizer steps of the whole
-job x measured seconds per step.  No test asserts any of these numbers.
+Prints the table and writes JSON (date, GPU, every number) to ``--out`` and ``$OUT``.  No test asserts any of them.
 """
 
 from __future__ import annotations
@@ -38,130 +37,117 @@ import time
 from pathlib import Path
 
 FAST_JOB_EXAMPLES = 20_000
+FAST_JOB_STEPS = math.ceil(FAST_JOB_EXAMPLES / 8)
+GROUPS = {"fast": "seed,preset:mistral-7b-finance-fast",
+          "thorough": "matmul,hf@thorough,unsloth@thorough,preset:mistral-7b-instruct-thorough"}
 
 
-def studio_shape_overrides(shape: str, backend: str = "studio") -> dict:
-    """``studio@``: the shape with every speed option (fills the GPU); ``lean@``: the shape's own batch and
-    checkpointing with the options that save memory or cost none (Liger, compute-dtype frozen weights, fused
-    4-bit LoRA, nested quantization, offloaded checkpoints or one graphed checkpointed stack); ``lean-up@``:
-    lean with each layer's up_proj product kept in CPU RAM instead of recomputed (eager, no graphs)."""
-    from bench.shapes import SHAPES
-
-    s = SHAPES[shape]
-    shape_cfg = {"model.compute_dtype": "bf16", "model.double_quant": s["nested"],
-                 "model.gradient_checkpointing": True, "lora.r": s["r"], "lora.alpha": s["alpha"], "lora.dropout": 0.0,
-                 "lora.target_modules": s["targets"], "train.batch_size": s["batch"], "train.grad_accum": s["accum"],
-                 "data.max_length": s["seq"], "data.train_on_inputs": True, "train.liger": True,
-                 "model.fp32_frozen": False}  # full-length rows: nothing for padding-free packing to remove
-    if backend in ("lean", "lean-up"):
-        # Unsloth's memory at every shape: it loads with nested quantization whatever the shape says, and so do
-        # we here.  Saved layer inputs live in CPU RAM; short micro-batches are host-bound, so their checkpointed
-        # stack is one CUDA graph.
-        short = s["batch"] * s["seq"] <= 4096
-        lean = {**shape_cfg, "model.double_quant": True, "train.fused_lora": True, "train.cuda_graphs": short,
-                "model.offload_checkpoints": True}
-        return lean if backend == "lean" else {**lean, "train.cuda_graphs": False, "model.offload_up_proj": True}
-    return {**shape_cfg, "train.auto_batch": True, "train.cuda_graphs": True, "model.dequantized_cache": True}
+def preset_command(preset: str, model: str, data: str, steps: int = 0) -> list[str]:
+    """What a user types, with the bench's model folder and data file (and a step limit for a partial run)."""
+    cmd = [sys.executable, "-m", "studio", "train", "--preset", preset, "--data", data, "--name",
+           "bench-" + preset, "--set", f"model.base_model={model}"]
+    if steps:  # a partial run logs every step so its steady state can be timed
+        cmd += ["--set", f"train.max_steps={steps}", "--set", "train.logging_steps=1"]
+    return cmd
 
 
-def studio_config(variant: str, model_dir: str, data: str, steps: int, overrides: dict):
-    """The engine's config for a variant: its preset with the bench's data, steps and ``overrides``."""
-    from studio.presets import load_preset
+def preset_config(preset: str, model: str, data: str, steps: int, sets: list[str] | None = None):
+    """The config ``preset_command`` makes the CLI build (the diagnostics in bench/ run it in-process), plus
+    ``--set`` style overrides."""
+    from studio.cli import _config, parser
 
-    preset = "mistral-7b-instruct-thorough" if "thorough" in variant else "mistral-7b-finance-fast"
-    if variant.endswith("-nonreentrant"):  # the other checkpointing mode, for comparison
-        from studio import modeling
-
-        modeling.GC_KWARGS = {"use_reentrant": False}
-    base = {"model.base_model": model_dir, "data.path": data, "data.hub_dataset": "", "data.mapping": {}, "data.val_samples": 0,
-            "data.val_fraction": 0.0, "data.train_samples": 0, "train.max_steps": steps,
-            "train.logging_steps": 1 if "@" in variant else 5,
-            "train.eval_steps": 0, "train.save_steps": 0, "train.sample_prompts": 0, "train.tensorboard": False,
-            "output.adapter_dir": ""}
-    return load_preset(preset).replace({**base, **overrides})
+    cmd = preset_command(preset, model, data, steps)[3:] + [x for s in sets or [] for x in ("--set", s)]
+    return _config(parser().parse_args(cmd))
 
 
-def variant_overrides(variant: str) -> dict:
-    if "@" in variant:
-        backend, shape = variant.split("@")
-        return studio_shape_overrides(shape, backend)
-    return VARIANTS[variant]
-
-
-def run_name(variant: str) -> str:
-    """The run folder of a variant (tests check that every variant's is a valid run name)."""
-    return "bench-" + variant.replace("@", "-at-")
-
-
-def run_studio(variant: str, model_dir: str, data: str, steps: int, overrides: dict) -> dict:
+def run_preset(preset: str, model: str, data: str, home: Path, steps: int, timeout: int) -> dict:
+    """The preset through the CLI worker; numbers from its run folder's events."""
     from studio.runs import RunStore
-    from studio.training import Recipe
 
-    cfg = studio_config(variant, model_dir, data, steps, overrides)
-    run = RunStore().create(cfg, run_name(variant))
+    env = {**os.environ, "STUDIO_HOME": str(home)}
     t0 = time.perf_counter()
-    status = Recipe(run).execute()
+    p = subprocess.run(preset_command(preset, model, data, steps), capture_output=True, text=True, timeout=timeout,
+                       env=env)
+    wall = time.perf_counter() - t0
+    os.environ["STUDIO_HOME"] = str(home)
+    run = RunStore().get("bench-" + preset)
     evs = run.all_events()
     metrics = [e for e in evs if e["type"] == "metric"]
-    if len(metrics) < 3:
-        last = run.last_status()
-        return {"error": f"{last.get('status')}: {last.get('message', '')}"[:400]}
-    plan = next((e for e in evs if e["type"] == "plan"), None)
-    graphs = next((e for e in evs if e["type"] == "graphs"), None)
-    running = next(e for e in evs if e["type"] == "status" and e["status"] == "running")
-    load_s = running["t"] - next(e for e in evs if e["type"] == "status" and e["status"] == "starting")["t"]
-    w = 2 if "@" in variant else 1  # the first logged windows hold the warm-up steps
-    a, b = metrics[w], metrics[-1]
+    status = run.last_status()
+    if status.get("status") != "completed" or len(metrics) < 4:
+        return {"error": f"{status.get('status')}: {status.get('message', '')} {p.stderr[-1500:]}"}
+    t = {e["status"]: e["t"] for e in evs if e["type"] == "status"}
+    a, b = metrics[min(2, len(metrics) - 2)], metrics[-1]  # past the first windows' warm-up (graph capture)
     sps = (b["elapsed"] - a["elapsed"]) / (b["step"] - a["step"])
     tps = (b["tokens_seen"] - a["tokens_seen"]) / (b["elapsed"] - a["elapsed"])
-    mem = max(metrics, key=lambda e: e["memory"]["peak"])["memory"]
-    return {"status": status, "load_s": load_s, "s_per_step": sps, "tokens_per_s": tps,
-            "tokens_per_step": tps * sps, "peak_alloc_gib": mem["peak"] / 2**30,
-            "peak_reserved_gib": mem["peak_reserved"] / 2**30, "plan": plan, "graphs": graphs, "wall_s": time.perf_counter() - t0,
-            "final_loss": metrics[-1]["loss"]}
+    mem = max(metrics, key=lambda e: e["memory"].get("peak", 0))["memory"]
+    plan = next(e for e in evs if e["type"] == "plan")
+    evals = [e for e in evs if e["type"] == "eval"]
+    out = {"command": " ".join(preset_command(preset, "MODEL", "DATA", steps)), "wall_s": wall,
+           "load_s": t["running"] - t["starting"], "steps": b["step"], "s_per_step": sps, "tokens_per_s": tps,
+           "peak_alloc_gib": mem.get("peak", 0) / 2**30, "peak_reserved_gib": mem.get("peak_reserved", 0) / 2**30,
+           "plan": plan.get("device", "") + ": " + summary(plan), "evaluations": len(evals),
+           "final_loss": b["loss"], "train_s": b["elapsed"]}
+    if "fast" in preset:  # the whole job measured, or a partial one extrapolated like the seed's
+        out["time_to_adapter_s"] = wall if not steps else out["load_s"] + FAST_JOB_STEPS * sps
+    if os.environ.get("OUT"):  # the run's own record, for where the time went
+        Path(os.environ["OUT"], f"events-{preset}.jsonl").write_text(run.events_path.read_text())
+    return out
 
 
-VARIANTS = {
-    "seed": {},
-    "studio": {},
-    "studio-nonreentrant": {},
-    "studio-fast": {"train.padding_free": True, "train.auto_batch": True},
-    "studio-fast-liger": {"train.padding_free": True, "train.auto_batch": True, "train.liger": True},
-    "studio-graphs": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True},
-    "studio-graphs-liger": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True,
-                            "train.liger": True},
-    # Everything: + frozen weights in the compute dtype + the 16-bit weight cache (where memory allows).
-    "studio-max": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True,
-                   "train.liger": True, "model.fp32_frozen": False, "model.dequantized_cache": True},
-    # studio-max with the LoRA layers fused (the fast preset's dropout 0.05 included).
-    "studio-max-fused": {"train.padding_free": True, "train.auto_batch": True, "train.cuda_graphs": True,
-                         "train.liger": True, "model.fp32_frozen": False, "model.dequantized_cache": True,
-                         "train.fused_lora": True},
-}
+def summary(plan_event: dict) -> str:
+    from studio.speed.plan import LABELS
+
+    on = [label for key, label in LABELS.items() if plan_event.get(key) is True]
+    return f"micro-batch {plan_event.get('micro_batch')} x {plan_event.get('grad_accum')}, " + ", ".join(on)
+
+
+def studio_rows(preset: str, model: str, data: str, n: int, out: Path) -> Path:
+    """The token rows the studio trains for ``preset`` on ``data`` (its own template and tokenization), for hf and
+    Unsloth to train the very same tokens."""
+    from studio import modeling
+    from studio.data.pipeline import prepare
+    from studio.presets import load_preset
+
+    cfg = load_preset(preset).replace({"model.base_model": model, "data.path": data, "data.mapping": {},
+                                       "data.val_fraction": 0.0, "data.val_samples": 0})
+    prepared = prepare(cfg, modeling.load_tokenizer(cfg))
+    rows = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in prepared.train][:n]
+    out.write_text(json.dumps(rows))
+    return out
+
+
+def matmul_rate() -> dict:
+    """bf16 TFLOP/s of a Mistral MLP matmul at 16k tokens (mean of 20 after 5 warm-ups)."""
+    import torch
+
+    a = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ w
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ w
+    torch.cuda.synchronize()
+    s = (time.perf_counter() - t) / 20
+    return {"tflops": 2 * 16384 * 4096 * 14336 / s / 1e12}
 
 
 def one(args) -> None:
-    if args.variant != "seed" and args.variant.split("@")[0] not in ("hf", "unsloth"):
-        from studio.worker import ALLOC_CONF
-
-        os.environ.setdefault("PYTORCH_ALLOC_CONF", ALLOC_CONF)  # what the studio's worker process gets
+    """One variant in this process (the driver starts one process per variant)."""
     if args.variant == "seed":
         from bench.seed_recipe import run
 
         res = run(args.model, args.data, args.steps)
-    elif "@" in args.variant:
-        backend, shape = args.variant.split("@")
-        if backend in ("studio", "lean", "lean-up"):
-            from bench.shapes import SHAPES, WARMUP
-
-            res = run_studio(args.variant, args.model, args.data, SHAPES[shape]["steps"] + WARMUP[shape],
-                             studio_shape_overrides(shape, backend))
-        else:
-            from bench.shapes import run
-
-            res = run(backend, shape, args.model)
+        res["time_to_adapter_s"] = res["load_s"] + FAST_JOB_STEPS * res["s_per_step"]
+    elif args.variant == "matmul":
+        res = matmul_rate()
     else:
-        res = run_studio(args.variant, args.model, args.data, args.steps, VARIANTS[args.variant])
+        from bench.shapes import run
+
+        backend, shape = args.variant.split("@")
+        res = run(backend, shape, args.model, rows_file=args.rows)
     print("RESULT " + json.dumps(res, default=str), flush=True)
 
 
@@ -173,38 +159,33 @@ def drive(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    model = random_model(work / "mistral-7b-random")
-    build_s = time.perf_counter() - t
-    fast_data = synthetic_alpaca(work / "fast.jsonl", 2000, seed=1)
-    long_data = synthetic_alpaca(work / "long.jsonl", 200, seed=2, long_rows=3900)
-    gpu = torch.cuda.get_device_name(0)
-    results = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "model": "Mistral-7B-v0.1 shape, random weights",
-               "model_build_s": build_s, "torch": torch.__version__, "variants": {}}
-    plan = [(v, long_data if "@" in v else fast_data, args.steps) for v in args.variants.split(",")]
-    for variant, data, steps in plan:
-        cmd = [sys.executable, "-m", "bench.train_speed", "--one", "--variant", variant, "--model", str(model),
-               "--data", str(data), "--steps", str(steps)]
+    model = str(random_model(work / "mistral-7b-random"))
+    results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "group": args.group,
+               "model": "Mistral-7B-v0.1 shape, random weights", "model_build_s": time.perf_counter() - t,
+               "torch": torch.__version__, "variants": {}}
+    if args.group == "fast":
+        data = str(synthetic_alpaca(work / "fast.jsonl", FAST_JOB_EXAMPLES + 1000, seed=1))
+    else:
+        data = str(synthetic_alpaca(work / "long.jsonl", 400, seed=2, long_rows=3900))
+    rows = None
+    for variant in (args.variants or GROUPS[args.group]).split(","):
         print(f"--- {variant}", flush=True)
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                               env={**os.environ, "STUDIO_HOME": str(work / "home")})
+            if variant.startswith("preset:"):
+                res = run_preset(variant[7:], model, data, work / "home", args.steps, args.timeout)
+            else:
+                if "@" in variant and rows is None:
+                    rows = studio_rows("mistral-7b-instruct-thorough", model, data, 200, work / "rows.json")
+                cmd = [sys.executable, "-m", "bench.train_speed", "--one", "--variant", variant, "--model", model,
+                       "--data", data, "--steps", str(args.seed_steps), "--rows", str(rows or "")]
+                env = dict(os.environ)
+                if variant.startswith("unsloth") and os.environ.get("UNSLOTH_DIR"):  # its own trl, apart from ours
+                    env["PYTHONPATH"] = os.environ["UNSLOTH_DIR"] + os.pathsep + env.get("PYTHONPATH", "")
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+                res = json.loads(line[7:]) if line else {"error": (p.stdout[-800:] + p.stderr[-1500:])}
         except subprocess.TimeoutExpired:
-            print(f"{variant}: over {args.timeout}s, skipped", flush=True)
-            results["variants"][variant] = {"error": "timeout"}
-            continue
-        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(p.stdout[-3000:], p.stderr[-3000:], flush=True)
-            results["variants"][variant] = {"error": p.stderr[-500:]}
-            continue
-        res = json.loads(line[7:])
-        if "error" in res:
-            results["variants"][variant] = res
-            print(res, flush=True)
-            continue
-        if "@" not in variant:
-            steps_total = math.ceil(FAST_JOB_EXAMPLES / 8)
-            res["time_to_adapter_s"] = res["load_s"] + steps_total * res["s_per_step"]
+            res = {"error": f"over {args.timeout} s"}
         results["variants"][variant] = res
         print(json.dumps(res, default=str), flush=True)
         save(results, args.out)
@@ -214,48 +195,60 @@ def drive(args) -> None:
 
 def save(results: dict, out_dir: str) -> None:
     """Written after every variant, so a call cut off at its time limit still leaves what it measured."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"train_speed-{results['date']}-{results['gpu'].replace(' ', '_')}.json"
-    (out / name).write_text(json.dumps(results, indent=1, default=str))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], name).write_text(json.dumps(results, indent=1, default=str))
+    name = f"train_speed-{results['date']}-{results['gpu'].replace(' ', '_')}-{results['group']}.json"
+    for d in filter(None, (out_dir, os.environ.get("OUT"))):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        Path(d, name).write_text(json.dumps(results, indent=1, default=str))
+
+
+N_PARAMS = 7.24e9  # Mistral-7B
 
 
 def table(results: dict) -> None:
-    """Fast-job variants against the seed recipe (time to adapter); shape variants against hf@shape."""
+    """The fast job against the seed script (time to adapter); the thorough preset against hf, Unsloth and the
+    GPU's FLOP ceiling."""
     v = results["variants"]
-    seed = v.get("seed", {})
-    print(f"\n{results['gpu']}, {results['date']}")
-    print(f"{'variant':20s} {'tokens/s':>9s} {'s/step':>7s} {'peak alloc':>10s} {'peak resv':>9s} "
-          f"{'to adapter':>10s} {'ratio':>7s}")
+    print(f"\n{results['gpu']}, {results['date']}, group {results['group']}")
+    print(f"{'variant':36s} {'tokens/s':>9s} {'peak alloc':>10s} {'peak resv':>9s} {'to adapter':>10s} {'ratio':>7s}")
+    seed, hf, un = v.get("seed", {}), v.get("hf@thorough", {}), v.get("unsloth@thorough", {})
+    rate = v.get("matmul", {}).get("tflops")
     for name, r in v.items():
         if "error" in r:
-            print(f"{name:20s} error: {str(r['error'])[-60:]}")
+            print(f"{name:36s} error: {str(r['error'])[-200:]}")
+            continue
+        if name == "matmul":
+            print(f"{'matmul (bf16, 16384x4096x14336)':36s} {r['tflops']:.0f} TFLOP/s; ceiling at 6N FLOP/token: "
+                  f"{r['tflops'] * 1e12 / (6 * N_PARAMS):,.0f} tokens/s")
             continue
         tta = r.get("time_to_adapter_s")
-        if "@" in name:
-            ref = v.get("hf@" + name.split("@")[1], {})
-            ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref.get("tokens_per_s") else None
-        else:
-            ratio = (seed["time_to_adapter_s"] / tta) if tta and seed.get("time_to_adapter_s") else None
-        r["ratio"] = ratio
-        print(f"{name:20s} {r['tokens_per_s']:9.0f} {r['s_per_step']:7.3f} {r['peak_alloc_gib']:8.2f}Gi "
-              f"{r['peak_reserved_gib']:7.2f}Gi {(f'{tta / 60:7.1f}min' if tta else '-'):>10s} "
-              f"{(f'{ratio:6.2f}x' if ratio else '-'):>7s}")
+        ratio = ""
+        if "fast" in name and tta and seed.get("time_to_adapter_s"):
+            ratio = f"{seed['time_to_adapter_s'] / tta:.2f}x seed"
+        elif "thorough" in name and not name.startswith("hf") and hf.get("tokens_per_s"):
+            ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x hf"
+            if name.startswith("preset") and un.get("tokens_per_s"):
+                ratio += f", {r['tokens_per_s'] / un['tokens_per_s']:.2f}x unsloth"
+            if name.startswith("preset") and rate:
+                ratio += f", {r['tokens_per_s'] * 6 * N_PARAMS / (rate * 1e12):.0%} of the FLOP ceiling"
+        print(f"{name:36s} {r['tokens_per_s']:9.0f} {r['peak_alloc_gib']:8.2f}Gi {r['peak_reserved_gib']:7.2f}Gi "
+              f"{(f'{tta / 60:7.1f}min' if tta else '-'):>10s} {ratio}")
+        if r.get("plan"):
+            print(f"{'':36s} plan: {r['plan']}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--group", choices=list(GROUPS), default="fast")
+    p.add_argument("--variants", help="comma-separated, instead of the group's")
     p.add_argument("--one", action="store_true")
     p.add_argument("--variant")
     p.add_argument("--model")
     p.add_argument("--data")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--timeout", type=int, default=400, help="seconds allowed to one variant")
-    p.add_argument("--variants", default="seed,studio,studio-fast,studio-graphs-liger,studio-max,"
-                   "hf@fast,unsloth@fast,studio@fast,lean@fast,hf@alllinear,unsloth@alllinear,studio@alllinear,"
-                   "lean@alllinear,hf@thorough,unsloth@thorough,studio@thorough,lean@thorough")
+    p.add_argument("--rows", default="")
+    p.add_argument("--steps", type=int, default=0, help="stop each preset after this many steps (0: its whole job "
+                   "for the fast preset; give one for the thorough preset's 5 epochs)")
+    p.add_argument("--seed-steps", type=int, default=40, help="steps timed for the seed script, hf and Unsloth")
+    p.add_argument("--timeout", type=int, default=480, help="seconds allowed to one variant")
     p.add_argument("--work", default="/tmp/qlora-bench")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args()

@@ -31,7 +31,7 @@ SITE = ROOT / ".gpu-site"
 # the machine's own torch stack is kept; what the studio's GPU code was written against is pinned.
 NEEDED = {"bitsandbytes": True, "liger-kernel": True, "transformers": False, "peft": False, "accelerate": False,
           "safetensors": False, "tokenizers": False, "pyyaml": False, "psutil": False, "pandas": False,
-          "tensorboard": False, "pytest": False}
+          "tensorboard": False, "pytest": False, "trl": True, "datasets": True, "dill": False, "multiprocess": False}
 
 
 def pins() -> dict[str, str]:

@@ -106,6 +106,10 @@ def follow(run, out=sys.stdout) -> str:
                                f"step {e['step']}: eval loss {el}", file=out)
                 elif t == "sample":
                     tqdm.write(f"step {e['step']} sample: {e['prompt'][:60]!r} -> {e['answer'][:80]!r}", file=out)
+                elif t == "plan":
+                    from studio.speed.plan import event_text
+
+                    tqdm.write(event_text(e), file=out)
                 elif t == "data":
                     tqdm.write(f"data: {e['train']} train / {e['validation']} validation; {e['stats']['summary']}",
                                file=out)
@@ -281,21 +285,32 @@ def cmd_export(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from studio.estimate import GPUS, GiB, advice, arch_for, describe_plan, estimate, plan
+    """The speed plan and memory estimate: in full for this machine (or ``--gpu``), one line per common GPU."""
+    from studio.estimate import arch_for
+    from studio.hardware import detect
+    from studio.speed import plan
+    from studio.speed.profiles import PROFILES
 
     cfg = _config(args)
     arch = arch_for(cfg)
+    if args.gpu and args.gpu not in PROFILES:
+        raise ConfigError("--gpu", f"{args.gpu!r} is not one of: {', '.join(PROFILES)}.")
+    here = PROFILES[args.gpu] if args.gpu else detect()
+    mine = plan(cfg, here, arch=arch)
+    print(f"{'This machine: ' + here.name if not args.gpu else args.gpu}"
+          + (f" ({here.total_bytes / 2**30:.0f} GiB)" if here.device == "cuda" else " (CPU only)"))
+    for part, what, why in mine.rows():
+        print(f"  {part:26s} {what:22s} {why}")
+    for note in mine.notes:
+        print(f"  note: {note}")
     if arch is None:
-        raise ConfigError("model.base_model", "shape unknown offline; cannot estimate.")
-    est = estimate(cfg, arch)
-    for k, v in est.table():
-        print(f"{k:28s} {v:7.2f} GiB")
-    print(f"{'peak allocated':28s} {est.total_gib:7.2f} GiB (reserved ~{est.reserved_gib():.2f} GiB)")
-    for g, gib in GPUS.items():
-        c, e = plan(cfg, arch, int(gib * GiB)) if cfg.train.auto_batch else (cfg, est)
-        verdict = "fits" if e.fits(gib) else "does not fit: " + "; ".join(advice(c, e, gib))
-        print(f"  {g:12s} {verdict}" + (f" (auto: {describe_plan(c)}, ~{e.total_gib:.1f} GiB)"
-                                         if cfg.train.auto_batch else ""))
+        print("The model's shape is unknown offline: no memory estimate.")
+        return 0
+    print("\nOn common GPUs (reserved memory the estimate expects):")
+    for name, hw in PROFILES.items():
+        p = plan(cfg, hw, arch=arch)
+        fits = p.estimate_gib is not None and p.estimate_gib <= hw.total_bytes / 2**30 * 0.95
+        print(f"  {name:12s} ~{p.estimate_gib:5.1f} GiB {'fits' if fits else 'does not fit'}: {p.summary()}")
     return 0
 
 
@@ -357,6 +372,8 @@ def parser() -> argparse.ArgumentParser:
     es = sub.add_parser("estimate", help="estimate peak GPU memory of a preset")
     es.add_argument("--preset", required=True)
     es.add_argument("--set", action="append", metavar="KEY=VALUE")
+    es.add_argument("--gpu", help="plan for this GPU instead of this machine's (T4 16 GB, L4 24 GB, A100 40 GB, "
+                    "A100 80 GB, H100 80 GB, H200 141 GB)")
     es.set_defaults(fn=cmd_estimate)
     sub.add_parser("build-tiny", help="build the offline tiny model").set_defaults(fn=cmd_build_tiny)
     return p

@@ -1,7 +1,8 @@
 """The one typed configuration of a QLoRA Studio run.
 
 Contract:
-- ``RunConfig`` holds every knob of a run in six sections (model, lora, data, train, output, prefer).
+- ``RunConfig`` holds every knob of a run in seven sections (model, lora, data, train, speed, output, prefer).
+  ``speed`` changes how the run computes, never what it learns; ``studio.speed`` resolves its ``auto`` values.
   ``prefer`` is inert unless ``prefer.parent_run`` is set: then the run is a preference stage (DPO, ORPO or
   KTO, see ``studio.prefer``) on top of that finished run's adapter.
   Each field carries ``metadata`` with ``help`` text and, where it applies, ``min``/``max`` bounds or
@@ -62,21 +63,6 @@ class ModelSection:
     double_quant: bool = _f(False, "Nested (double) quantization of the 4-bit scales; saves ~0.4 bits/param.")
     compute_dtype: str = _f("auto", "Compute dtype; auto picks bf16 where the GPU supports it, else fp16.",
                             choices=DTYPES)
-    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.")
-    offload_checkpoints: bool = _f(False, "With gradient checkpointing, keep each layer's saved input in CPU RAM "
-                                   "(copied on a side stream, fetched one layer ahead): ~128 MiB per layer per 16k "
-                                   "tokens less GPU memory, as Unsloth's checkpointing does. On a CPU nothing moves.")
-    offload_up_proj: bool = _f(False, "With offload_checkpoints, also keep each layer's MLP up-projection product in "
-                               "CPU RAM so the backward's recompute skips that matmul (a third of the MLP's "
-                               "recompute). Costs CPU RAM: ~20 GiB for Mistral-7B at 16k tokens a micro-batch, "
-                               "with the layer inputs; skipped, with a note, where RAM is short.")
-    fp32_frozen: bool = _f(True, "Upcast the frozen embeddings, LM head and norms to fp32 for 4-bit training (peft's "
-                           "k-bit preparation). Off keeps them in the compute dtype, as Unsloth does: less memory "
-                           "and fewer casts per step; the residual stream then runs in the compute dtype.")
-    dequantized_cache: bool = _f(False, "Keep a 16-bit copy of the 4-bit base weights on the GPU while training "
-                                 "(2 bytes per parameter more, ~14 GB for 7B) so no step dequantizes them again; "
-                                 "the values are exactly the dequantized 4-bit ones, so training is unchanged. "
-                                 "auto_batch drops it when memory is short.")
     attn_implementation: str = _f("auto", "Attention kernel; auto lets transformers choose (SDPA).",
                                   choices=ATTENTION)
     trust_remote_code: bool = _f(False, "Run custom model code shipped with the model. Off unless you trust it.")
@@ -146,27 +132,54 @@ class TrainSection:
                              min=0, max=20)
     sample_max_new_tokens: int = _f(64, "Max new tokens for those sample answers.", min=1, max=2048)
     tensorboard: bool = _f(False, "Also log to TensorBoard in the run folder.")
-    liger: bool = _f(False, "Fused Triton kernels from Liger (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); "
-                     "CUDA only, needs the liger-kernel package.")
     num_gpus: int = _f(1, "GPUs to train on: data parallel with one 4-bit copy per GPU (accelerate launch); "
                        "batch_size is per GPU.", min=1, max=64)
     fsdp: bool = _f(False, "Shard the 4-bit model across the GPUs with FSDP (QLoRA + FSDP) for models that do not "
                     "fit one GPU; needs num_gpus > 1 and bf16.")
-    padding_free: bool = _f(False, "Concatenate each micro-batch into one row without padding; examples never "
-                            "attend to each other (position ids restart per example).")
-    auto_batch: bool = _f(False, "Fill the GPU: raise the micro-batch (lowering grad_accum so the effective batch "
-                          "in examples stays the same) and drop gradient checkpointing when the memory estimate "
-                          "allows.")
-    cuda_graphs: bool = _f(False, "Capture each decoder layer's forward and backward as CUDA graphs and replay them: "
-                           "removes the per-kernel host overhead that dominates short rows. Micro-batches are "
-                           "padded to a fixed batch_size x max_length (causal attention: padding changes nothing "
-                           "learned). One CUDA GPU; with gradient checkpointing the layer stack is one graph and "
-                           "LoRA dropout must be 0.")
-    fused_lora: bool = _f(False, "Compute each 4-bit LoRA layer as one autograd function (LoRA product added inside "
-                          "the base matmul's output, backward written out) instead of peft's separate clone, scale "
-                          "and add passes; same arithmetic, LoRA dropout included. Applies to 4-bit layers without bias. "
-                          "Every 4-bit weight is then dequantized into one shared buffer instead of a new "
-                          "tensor per call.")
+
+
+SWITCH = ("auto", "on", "off")
+
+
+@dataclass
+class SpeedSection:
+    """How the run computes, never what it learns.  ``auto`` lets the planner (``studio.speed``) choose for the GPU
+    the run starts on; ``on``/``off`` override it (a switch the machine cannot run falls back, with a note).
+    Longer explanations: docs/speed.md."""
+
+    micro_batch: int = _f(0, "Examples per micro-batch; 0: the planner splits the effective batch "
+                          "(train.batch_size x train.grad_accum), which never changes.", min=0, max=4096)
+    gradient_checkpointing: str = _f("auto", "Recompute activations in the backward instead of keeping them.",
+                                     choices=SWITCH)
+    offload_checkpoints: str = _f("auto", "Keep checkpointed layer inputs in CPU RAM instead of GPU memory.",
+                                  choices=SWITCH)
+    offload_up_proj: str = _f("auto", "Keep each layer's MLP up-projection in CPU RAM so the recompute skips it.",
+                              choices=SWITCH)
+    fp32_frozen: str = _f("auto", "Frozen embeddings, head and norms in fp32 (peft's k-bit preparation).",
+                          choices=SWITCH)
+    weight_cache: str = _f("auto", "A 16-bit copy of the 4-bit weights on the GPU, so no step dequantizes them.",
+                           choices=SWITCH)
+    liger: str = _f("auto", "Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear cross-entropy).",
+                    choices=SWITCH)
+    padding_free: str = _f("auto", "One flattened row per micro-batch instead of padded rows.", choices=SWITCH)
+    cuda_graphs: str = _f("auto", "Replay each decoder layer as a CUDA graph (fixed batch x max_length rows).",
+                          choices=SWITCH)
+    fused_lora: str = _f("auto", "Each 4-bit LoRA layer as one fused autograd function.", choices=SWITCH)
+
+
+SPEED_SWITCHES = tuple(n for n in SpeedSection.__dataclass_fields__ if n != "micro_batch")
+# Keys of earlier versions (presets, run folders): where each went.  A boolean becomes on/off (so an old run
+# resumes on the path it started on); train.auto_batch false pins the micro-batch as written.
+RENAMED = {"model.gradient_checkpointing": "speed.gradient_checkpointing",
+           "model.offload_checkpoints": "speed.offload_checkpoints", "model.offload_up_proj": "speed.offload_up_proj",
+           "model.fp32_frozen": "speed.fp32_frozen", "model.dequantized_cache": "speed.weight_cache",
+           "train.liger": "speed.liger", "train.padding_free": "speed.padding_free",
+           "train.cuda_graphs": "speed.cuda_graphs", "train.fused_lora": "speed.fused_lora",
+           "train.auto_batch": "speed.micro_batch"}
+
+
+class RenamedKey(UserWarning):
+    """A config used a key of an earlier version; it was mapped to its new place."""
 
 
 @dataclass
@@ -231,7 +244,7 @@ class PreferSection:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs.  Sections: model, lora, data, train, output, prefer.
+    """Everything a run needs.  Sections: model, lora, data, train, speed, output, prefer.
 
     ``name`` and ``description`` describe the preset the config came from.
     """
@@ -242,13 +255,14 @@ class RunConfig:
     lora: LoraSection = _f(None, "LoRA adapter.", factory=LoraSection)
     data: DataSection = _f(None, "Data and template.", factory=DataSection)
     train: TrainSection = _f(None, "Training loop.", factory=TrainSection)
+    speed: SpeedSection = _f(None, "How it computes (never what it learns).", factory=SpeedSection)
     output: OutputSection = _f(None, "Outputs.", factory=OutputSection)
     prefer: PreferSection = _f(None, "Preference stage (DPO, ORPO, KTO) on a finished run.", factory=PreferSection)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict | None, *, validate: bool = True) -> "RunConfig":
-        cfg = _build(cls, data or {}, "")
+        cfg = _build(cls, migrate(data or {}), "")
         if validate:
             cfg.validate()
         return cfg
@@ -288,22 +302,18 @@ class RunConfig:
             raise ConfigError("data.val_samples", "and data.val_fraction are both set; choose one.")
         if t.max_steps == 0 and t.epochs <= 0:
             raise ConfigError("train.epochs", "must be positive when max_steps is 0.")
-        if m.dequantized_cache and m.quantization not in ("nf4", "fp4"):
-            raise ConfigError("model.dequantized_cache", "applies only to 4-bit quantization (nf4 or fp4); "
-                              "turn it off or choose nf4.")
-        if m.offload_checkpoints and not m.gradient_checkpointing:
-            raise ConfigError("model.offload_checkpoints", "offloads what gradient checkpointing saves; turn on "
-                              "model.gradient_checkpointing or turn this off.")
-        if m.offload_up_proj and not m.offload_checkpoints:
-            raise ConfigError("model.offload_up_proj", "keeps outputs beside the offloaded checkpoints; turn on "
-                              "model.offload_checkpoints or turn this off.")
-        if m.offload_up_proj and t.cuda_graphs:
-            raise ConfigError("model.offload_up_proj", "runs with eager offloaded checkpoints, not inside CUDA graphs; "
-                              "turn train.cuda_graphs off or turn this off.")
-        if m.offload_up_proj and m.quantization not in ("nf4", "fp4"):
-            raise ConfigError("model.offload_up_proj", "applies to 4-bit layers only; choose nf4 or turn it off.")
-        if t.fused_lora and m.quantization not in ("nf4", "fp4"):
-            raise ConfigError("train.fused_lora", "fuses 4-bit LoRA layers only; choose nf4 or turn it off.")
+        sp = self.speed
+        if sp.micro_batch and self.effective_batch % sp.micro_batch:
+            raise ConfigError("speed.micro_batch", f"{sp.micro_batch} does not divide the effective batch of "
+                              f"{self.effective_batch} examples (train.batch_size x train.grad_accum); choose a divisor "
+                              "or 0 (auto).")
+        pinned = [("offload_checkpoints", "gradient_checkpointing", "offloads what gradient checkpointing saves"),
+                  ("offload_up_proj", "offload_checkpoints", "keeps outputs beside the offloaded checkpoints")]
+        for key, needs, what in pinned:
+            if getattr(sp, key) == "on" and getattr(sp, needs) == "off":
+                raise ConfigError(f"speed.{key}", f"{what}; set speed.{needs} to auto or on, or this to auto.")
+        if sp.offload_up_proj == "on" and sp.cuda_graphs == "on":
+            raise ConfigError("speed.offload_up_proj", "runs eagerly, not inside CUDA graphs; set one of them to auto.")
         if t.fsdp and t.num_gpus < 2:
             raise ConfigError("train.fsdp", "shards across GPUs: set train.num_gpus to 2 or more, or turn it off.")
         if t.fsdp and m.compute_dtype not in ("bf16", "auto"):
@@ -340,6 +350,36 @@ class RunConfig:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+def migrate(data: dict) -> dict:
+    """``data`` with keys of earlier versions moved to their sections (see ``RENAMED``), one ``RenamedKey`` warning
+    each; where both are given the new key wins unless it holds its default (``replace`` writes every key)."""
+    import copy
+    import warnings
+
+    if not isinstance(data, dict) or not any(isinstance(data.get(s), dict) for s in ("model", "train")):
+        return data
+    data = copy.deepcopy(data)
+    speed = data.get("speed") if isinstance(data.get("speed"), dict) else {}
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if not isinstance(data.get(section), dict) or key not in data[section]:
+            continue
+        value = data[section].pop(key)
+        name = new.split(".")[1]
+        if key == "auto_batch":
+            on = coerce(old, bool, value)
+            value = 0 if on else coerce("train.batch_size", int, (data.get("train") or {}).get("batch_size", 4))
+        elif isinstance(value, (bool, str, int)) and str(value).lower() not in SWITCH:
+            value = "on" if coerce(old, bool, value) else "off"
+        if speed.get(name) in (None, "auto", 0):  # a default from to_dict() gives way to the old key's value
+            speed[name] = value
+        warnings.warn(f"{old} is now {new} (= {speed[name]!r}); edit the file to silence this.", RenamedKey,
+                      stacklevel=3)
+    if speed:
+        data["speed"] = speed
+    return data
+
 
 def set_dotted(d: dict, key: str, value: Any) -> None:
     parts = key.split(".")
@@ -460,4 +500,4 @@ def _build(cls: type, data: Any, prefix: str):
 
 
 __all__ = ["RunConfig", "ConfigError", "ModelSection", "LoraSection", "DataSection", "TrainSection",
-           "OutputSection", "PreferSection", "field_specs", "field_type", "coerce", "set_dotted"]
+           "OutputSection", "PreferSection", "SpeedSection", "SPEED_SWITCHES", "RenamedKey", "migrate", "field_specs", "field_type", "coerce", "set_dotted"]

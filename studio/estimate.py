@@ -1,10 +1,11 @@
 """Estimate the peak GPU memory of a training config before anything loads.
 
-Contract: ``estimate(cfg, arch)`` returns an ``Estimate`` with a breakdown in bytes (quantized
-weights, fp32-upcast embeddings/head, LoRA weights + grads + optimizer state, activations with or
-without gradient checkpointing, logits) and ``fits(gpu_gib)``.  ``arch_for(cfg)`` finds the model's
-shape from a local config, a built-in table of common models (works offline), or the Hub.
-``GPUS`` lists common cards; ``advice`` says what to change when a config does not fit.
+Contract: ``estimate(cfg, arch, plan)`` returns an ``Estimate`` for ``cfg`` run as the speed plan ``plan``
+(``studio.speed.Plan``; default: the plain path) with a breakdown in bytes (quantized weights, embeddings/head,
+LoRA weights + grads + optimizer state, activations with or without gradient checkpointing, logits) and
+``fits(gpu_gib)``.  ``arch_for(cfg)`` finds the model's shape from a local config, a built-in table of common
+models (works offline), or the Hub.  ``advice`` says what to change when a config does not fit.  The planner
+(``studio.speed.planner``) chooses plans with it; common cards are in ``studio.speed.profiles``.
 
 The model of memory (peak *allocated*, as ``torch.cuda.max_memory_allocated`` reports it):
 - 4-bit weights: 0.5 byte/param + block scales (fp32 per 64 → 1/16 byte; nested: 8-bit scales +
@@ -28,9 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GiB = 2**30
-
-GPUS = {"T4 16 GB": 16, "L4 24 GB": 24, "A100 40 GB": 40, "A100 80 GB": 80, "H100 80 GB": 80}
-
 
 @dataclass
 class Arch:
@@ -123,15 +121,20 @@ def _targets(cfg, arch: Arch) -> list[str]:
     return names if t == ["all-linear"] else [n for n in names if n in t]
 
 
-def estimate(cfg, arch: Arch, micro_batch: int | None = None, seq_len: int | None = None) -> Estimate:
-    b = micro_batch or cfg.train.batch_size
+def estimate(cfg, arch: Arch, plan=None, micro_batch: int | None = None, seq_len: int | None = None) -> Estimate:
+    """Peak allocated memory of ``cfg`` run as ``plan`` (``studio.speed.Plan``; default: the plain path)."""
+    if plan is None:
+        from studio.speed.plan import reference
+
+        plan = reference(cfg)
+    b = micro_batch or plan.micro_batch
     s = seq_len or cfg.data.max_length
     h, L = arch.hidden, arch.layers
     q = cfg.model.quantization
-    act_bytes = 4 if cfg.model.compute_dtype == "fp32" else 2
+    act_bytes = 4 if plan.compute_dtype == "fp32" else 2
     if q in ("nf4", "fp4"):
         per_param = 0.5 + ((1 / 64 + 4 / (64 * 256)) if cfg.model.double_quant else 4 / 64)
-        embed_bytes = 4 if cfg.model.fp32_frozen else act_bytes  # peft's k-bit preparation upcasts to fp32
+        embed_bytes = 4 if plan.fp32_frozen else act_bytes  # peft's k-bit preparation upcasts to fp32
     elif q == "int8":
         per_param, embed_bytes = 1.0 + 4 / 4096, 4
     else:
@@ -145,19 +148,19 @@ def estimate(cfg, arch: Arch, micro_batch: int | None = None, seq_len: int | Non
     e.parts["LoRA + grads + optimizer"] = int(lora * (4 + 4 + opt))
     tokens = b * s
     full_layer = (58 + 2 * arch.intermediate / h) * tokens * h * act_bytes / 2
-    if cfg.model.gradient_checkpointing:
+    if plan.gradient_checkpointing:
         # Each layer's saved input (2 bytes/value); offloaded, only the one in use and the one prefetched.
-        kept = 2 if cfg.model.offload_checkpoints else L
+        kept = 2 if plan.offload_checkpoints else L
         e.parts["activations"] = int(kept * 2 * tokens * h + full_layer)
-        if cfg.model.offload_up_proj and cfg.model.offload_checkpoints:
+        if plan.offload_up_proj and plan.offload_checkpoints:
             e.parts["kept up_proj output"] = int(2 * tokens * arch.intermediate)  # the one fetched ahead
     else:
         e.parts["activations"] = int(L * full_layer)
-    e.parts["logits (fp32) + grad"] = int(tokens * arch.vocab * (4 if cfg.train.liger else 14))
-    if cfg.train.padding_free and not cfg.train.cuda_graphs and cfg.model.attn_implementation != "flash_attention_2":
+    e.parts["logits (fp32) + grad"] = int(tokens * arch.vocab * (4 if plan.liger else 14))
+    if plan.padding_free and not plan.cuda_graphs and cfg.model.attn_implementation != "flash_attention_2":
         # SDPA gets the example boundaries as a dense (tokens x tokens) mask, materialised as a bias.
         e.parts["packed attention mask"] = int(tokens * tokens * 3)
-    if q in ("nf4", "fp4") and cfg.model.dequantized_cache:
+    if q in ("nf4", "fp4") and plan.weight_cache:
         e.parts["16-bit weight cache"] = int(arch.block_params * act_bytes)
     elif q != "none":
         big = max(a * c for a, c in shapes.values())
@@ -165,14 +168,16 @@ def estimate(cfg, arch: Arch, micro_batch: int | None = None, seq_len: int | Non
     return e
 
 
-def advice(cfg, est: Estimate, gpu_gib: float) -> list[str]:
+def advice(cfg, est: Estimate, gpu_gib: float, plan=None) -> list[str]:
+    """What to change so ``cfg`` (run as ``plan``) fits ``gpu_gib``; empty when it fits."""
     if est.fits(gpu_gib):
         return []
     tips = []
-    if not cfg.model.gradient_checkpointing:
-        tips.append("turn on gradient checkpointing")
-    if cfg.train.batch_size > 1:
-        tips.append(f"lower batch size to {max(1, cfg.train.batch_size // 2)} and double grad accumulation")
+    micro = plan.micro_batch if plan else cfg.train.batch_size
+    if plan is not None and not plan.gradient_checkpointing:
+        tips.append("set speed.gradient_checkpointing to on")
+    if micro > 1:
+        tips.append(f"set speed.micro_batch to {max(1, micro // 2)} (the effective batch stays)")
     if cfg.data.max_length > 512:
         tips.append(f"lower max length to {cfg.data.max_length // 2}")
     if cfg.model.quantization in ("none", "int8"):
@@ -180,64 +185,3 @@ def advice(cfg, est: Estimate, gpu_gib: float) -> list[str]:
     if cfg.model.quantization in ("nf4", "fp4") and not cfg.model.double_quant:
         tips.append("turn on nested quantization")
     return tips or ["choose a larger GPU or a smaller model"]
-
-
-def plan(cfg, arch: Arch | None, gpu_bytes: int):
-    """What ``train.auto_batch`` runs on a GPU of ``gpu_bytes``: ``(planned config, its estimate)``.
-
-    Micro-batch, accumulation and checkpointing from ``plan_batch``; the 16-bit weight cache is kept only
-    when the same micro-batch still fits without checkpointing beside it (a smaller micro-batch costs more
-    than dequantisation saves); CUDA graphs unless checkpointing is chosen with LoRA dropout.  Without auto_batch the config is returned as it is.
-    """
-    import dataclasses as dc
-
-    if not cfg.train.auto_batch or arch is None:
-        return cfg, (estimate(cfg, arch) if arch else None)
-    no_cache = dc.replace(cfg, model=dc.replace(cfg.model, dequantized_cache=False))
-    micro, accum, gc, est = plan_batch(no_cache, arch, gpu_bytes)
-    cache = False
-    if cfg.model.dequantized_cache and not gc:
-        c_micro, c_accum, c_gc, c_est = plan_batch(cfg, arch, gpu_bytes)
-        if (c_micro, c_gc) == (micro, gc):  # the cache saves dequantisation only if it costs no micro-batch
-            cache, est = True, c_est
-    # Checkpointed layers are graphed as one stack, which cannot replay a dropout mask in the recompute.
-    graphs = cfg.train.cuda_graphs and (not gc or cfg.lora.dropout == 0)
-    planned = dc.replace(
-        cfg, train=dc.replace(cfg.train, batch_size=micro, grad_accum=accum, cuda_graphs=graphs),
-        model=dc.replace(cfg.model, gradient_checkpointing=gc, dequantized_cache=cache))
-    return planned, est
-
-
-def describe_plan(cfg) -> str:
-    """One line: what a planned config runs (for the fit table and the CLI)."""
-    bits = [f"micro-batch {cfg.train.batch_size} x accum {cfg.train.grad_accum}",
-            "checkpointing" if cfg.model.gradient_checkpointing else "no checkpointing"]
-    if cfg.train.cuda_graphs:
-        bits.append("CUDA graphs")
-    if cfg.model.dequantized_cache:
-        bits.append("16-bit weight cache")
-    return ", ".join(bits)
-
-
-def plan_batch(cfg, arch: Arch | None, gpu_bytes: int, headroom: float = 0.85):
-    """Choose micro-batch, grad accumulation and checkpointing that fill ``gpu_bytes``.
-
-    Keeps ``batch_size * grad_accum`` (the effective batch in examples) unchanged.  Prefers no
-    checkpointing (less recompute) at the largest micro-batch that fits, then checkpointing.
-    Returns ``(micro_batch, grad_accum, gradient_checkpointing, estimate)``.
-    """
-    import dataclasses
-
-    eff = cfg.train.batch_size * cfg.train.grad_accum
-    current = (cfg.train.batch_size, cfg.train.grad_accum, cfg.model.gradient_checkpointing)
-    if arch is None:
-        return (*current, None)
-    divisors = [d for d in range(eff, 0, -1) if eff % d == 0]
-    for gc in (False, True):
-        for micro in divisors:
-            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=micro),
-                                    model=dataclasses.replace(cfg.model, gradient_checkpointing=gc))
-            est = estimate(c, arch)
-            if est.reserved_gib() * GiB <= gpu_bytes * headroom:
-                return micro, eff // micro, gc, est
-    return (*current, estimate(cfg, arch))

@@ -5,16 +5,20 @@ base (adapter disabled) and the tuned model computes the mean loss and perplexit
 validation examples (loss on response tokens, as in training) and, on greedy answers, exact match
 and ROUGE-L F1 against the references.  Returns an ``Evaluation`` (also written to
 ``<run>/evaluation.json`` and as an ``evaluation`` event) with per-example rows so the UI can show
-the best and worst.
+the best and worst.  A preference stage is measured against the adapter it started from instead of the base
+(``Evaluation.labels`` names the two sides, e.g. ``sft`` and ``dpo``), so SFT and preference answers are
+compared on the same examples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from studio.runs import Run
+from studio.playground import stage_start
+from studio.runs import Run, RunStore
 
 
 @dataclass
@@ -23,6 +27,9 @@ class Evaluation:
     base: dict
     tuned: dict
     rows: list[dict] = field(default_factory=list)
+    # What the two sides are: the base model and the run's adapter, or for a preference stage the adapter it
+    # started from ("sft") and its own ("dpo", ...); ``base``/``tuned`` keep their keys either way.
+    labels: dict = field(default_factory=lambda: {"base": "base", "tuned": "tuned"})
 
     def table(self) -> list[list]:
         keys = [("loss", "loss"), ("perplexity", "perplexity"), ("exact_match", "exact match"),
@@ -69,7 +76,13 @@ def evaluate_run(run: Run, limit: int = 50, max_new_tokens: int = 64, adapter_pa
 
     cfg = run.config()
     path = adapter_path or run.adapter_dir
-    model, tok = load_for_inference(cfg, {"tuned": path})
+    adapters, labels = {"tuned": path}, {"base": "base", "tuned": "tuned"}
+    start = stage_start(run, RunStore(run.dir.parent)) if adapter_path is None else {}
+    if start:  # a preference stage is measured against the adapter it started from, not the bare base
+        (name, start_path), = start.items()
+        adapters["start"] = start_path
+        labels = {"base": name, "tuned": cfg.prefer.method}
+    model, tok = load_for_inference(cfg, adapters)
     tok.padding_side = "right"
     train, val = train_val_examples(cfg.data)
     val = (val or train)[:limit]
@@ -80,13 +93,10 @@ def evaluate_run(run: Run, limit: int = 50, max_new_tokens: int = 64, adapter_pa
     result: dict[str, dict] = {}
     answers: dict[str, list[str]] = {}
     for name in ("base", "tuned"):
-        if name == "base":
-            with model.disable_adapter():
-                loss = _loss(model, toks, device)
-                answers[name] = [generate_text(model, tok, ex.instruction, spec, input=ex.input, system=ex.system,
-                                               max_new_tokens=max_new_tokens) for ex in val]
-        else:
-            model.set_adapter("tuned")
+        side = "start" if name == "base" and start else name
+        if side != "base":
+            model.set_adapter(side)
+        with model.disable_adapter() if side == "base" else contextlib.nullcontext():
             loss = _loss(model, toks, device)
             answers[name] = [generate_text(model, tok, ex.instruction, spec, input=ex.input, system=ex.system,
                                            max_new_tokens=max_new_tokens) for ex in val]
@@ -95,7 +105,7 @@ def evaluate_run(run: Run, limit: int = 50, max_new_tokens: int = 64, adapter_pa
         result[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "exact_match": em, "rouge_l": rl}
     rows = [{"prompt": ex.instruction, "input": ex.input, "reference": ex.response, "base": b, "tuned": t,
              "tuned_rouge_l": rouge_l(t, ex.response)} for ex, b, t in zip(val, answers["base"], answers["tuned"])]
-    ev = Evaluation(len(val), result["base"], result["tuned"], rows)
+    ev = Evaluation(len(val), result["base"], result["tuned"], rows, labels)
     (run.dir / "evaluation.json").write_text(json.dumps(asdict(ev), indent=1))
     run.emit("evaluation", n=ev.n, base=ev.base, tuned=ev.tuned)
     return ev

@@ -17,6 +17,13 @@ class Hardware:
     total_bytes: int
     gpu_count: int
     bf16: bool
+    capability: tuple[int, int] | None = None  # CUDA compute capability, (7, 5) for a T4
+    host_bytes: int = 0  # system RAM
+
+    @property
+    def sm(self) -> int:
+        """Compute capability as one number (75 for a T4, 90 for an H100); 0 on a CPU."""
+        return self.capability[0] * 10 + self.capability[1] if self.capability else 0
 
     @property
     def total_gib(self) -> float:
@@ -24,15 +31,15 @@ class Hardware:
 
 
 def detect() -> Hardware:
+    import psutil
     import torch
 
+    host = psutil.virtual_memory().total
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return Hardware("cuda", props.name, props.total_memory, torch.cuda.device_count(),
-                        torch.cuda.is_bf16_supported())
-    import psutil
-
-    return Hardware("cpu", "CPU", psutil.virtual_memory().total, 0, True)
+                        torch.cuda.is_bf16_supported(), (props.major, props.minor), host)
+    return Hardware("cpu", "CPU", host, 0, True, None, host)
 
 
 def resolve_dtype(name: str, hw: Hardware | None = None):

@@ -85,31 +85,12 @@ def model_config(cfg: RunConfig, token: str | None = None):
 def preflight(cfg: RunConfig, hw: Hardware | None = None, token: str | None = None, check_model: bool = True):
     hw = hw or detect()
     m, t = cfg.model, cfg.train
-    if hw.device == "cuda" and m.compute_dtype == "bf16" and not hw.bf16:
-        raise ConfigError("model.compute_dtype", f"bf16 is not supported by {hw.name}; choose fp16 or auto.")
     if hw.device == "cpu" and m.compute_dtype == "fp16":
         raise ConfigError("model.compute_dtype", "fp16 mixed precision needs a CUDA GPU; on the CPU choose auto.")
     if hw.device == "cpu" and m.quantization == "int8":
         raise ConfigError("model.quantization", "int8 training needs a CUDA GPU; on the CPU choose nf4 or none.")
     if hw.device == "cpu" and ("8bit" in t.optimizer or "paged" in t.optimizer):
         raise ConfigError("train.optimizer", f"{t.optimizer} needs a CUDA GPU; on the CPU choose adamw_torch.")
-    if t.liger:
-        if hw.device != "cuda":
-            raise ConfigError("train.liger", "Liger kernels need a CUDA GPU; turn it off on the CPU.")
-        try:
-            import liger_kernel  # noqa: F401
-        except Exception:  # noqa: BLE001
-            raise ConfigError("train.liger", "liger-kernel is not installed; pip install liger-kernel or turn it "
-                              "off.") from None
-    if t.cuda_graphs:
-        if hw.device != "cuda":
-            raise ConfigError("train.cuda_graphs", "CUDA graphs need a CUDA GPU; turn it off on the CPU.")
-        if t.num_gpus > 1 or t.fsdp:
-            raise ConfigError("train.cuda_graphs", "CUDA graphs run on one GPU; set num_gpus to 1 or turn it off.")
-        if m.gradient_checkpointing and cfg.lora.dropout > 0 and not t.auto_batch:
-            # A graph replays the random numbers it captured: the recompute could not redraw the forward's mask.
-            raise ConfigError("train.cuda_graphs", "CUDA graphs with gradient checkpointing need lora.dropout 0; set "
-                              "it to 0, turn model.gradient_checkpointing off, or turn on train.auto_batch.")
     if m.quantization != "none":
         try:
             import bitsandbytes  # noqa: F401
@@ -157,11 +138,13 @@ def quantization_config(cfg: RunConfig, dtype):
 
 
 def load_base(cfg: RunConfig, tokenizer, hw: Hardware | None = None, token: str | None = None,
-              device_map=None):
+              device_map=None, dtype=None):
+    """The base model, quantized as configured, in ``dtype`` (default: the config's on this hardware; a run passes
+    its plan's, which may have fallen back to fp16)."""
     from transformers import AutoModelForCausalLM
 
     hw = hw or detect()
-    dtype = resolve_dtype(cfg.model.compute_dtype, hw)
+    dtype = dtype or resolve_dtype(cfg.model.compute_dtype, hw)
     path = resolve_base(cfg.model.base_model)
     kwargs = dict(dtype=dtype, quantization_config=quantization_config(cfg, dtype), token=token,
                   revision=cfg.model.revision, device_map=device_map or ({"": local_rank()} if hw.device == "cuda" else "cpu"),
@@ -215,62 +198,43 @@ def target_modules(cfg: RunConfig):
     return "all-linear" if t == ["all-linear"] else list(t)
 
 
-def add_lora(cfg: RunConfig, model):
+def add_lora(cfg: RunConfig, model, plan=None):
+    """A new LoRA adapter on ``model``, prepared as ``plan`` says (default: the plain path)."""
     from peft import LoraConfig, get_peft_model
 
-    model = prepare_for_lora(cfg, model)
+    model = prepare_for_lora(cfg, model, plan)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=target_modules(cfg), bias=cfg.lora.bias, task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
 
 
-def prepare_for_lora(cfg: RunConfig, model):
-    """The base model made ready for LoRA training (k-bit preparation, checkpointing), before any adapter is added
-    or loaded: the SFT stage adds a new adapter after it, the preference stage loads the SFT one."""
+def prepare_for_lora(cfg: RunConfig, model, plan=None):
+    """The base model made ready for LoRA training (k-bit preparation, checkpointing) as ``plan`` says (default: the
+    plain path on this model's device), before any adapter is added or loaded: the SFT stage adds a new adapter
+    after it, the preference stage loads the SFT one."""
     from peft import prepare_model_for_kbit_training
 
+    if plan is None:
+        from studio.speed.plan import reference
+
+        plan = reference(cfg, model.device.type)
     # With a KV cache present transformers skips packed-sequence detection, so padding-free rows
     # would attend across examples; training never needs the cache.
     model.config.use_cache = False
-    gc = cfg.model.gradient_checkpointing
+    gc = plan.gradient_checkpointing
     gc_kwargs = dict(GC_KWARGS)
-    if cfg.model.quantization != "none" and cfg.model.fp32_frozen and not cfg.train.fsdp:
+    if cfg.model.quantization != "none" and plan.fp32_frozen and not cfg.train.fsdp:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     else:
         # Frozen weights keep their dtype: FSDP's flat parameters cannot mix in peft's fp32 upcasts, and
-        # fp32_frozen off keeps them in the compute dtype as Unsloth does.  Reentrant checkpointing needs an
+        # speed.fp32_frozen off keeps them in the compute dtype as Unsloth does.  Reentrant checkpointing needs an
         # input that requires grad; 4-bit and FSDP runs always get one.
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         if gc or cfg.train.fsdp or cfg.model.quantization != "none":
             model.enable_input_require_grads()
     return model
-
-
-def cache_dequantized(model, dtype) -> int:
-    """Give every 4-bit linear layer a 16-bit copy of its dequantized weight and use it; returns bytes added.
-
-    The copy holds exactly the values bitsandbytes dequantizes on every call, so outputs and gradients are
-    those of the 4-bit layer; the packed 4-bit weight stays (adapters, merging and saving use it).
-    """
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    added = 0
-    for m in model.modules():
-        if not isinstance(m, bnb.nn.Linear4bit) or m.weight.device.type != "cuda":
-            continue
-        w = bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).to(dtype)
-        m.register_buffer("weight16", w, persistent=False)  # never saved: checkpoints stay 4-bit
-
-        def forward(x, _m=m):
-            return torch.nn.functional.linear(x.to(_m.weight16.dtype), _m.weight16, _m.bias).to(x.dtype)
-
-        m.forward = forward
-        added += w.numel() * w.element_size()
-    return added
 
 
 def load_for_inference(cfg: RunConfig, adapters: dict[str, str | Path] | None = None, token: str | None = None,

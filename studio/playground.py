@@ -4,6 +4,9 @@ Contract:
 - ``ModelHolder.load(run, checkpoints)`` loads the run's base model once (re-used while the base
   and quantization stay the same) and loads the final adapter as ``final`` and each chosen
   checkpoint as ``ckpt-N``; base answers come from the same weights with the adapter disabled.
+  A preference stage's final adapter is named by its method (``dpo``, ``orpo``, ``kto``) and the adapter it
+  started from is loaded beside it as ``sft`` (``start`` when that was itself a stage), so SFT and
+  preference answers are compared side by side and blind on one base.
 - It refuses to load while a training worker is alive on a CUDA GPU unless free GPU memory covers
   the estimate (one model per GPU at a time), with a message saying so.
 - ``stream(prompt, adapter, sampling)`` yields growing text under a lock, so concurrent requests
@@ -41,6 +44,9 @@ from studio.security import check_name, inside
 
 class PlaygroundError(RuntimeError):
     pass
+
+
+START_ADAPTERS = ("sft", "start")  # a preference stage's starting adapter, loaded beside the stage's own
 
 
 def gpu_busy(store: RunStore, cfg=None) -> str | None:
@@ -83,13 +89,15 @@ class ModelHolder:
         store = store or RunStore()
         adapters: dict[str, Path] = {}
         if (run.adapter_dir / "adapter_model.safetensors").exists():
-            adapters["final"] = run.adapter_dir
+            # A preference stage's adapter is named by its method, so "dpo" and "sft" read as such side by side.
+            adapters[cfg.prefer.method if cfg.prefer.parent_run else "final"] = run.adapter_dir
         for ck in checkpoints or []:
             p = inside(run.checkpoints_dir, check_name(str(ck), "checkpoint"))  # a name, never a path elsewhere
             if (p / "adapter_model.safetensors").exists():
                 adapters[f"ckpt-{ck.split('-')[-1]}"] = p
         if not adapters:
             raise PlaygroundError(f"run {run.id!r} has no adapter or checkpoint yet.")
+        adapters.update(stage_start(run, store))
         key = (cfg.model.base_model, cfg.model.quantization, cfg.model.double_quant, cfg.model.compute_dtype)
         with self.lock:
             busy = gpu_busy(store, cfg)
@@ -146,6 +154,22 @@ class ModelHolder:
         for text in self.stream(prompt, adapter, sampling, input=input):
             pass
         return text
+
+
+def stage_start(run: Run, store: RunStore) -> dict[str, Path]:
+    """For a preference stage, ``{"sft": the adapter it started from}`` (``"start"`` when that was itself a stage),
+    loaded beside the stage's own so the two are compared on one base; empty for an SFT run or a parent gone."""
+    from studio.votes import parent_adapter
+
+    p = run.config().prefer
+    if not p.parent_run:
+        return {}
+    try:
+        parent = store.get(p.parent_run)
+        path = parent_adapter(parent, p.parent_checkpoint)
+    except (KeyError, ValueError):  # the parent run or its checkpoint was deleted: the stage alone
+        return {}
+    return {"start" if parent.config().prefer.parent_run else "sft": path}
 
 
 def preferences_path() -> Path:

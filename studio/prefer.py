@@ -79,6 +79,7 @@ def render_rows(pairs: list, method: str, spec, tokenizer) -> list[dict]:
         if isinstance(p, Pair):
             prompt, chosen = answer(p, p.chosen)
             _, rejected = answer(p, p.rejected)
+            prompt = p.rendered or prompt  # a later turn of a Playground conversation: earlier turns included
             if method == "kto":
                 rows += [{"prompt": prompt, "completion": chosen, "label": True},
                          {"prompt": prompt, "completion": rejected, "label": False}]
@@ -99,7 +100,7 @@ class PreferRecipe(Recipe):
         from peft import PeftModel
         from transformers import set_seed
 
-        from studio import modeling, votes
+        from studio import modeling, speed, votes
         from studio.data.schema import Example
         from studio.data.templates import TemplateSpec
         from studio.hardware import detect
@@ -114,6 +115,8 @@ class PreferRecipe(Recipe):
         start = votes.parent_adapter(parent, p.parent_checkpoint)
         self.run.emit("status", status="starting", device=self.hw.device, gpu=self.hw.name, method=p.method,
                       parent_run=parent.id, adapter=str(start.relative_to(parent.dir)))
+        self.plan = speed.plan(cfg, self.hw)  # the plain path: TRL's trainer runs none of the speed parts
+        self.run.emit("plan", **self.plan.to_event())
         self.tokenizer = modeling.load_tokenizer(cfg, token=self.token)
         self.spec = TemplateSpec.from_config(cfg.data)
         snapshot = self.run.dir / votes.PAIRS_FILE
@@ -137,9 +140,9 @@ class PreferRecipe(Recipe):
                       source=source, left_out=left_out, skipped=0,
                       stats={"summary": f"{len(train_p)} {kind} from {source}"
                                         + (f"; {len(val_p)} held out" if val_p else "")})
-        base = modeling.load_base(cfg, self.tokenizer, self.hw, self.token)
+        base = modeling.load_base(cfg, self.tokenizer, self.hw, self.token, dtype=self.dtype)
         set_seed(cfg.train.seed)
-        model = modeling.prepare_for_lora(cfg, base)
+        model = modeling.prepare_for_lora(cfg, base, self.plan)
         try:
             self.model = PeftModel.from_pretrained(model, str(start), is_trainable=True)
         except Exception as e:  # noqa: BLE001 - a parent adapter that does not fit this base

@@ -97,7 +97,7 @@ def studio_trainer_cls():
             return super().log(logs, *args, **kwargs)
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            # With Liger's fused loss (studio.liger) an evaluation that only wants the loss never builds logits,
+            # With Liger's fused loss (studio.speed.liger) an evaluation that only wants the loss never builds logits,
             # as Trainer does for its own use_liger_kernel.
             if prediction_loss_only and self.skip_eval_logits:
                 inputs = {**inputs, "skip_logits": True}

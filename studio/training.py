@@ -10,12 +10,10 @@ or ``failed`` (with the step, the reason and a remedy).
 Events written (see ``studio.runs``): ``status``, ``data`` (counts and length stats), ``metric``
 (step, epoch, loss, learning_rate, grad_norm, tokens_per_s, memory), ``eval`` (eval_loss,
 perplexity), ``sample`` (answers to fixed validation prompts at each evaluation), ``checkpoint``,
-and with the speed switches ``plan`` (what ``train.auto_batch`` chose for this GPU), ``weight_cache``
-(GiB of the 16-bit weight copy), ``fused_lora`` (LoRA layers fused; MiB of the shared dequantization
-buffer), ``checkpoint_offload`` (layers whose checkpointed inputs live in CPU RAM; with
-``offload_up_proj`` also ``up_proj`` layers whose MLP up-projection is kept there, ``host_gib``, or
-``up_proj_note`` saying why not) and ``graphs`` (layers captured as CUDA graphs, shape, seconds,
-whether checkpointed and offloaded, memory after and peak during capture).
+``plan`` (how this run computes on this machine, each part with its reason: ``studio.speed``), and from the
+parts the plan switches on ``weight_cache``, ``fused_lora``, ``liger``, ``checkpoint_offload`` and ``graphs``.
+Speed lives in ``studio.speed``: the recipe plans, prepares the model, picks the collator and adds the
+callback, and reads as data, model, LoRA, train, save.
 This module never imports gradio; it runs inside the worker process or a test.
 """
 
@@ -27,7 +25,7 @@ import shutil
 import sys
 import time
 
-from studio import adapters
+from studio import adapters, speed
 from studio.config import ConfigError, RunConfig
 from studio.runs import Run
 
@@ -60,20 +58,9 @@ def _events_callback_cls():
             self._t = time.time()
             self._tokens = state.num_input_tokens_seen or 0
             self.t0 = self._t
-            model = kw.get("model")
-            cfg = self.r.cfg
-            if (model is not None and cfg.model.offload_checkpoints and cfg.model.gradient_checkpointing
-                    and not cfg.train.cuda_graphs):  # a graphed stack offloads inside its graph
-                from studio.offload import use_offloaded_checkpoints
-
-                # After Trainer's gradient_checkpointing_enable, which installs torch's checkpoint function.
-                layers = use_offloaded_checkpoints(model)
-                self.run.emit("checkpoint_offload", layers=layers, **self.r.keep_up_proj(model))
             if self.r.resumed_from is not None and self.r.trainer.is_fsdp_enabled:
                 n = adapters.restore_lora(self.r.trainer, self.r.resumed_from)
                 self.run.emit("log", message=f"restored {n} LoRA tensors from {self.r.resumed_from.name}")
-            if cfg.train.cuda_graphs and model is not None:
-                self.r.capture_graphs(model)  # after the Trainer patched the model (Liger), before step 1
             self.run.emit("status", status="running", step=state.global_step, max_steps=state.max_steps,
                           epochs=args.num_train_epochs)
 
@@ -143,30 +130,6 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def keep_up_proj_if_room(model, tokens: int, dtype_bytes: int, free: int, residual_bytes: int | None = None,
-                         ranks: int = 1) -> dict:
-    """Keep up_proj outputs in CPU RAM if a micro-batch's worth, beside the offloaded layer inputs, fits in half of
-    ``free`` bytes (pinned memory cannot be swapped out); what was done, for the ``checkpoint_offload`` event.
-
-    Layer inputs are in the residual stream's dtype (fp32 under peft's k-bit preparation), kept products in the
-    compute dtype; the pinned-memory allocator rounds each block up to a power of two; every rank on the machine
-    keeps its own."""
-    from studio.offload import keep_up_proj
-
-    c = model.config.get_text_config()
-
-    def block(n: int) -> int:
-        return 1 << (n - 1).bit_length()
-
-    per_layer = block(tokens * c.hidden_size * (residual_bytes or dtype_bytes)) + block(
-        tokens * c.intermediate_size * dtype_bytes)
-    need = c.num_hidden_layers * per_layer * ranks
-    if need > free / 2:
-        return {"up_proj": 0, "up_proj_note": f"needs {need / 2**30:.1f} GiB of CPU RAM, {free / 2**30:.1f} GiB free: "
-                "recomputed on the GPU instead"}
-    return {"up_proj": keep_up_proj(model), "host_gib": round(need / 2**30, 2)}
-
-
 def recipe_for(run: Run) -> type["Recipe"]:
     """The recipe a run's config asks for: SFT, or the preference stage when ``prefer.parent_run`` is set."""
     if run.config().prefer.parent_run:
@@ -176,8 +139,8 @@ def recipe_for(run: Run) -> type["Recipe"]:
     return Recipe
 
 
-OOM_REMEDY = ("lower train.batch_size (raise train.grad_accum to keep the effective batch), lower "
-              "data.max_length, or turn on model.gradient_checkpointing.")
+OOM_REMEDY = ("set speed.micro_batch lower (the effective batch stays), lower "
+              "data.max_length, or set speed.gradient_checkpointing to on.")
 
 
 class Recipe:
@@ -206,8 +169,10 @@ class Recipe:
             check_output_free(output_dir(cfg.output.adapter_dir))  # refuse now, not after the whole run
         self.hw = modeling.preflight(cfg, detect(), self.token)
         self.run.emit("status", status="starting", device=self.hw.device, gpu=self.hw.name)
-        self._plan_batch()
-        cfg = self.cfg
+        self.plan = speed.plan(cfg, self.hw)
+        self.run.emit("plan", **self.plan.to_event())
+        for note in self.plan.notes:
+            self.run.emit("log", message=note)
         self.tokenizer = modeling.load_tokenizer(cfg, token=self.token)
         prepared = prepare(cfg, self.tokenizer, self.token)
         self.prepared = prepared
@@ -217,41 +182,18 @@ class Recipe:
                       schema=prepared.detection.kind, skipped=len(prepared.skipped),
                       skipped_first=prepared.skipped[:5], dropped=prepared.dropped_fully_truncated,
                       stats=prepared.stats.to_dict())
-        base = modeling.load_base(cfg, self.tokenizer, self.hw, self.token)
+        base = modeling.load_base(cfg, self.tokenizer, self.hw, self.token, dtype=self.dtype)
         # LoRA's initial weights come from the global RNG: seed it here so a run never depends on what
         # the process did before (another run, building the tiny model, loading data).
         set_seed(cfg.train.seed)
-        self.model = modeling.add_lora(cfg, base)
-        if cfg.model.dequantized_cache and self.hw.device == "cuda":
-            added = modeling.cache_dequantized(self.model, self.dtype)
-            self.run.emit("weight_cache", gib=round(added / 2**30, 2))
-        if cfg.train.fused_lora:
-            from studio.fused_lora import fuse_lora, share_dequant_buffer
-
-            layers = fuse_lora(self.model)
-            shared = 0 if cfg.train.fsdp else share_dequant_buffer(self.model, self.dtype)
-            self.run.emit("fused_lora", layers=layers, shared_buffer_mib=round(shared / 2**20, 1))
+        self.model = modeling.add_lora(cfg, base, self.plan)
+        speed.prepare_model(self.model, self.plan, self.run.emit, fsdp=cfg.train.fsdp)
         self.trainer = self._trainer()
 
     @property
     def dtype(self):
-        """The compute dtype on this run's hardware (after preflight)."""
-        from studio.hardware import resolve_dtype
-
-        return resolve_dtype(self.cfg.model.compute_dtype, self.hw)
-
-    def _plan_batch(self):
-        """With train.auto_batch on a GPU, fill memory while keeping the effective batch in examples."""
-        from studio.estimate import arch_for, plan
-
-        cfg = self.cfg
-        if not cfg.train.auto_batch or self.hw.device != "cuda":
-            return
-        self.cfg, est = plan(cfg, arch_for(cfg), self.hw.total_bytes)
-        t, m = self.cfg.train, self.cfg.model
-        self.run.emit("plan", batch_size=t.batch_size, grad_accum=t.grad_accum,
-                      gradient_checkpointing=m.gradient_checkpointing, cuda_graphs=t.cuda_graphs,
-                      dequantized_cache=m.dequantized_cache, estimate_gib=round(est.total_gib, 2) if est else None)
+        """The compute dtype this run's plan runs (after any fallback)."""
+        return self.plan.dtype
 
     def _args(self):
         from transformers import TrainingArguments
@@ -271,9 +213,9 @@ class Recipe:
             output_dir=str(self.run.checkpoints_dir),
             num_train_epochs=t.epochs,
             max_steps=t.max_steps or -1,
-            per_device_train_batch_size=t.batch_size,
-            per_device_eval_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.grad_accum,
+            per_device_train_batch_size=self.plan.micro_batch,
+            per_device_eval_batch_size=self.plan.eval_batch or self.plan.micro_batch,
+            gradient_accumulation_steps=self.plan.grad_accum,
             learning_rate=t.learning_rate,
             lr_scheduler_type=t.scheduler,
             warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
@@ -293,11 +235,11 @@ class Recipe:
             bf16=self.hw.device == "cuda" and dtype == torch.bfloat16,
             fp16=self.hw.device == "cuda" and dtype == torch.float16,
             use_cpu=self.hw.device == "cpu",
-            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing=self.plan.gradient_checkpointing,
             gradient_checkpointing_kwargs=dict(modeling.GC_KWARGS),
             include_num_input_tokens_seen="non_padding",
             ddp_find_unused_parameters=False if t.num_gpus > 1 else None,
-            use_liger_kernel=False,  # train.liger: applied to this model instance in _trainer (studio.liger)
+            use_liger_kernel=False,  # Liger goes on this model instance only (studio.speed.liger)
             # On a GPU, worker processes read and collate the next micro-batches while the GPU trains: in the main
             # process the GPU would wait for them at every optimizer step (the host syncs there).
             dataloader_num_workers=2 if self.hw.device == "cuda" else 0,
@@ -306,60 +248,21 @@ class Recipe:
             remove_unused_columns=False,  # our datasets hold exactly input_ids and labels
         )
 
-    def collator(self):
-        """Padded batches, fixed-shape rows for CUDA graphs, or one flattened row per micro-batch (padding-free)."""
-        from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-
-        if self.cfg.train.cuda_graphs:
-            from studio.graphs import StaticRowsCollator
-
-            return StaticRowsCollator(self.cfg.train.batch_size, self.cfg.data.max_length, self.tokenizer.pad_token_id)
-        if self.cfg.train.padding_free:
-            return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-        return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
-
-    def keep_up_proj(self, model) -> dict:
-        """With model.offload_up_proj, keep up_proj outputs in CPU RAM where it has room (for the event)."""
-        import psutil
-
-        if not self.cfg.model.offload_up_proj:
-            return {}
-        cfg, size = self.cfg, self.dtype.itemsize
-        return keep_up_proj_if_room(model, cfg.train.batch_size * cfg.data.max_length, size,
-                                    psutil.virtual_memory().available, 4 if cfg.model.fp32_frozen else size,
-                                    max(1, cfg.train.num_gpus))
-
-    def capture_graphs(self, model):
-        import torch
-
-        from studio.graphs import graph_layers
-
-        t = time.time()
-        b, n_tok = self.cfg.train.batch_size, self.cfg.data.max_length
-        try:
-            n = graph_layers(model, b, n_tok, self.dtype, offload=self.cfg.model.offload_checkpoints)
-        except Exception as e:  # noqa: BLE001
-            raise RuntimeError(f"capturing CUDA graphs failed ({str(e).splitlines()[0]}); turn train.cuda_graphs "
-                               "off and start again.") from e
-        self.run.emit("graphs", layers=n, shape=[b, n_tok], seconds=round(time.time() - t, 2),
-                      checkpointed=self.cfg.model.gradient_checkpointing, offload=self.cfg.model.offload_checkpoints,
-                      allocated_gib=round(torch.cuda.memory_allocated() / 2**30, 3),
-                      capture_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
-
     def _trainer(self):
         # transformers' Trainer and collators: we tokenize and mask ourselves (the UI shows those masks),
         # so TRL's SFTTrainer would only add its Triton-only fused LM head, which has no CPU path.
         from studio.trainer import studio_trainer_cls
 
         self.callback = _events_callback_cls()(self)
-        if self.cfg.train.liger:
-            from studio.liger import apply_liger
-
-            self.run.emit("liger", kernels=apply_liger(self.model))
-        trainer = studio_trainer_cls()(model=self.model, args=self._args(), train_dataset=self.prepared.train,
-                                       eval_dataset=self.prepared.validation, data_collator=self.collator(),
-                                       processing_class=self.tokenizer, callbacks=[self.callback])
-        trainer.skip_eval_logits = self.cfg.train.liger
+        cfg = self.cfg
+        trainer = studio_trainer_cls()(
+            model=self.model, args=self._args(), train_dataset=self.prepared.train,
+            eval_dataset=self.prepared.validation, data_collator=speed.collator(self.plan, self.tokenizer,
+                                                                                cfg.data.max_length),
+            processing_class=self.tokenizer,
+            callbacks=[self.callback, speed.callback(self.plan, cfg.data.max_length, self.run.emit,
+                                                     max(1, cfg.train.num_gpus))])
+        trainer.skip_eval_logits = self.plan.liger
         if trainer.is_fsdp_enabled:
             from peft.utils.other import fsdp_auto_wrap_policy
 
@@ -436,14 +339,14 @@ class Recipe:
     def emit_samples(self, model, step: int):
         if not self.sample_examples:
             return
-        from studio.generate import generate_text
+        from studio.generate import generate_texts
 
         was_training = model.training
         model.eval()
         try:
-            for ex in self.sample_examples:
-                answer = generate_text(model, self.tokenizer, ex.instruction, self.spec, input=ex.input,
-                                       system=ex.system, max_new_tokens=self.cfg.train.sample_max_new_tokens)
+            answers = generate_texts(model, self.tokenizer, self.sample_examples, self.spec,
+                                     self.cfg.train.sample_max_new_tokens)
+            for ex, answer in zip(self.sample_examples, answers):
                 self.run.emit("sample", step=step, prompt=ex.instruction, input=ex.input,
                               reference=ex.response, answer=answer)
         finally:

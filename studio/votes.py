@@ -24,8 +24,10 @@ the line and the field, ready to show as is):
 Pair sources, in order: ``prefer.votes`` (a JSONL/JSON/CSV/Parquet file of ``prompt/chosen/rejected`` rows, or
 ``prompt/completion/label`` rows for KTO), ``prefer.hub_dataset``, else the studio's votes for the parent run.
 A row may also carry ``input`` and ``system`` (rendered by the run's template like training data) and the
-Playground's ``run``, ``adapter``, ``winner`` and ``base_model``.  Votes from the studio's file that belong to
-other runs (or name none) are left out, and counted in the ``data`` event's ``left_out``; in a file the user names, a row for another run or base model is refused.
+Playground's ``run``, ``adapter``, ``winner``, ``base_model`` and ``messages`` (a vote's conversation: its
+``prompt`` must then be the run's template rendering of it, and a later turn trains on that whole prompt).
+Votes from the studio's file that belong to other runs (or name none) are left out, and counted in the ``data``
+event's ``left_out``; in a file the user names, a row for another run or base model is refused.
 
 The UI should record ``base_model`` with each vote (``record_vote(..., meta={"run", "adapter", "winner",
 "base_model"})``) so votes on a run whose base changed are refused too.
@@ -38,7 +40,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.config import ConfigError, RunConfig
+from studio.config import SPEED_SWITCHES, ConfigError, RunConfig
 from studio.data.files import DataError, Records, read_hub, read_records
 from studio.runs import Run, RunStore
 
@@ -60,6 +62,9 @@ class Pair:
     rejected: str
     input: str = ""
     system: str = ""
+    # A Playground vote on a later turn of a conversation: the whole prompt as the model read it (earlier turns
+    # included, in the run's template); ``prompt`` is then the last user message.
+    rendered: str = ""
 
 
 @dataclass
@@ -126,13 +131,14 @@ def _label(v, where: str) -> bool:
     raise DataError(f"{where}: field 'label' must be true or false, found {v!r}.")
 
 
-def _check_renders(cfg: RunConfig, tokenizer, prompt: str, extra: dict, where: str) -> None:
+def _check_renders(cfg: RunConfig, tokenizer, prompt: str, extra: dict, where: str,
+                   rendered: str = "") -> None:
     """The run's template renders the prompt, and leaves room for an answer within ``prefer.max_length``."""
     from studio.data.templates import TemplateSpec, render_prompt
     from studio.data.tokenize import encode_prompt
 
     try:
-        text = render_prompt(prompt, TemplateSpec.from_config(cfg.data), tokenizer, **extra)
+        text = rendered or render_prompt(prompt, TemplateSpec.from_config(cfg.data), tokenizer, **extra)
     except DataError as e:
         raise DataError(f"{where}: field 'prompt': {e}") from None
     n, limit = len(encode_prompt(tokenizer, text)), cfg.prefer.max_length
@@ -140,6 +146,31 @@ def _check_renders(cfg: RunConfig, tokenizer, prompt: str, extra: dict, where: s
         raise DataError(f"{where}: field 'prompt' is {n} tokens in the run's template, at or above "
                         f"prefer.max_length ({limit}): no answer token would be trained. Shorten the prompt or raise "
                         "prefer.max_length.")
+
+
+def _conversation(rec: dict, cfg: RunConfig, tokenizer, where: str) -> tuple[str, str]:
+    """A Playground vote (it carries ``messages``, and its ``prompt`` is that conversation rendered as the model read
+    it) -> (the last user message, the rendered prompt when earlier turns precede it, else "").
+
+    Its prompt must be the run's template rendering of its messages: a vote cast under another template (or
+    edited by hand) is refused rather than trained on text the run's model never reads."""
+    msgs = rec["messages"]
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs) \
+            or msgs[-1].get("role") != "user":
+        raise DataError(f"{where}: field 'messages' must be role/content messages ending with the user's message.")
+    prompt, text = _text(rec, "prompt", where), msgs[-1]["content"]
+    if tokenizer is not None:
+        from studio.data.templates import TemplateSpec
+        from studio.generate import render_conversation
+
+        try:
+            expected = render_conversation(msgs[:-1], text, TemplateSpec.from_config(cfg.data), tokenizer)
+        except DataError as e:
+            raise DataError(f"{where}: field 'messages': {e}") from None
+        if expected != prompt:
+            raise DataError(f"{where}: field 'prompt' is not the run's template ({cfg.data.template}) rendering of "
+                            "field 'messages': the vote was cast under another template or edited. Remove the line.")
+    return text, (prompt if len(msgs) > 1 else "")
 
 
 def check_records(records: Records, cfg: RunConfig, parent: Run | None, method: str, *, own_votes: bool = False,
@@ -168,7 +199,11 @@ def check_records(records: Records, cfg: RunConfig, parent: Run | None, method: 
             raise DataError(f"{where}: field 'base_model' is {base!r}, but run {parent.id if parent else ''!r} "
                             f"tunes {cfg.model.base_model!r}: votes on another base model's answers. Remove the "
                             "line or start the stage on a run of that model.")
-        prompt = _text(rec, "prompt", where)
+        rendered = ""
+        if isinstance(rec.get("messages"), list) and rec["messages"]:  # a Playground vote
+            prompt, rendered = _conversation(rec, cfg, tokenizer, where)
+        else:
+            prompt = _text(rec, "prompt", where)
         extra = {"input": _text(rec, "input", where, False), "system": _text(rec, "system", where, False)}
         for key, value in (("prompt", prompt), ("input", extra["input"])):
             hit = next((m for m in markers if m in value), None)
@@ -177,7 +212,7 @@ def check_records(records: Records, cfg: RunConfig, parent: Run | None, method: 
                                 f"user's own text, which the run's template ({cfg.data.template}) formats. Remove "
                                 "the template parts from the prompt, or the line.")
         if tokenizer is not None:
-            _check_renders(cfg, tokenizer, prompt, extra, where)
+            _check_renders(cfg, tokenizer, prompt, extra, where, rendered)
         if "completion" in rec and "chosen" not in rec:
             if method != "kto":
                 raise DataError(f"{where}: a prompt/completion/label row (KTO's format); {method} needs pairs "
@@ -188,7 +223,7 @@ def check_records(records: Records, cfg: RunConfig, parent: Run | None, method: 
         if chosen.strip() == rejected.strip():
             raise DataError(f"{where}: field 'rejected' is the same text as field 'chosen'; a preference needs two "
                             "different answers. Remove the line.")
-        out.append(Pair(prompt, chosen, rejected, **extra))
+        out.append(Pair(prompt, chosen, rejected, **extra, rendered=rendered))
     kinds = {type(p) for p in out}
     if len(kinds) > 1:
         raise DataError(f"{records.source}: mixes pairs (prompt/chosen/rejected) and single answers "
@@ -281,7 +316,9 @@ def stage_estimate(cfg: RunConfig):
     if arch is None:
         return None
     p = cfg.prefer
-    est = estimate(cfg, arch, micro_batch=2 * p.batch_size, seq_len=p.max_length)
+    from studio.speed.plan import reference
+
+    est = estimate(cfg, arch, reference(cfg), micro_batch=2 * p.batch_size, seq_len=p.max_length)
     if p.method in ("dpo", "kto"):
         opt = 2 if "8bit" in cfg.train.optimizer else (0 if cfg.train.optimizer == "sgd" else 8)
         est.parts["reference adapter"] = est.parts["LoRA + grads + optimizer"] * 4 // (8 + opt)  # fp32, no grads
@@ -338,11 +375,10 @@ def parent_adapter(parent: Run, checkpoint: int = 0) -> Path:
     return parent.adapter_dir
 
 
-# Speed switches the preference stage does not run with yet (they change nothing learned, so the stage
-# simply runs without them).
-_STAGE_OFF = {"train.cuda_graphs": False, "train.auto_batch": False, "train.liger": False, "train.fused_lora": False,
-              "train.padding_free": False, "train.fsdp": False, "train.num_gpus": 1,
-              "model.offload_up_proj": False, "model.offload_checkpoints": False, "model.dequantized_cache": False}
+# The stage runs on one device; its speed parts are the planner's (the plain path: TRL's trainer runs none of the
+# SFT recipe's speed machinery), whatever the parent pinned.
+_STAGE_OFF = {"train.fsdp": False, "train.num_gpus": 1,
+              **{f"speed.{k}": "auto" for k in SPEED_SWITCHES}, "speed.micro_batch": 0}
 
 
 def stage_config(parent: Run, method: str = "", checkpoint: int = 0, votes: str = "", preset: str = "",

@@ -202,13 +202,11 @@ def test_more_out_of_range_and_contradictory_values_name_the_key(data, key):
 
 
 @pytest.mark.parametrize("overrides,hw,key", [
-    ({"model.compute_dtype": "bf16"}, T4, "model.compute_dtype"),
     ({"model.compute_dtype": "fp16"}, CPU, "model.compute_dtype"),
     ({"model.quantization": "int8"}, CPU, "model.quantization"),
     ({"train.optimizer": "paged_adamw_8bit"}, CPU, "train.optimizer"),
     ({"train.optimizer": "adamw_8bit"}, CPU, "train.optimizer"),
     ({"train.optimizer": "paged_adamw_32bit"}, CPU, "train.optimizer"),
-    ({"train.liger": True}, CPU, "train.liger"),
     ({"data.max_length": 4096}, CPU, "data.max_length"),  # the tiny model's limit is 512
 ])
 def test_hardware_and_model_contradictions_rejected_by_preflight(overrides, hw, key):

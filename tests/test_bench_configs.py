@@ -1,28 +1,24 @@
-"""Every engine variant the GPU benchmark names builds a valid config here, so a GPU call never spends its
-minutes on a ConfigError; and the lean variants are what their names say."""
+"""The benchmark measures what users run: its preset variants are the CLI command a user types, and that command
+builds the shipped preset unchanged except for the model folder and the data file, so a GPU call never spends its
+minutes on a ConfigError."""
 
 import pytest
 
-from bench.shapes import SHAPES
-from bench.train_speed import VARIANTS, run_name, studio_config, variant_overrides
-from studio.security import check_name
-
-ENGINE = [v for v in VARIANTS if v != "seed"] + [f"{b}@{s}" for s in SHAPES for b in ("studio", "lean", "lean-up")]
+from bench.train_speed import GROUPS, preset_command
 
 
-@pytest.mark.parametrize("variant", ENGINE)
-def test_bench_variant_builds_a_valid_config(variant, monkeypatch):
-    from studio import modeling
+@pytest.mark.parametrize("preset", [v[7:] for g in GROUPS.values() for v in g.split(",") if v.startswith("preset:")])
+def test_bench_runs_the_shipped_preset_through_the_cli(preset):
+    from studio.cli import _config, parser
+    from studio.presets import load_preset
 
-    monkeypatch.setattr(modeling, "GC_KWARGS", dict(modeling.GC_KWARGS))  # -nonreentrant switches it process-wide
-    cfg = studio_config(variant, "/models/random-mistral", "/data/long.jsonl", 10, variant_overrides(variant))
-    check_name(run_name(variant), "run name")  # run_studio's run folder
-    assert cfg.train.max_steps == 10 and cfg.data.path == "/data/long.jsonl"
-    if variant.startswith("lean"):
-        shape = SHAPES[variant.split("@")[1]]
-        assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.data.max_length) == (shape["batch"], shape["accum"],
-                                                                                     shape["seq"])
-        assert cfg.train.fused_lora and cfg.model.offload_checkpoints and cfg.model.gradient_checkpointing
-        assert cfg.model.offload_up_proj == variant.startswith("lean-up")
-    if variant == "studio-max-fused":
-        assert cfg.train.fused_lora and cfg.lora.dropout == 0.05  # the fast preset's dropout, fused
+    cmd = preset_command(preset, "/models/random-mistral", "/data/long.jsonl")
+    assert cmd[1:4] == ["-m", "studio", "train"]
+    args = parser().parse_args(cmd[3:])
+    cfg = _config(args)
+    shipped = load_preset(preset)
+    assert cfg.speed == shipped.speed  # the planner decides, as for a user
+    assert cfg.replace({"model.base_model": shipped.model.base_model, "data.path": shipped.data.path,
+                        "data.mapping": shipped.data.mapping, "output.run_name": ""}) == shipped
+    partial = _config(parser().parse_args(preset_command(preset, "/m", "/d.jsonl", steps=6)[3:]))
+    assert partial.train.max_steps == 6

@@ -48,4 +48,7 @@ def test_bad_input_is_one_line_exit_2(studio_home):
 def test_estimate_prints_gpu_table(studio_home):
     out = cli("estimate", "--preset", "mistral-7b-instruct-thorough", env_home=studio_home)
     assert out.returncode == 0
-    assert "T4 16 GB" in out.stdout and "H100 80 GB" in out.stdout and "peak allocated" in out.stdout
+    assert "T4 16 GB" in out.stdout and "H100 80 GB" in out.stdout and "checkpointing" in out.stdout
+    out = cli("estimate", "--preset", "mistral-7b-instruct-thorough", "--gpu", "T4 16 GB", env_home=studio_home)
+    assert out.returncode == 0 and "T4 16 GB" in out.stdout and "fp16" in out.stdout  # no bf16 there: a note
+    assert "has no bf16" in out.stdout

@@ -29,7 +29,7 @@ def test_thorough_preset_is_the_seed_recipe():
     c = load_preset("mistral-7b-instruct-thorough")
     assert c.model.base_model == "mistralai/Mistral-7B-Instruct-v0.3"
     assert (c.model.quantization, c.model.double_quant, c.model.compute_dtype) == ("nf4", True, "bf16")
-    assert c.model.gradient_checkpointing
+    assert c.speed == RunConfig().speed  # every speed part is the planner's
     assert (c.lora.r, c.lora.alpha, c.lora.target_modules) == (32, 64, ["q_proj", "k_proj", "v_proj", "o_proj"])
     t = c.train
     assert (t.scheduler, t.warmup_ratio, t.learning_rate, t.epochs, t.batch_size, t.grad_accum) == \
@@ -38,13 +38,53 @@ def test_thorough_preset_is_the_seed_recipe():
     assert c.output.hub_private and not c.output.push_to_hub and not c.output.merge
 
 
-def test_lean_thorough_preset_learns_what_the_thorough_recipe_learns():
-    """Only switches that change speed and memory differ (their sameness is tested in test_lean, test_padding_free)."""
-    recipe, lean = load_preset("mistral-7b-instruct-thorough"), load_preset("mistral-7b-instruct-thorough-lean")
-    speed = {"model.fp32_frozen": False, "model.offload_checkpoints": True, "model.offload_up_proj": True,
-             "train.fused_lora": True, "train.liger": True, "train.padding_free": True}
-    assert lean.replace({"name": recipe.name, "description": recipe.description}) == recipe.replace(speed)
-    assert lean.lora.dropout == 0.05 and lean.effective_batch == 16
+def test_thorough_recipe_checkpoints_on_every_gpu():
+    """The seed recipe names gradient checkpointing: the planner keeps it wherever its 4096-token rows run."""
+    from studio.speed import plan
+    from studio.speed.profiles import PROFILES
+
+    c = load_preset("mistral-7b-instruct-thorough")
+    for name, hw in PROFILES.items():
+        assert plan(c, hw).gradient_checkpointing, name
+
+
+def test_shipped_seed_presets_leave_speed_to_the_planner():
+    """No -max or -lean twins: the seed presets themselves are fast (every speed part auto)."""
+    names = set(list_presets())
+    assert not any(n.endswith(("-max", "-lean")) for n in names)
+    for name in ("mistral-7b-finance-fast", "mistral-7b-instruct-thorough"):
+        assert load_preset(name).speed == RunConfig().speed
+
+
+def test_keys_of_earlier_versions_load_with_a_warning():
+    """Presets and run folders written before the speed section: each old switch lands in speed, pinned."""
+    from studio.config import RenamedKey
+
+    old = {"model": {"gradient_checkpointing": True, "fp32_frozen": False, "dequantized_cache": True},
+           "train": {"liger": True, "cuda_graphs": False, "auto_batch": False, "batch_size": 2, "grad_accum": 4,
+                     "fused_lora": True, "padding_free": False}}
+    with pytest.warns(RenamedKey, match="model.gradient_checkpointing is now speed.gradient_checkpointing"):
+        c = RunConfig.from_dict(old)
+    assert (c.speed.gradient_checkpointing, c.speed.fp32_frozen, c.speed.weight_cache, c.speed.liger,
+            c.speed.cuda_graphs, c.speed.fused_lora, c.speed.padding_free) == ("on", "off", "on", "on", "off", "on", "off")
+    assert c.speed.micro_batch == 2  # auto_batch off: the micro-batch as written
+    with pytest.warns(RenamedKey):
+        assert RunConfig.from_dict({"train": {"auto_batch": True}}).speed.micro_batch == 0
+    with pytest.warns(RenamedKey):  # a dotted override of an old key still reaches its new place
+        assert load_preset("tiny-demo").replace({"model.gradient_checkpointing": True}).speed.gradient_checkpointing == "on"
+
+
+@pytest.mark.parametrize("over,key", [
+    ({"speed.micro_batch": 3}, "speed.micro_batch"),
+    ({"speed.offload_checkpoints": "on", "speed.gradient_checkpointing": "off"}, "speed.offload_checkpoints"),
+    ({"speed.offload_up_proj": "on", "speed.offload_checkpoints": "off"}, "speed.offload_up_proj"),
+    ({"speed.offload_up_proj": "on", "speed.cuda_graphs": "on"}, "speed.offload_up_proj"),
+    ({"speed.liger": "yes"}, "speed.liger"),
+])
+def test_contradictory_speed_pins_name_the_key(over, key):
+    with pytest.raises(ConfigError) as e:
+        load_preset("mistral-7b-finance-fast").replace(over)
+    assert e.value.key == key
 
 
 def test_every_field_has_help_and_bounds():

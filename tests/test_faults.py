@@ -185,7 +185,7 @@ def test_oom_fails_with_step_message_and_remedy_keeps_checkpoints_and_frees_the_
     last = run.last_status()
     assert last["reason"] == "out_of_memory" and last["step"] == FAULT_STEP - 1
     assert last["message"].startswith(f"out of memory at step {FAULT_STEP - 1}")
-    for fix in ("train.batch_size", "data.max_length", "model.gradient_checkpointing"):
+    for fix in ("speed.micro_batch", "data.max_length", "speed.gradient_checkpointing"):
         assert fix in last["remedy"]
     assert _ck_steps(run) == [2, 4] and [p.name for p in run.checkpoints()] == ["checkpoint-2", "checkpoint-4"]
     assert _load_adapter(run.last_checkpoint())

@@ -41,7 +41,7 @@ def _assert_same(a, b, rtol):
 def test_fused_lora_matches_peft_loss_and_gradients(tiny_model_dir, tiny_tokenizer):
     from peft.tuners.lora.bnb import Linear4bit
 
-    from studio.fused_lora import fuse_lora
+    from studio.speed.fused_lora import fuse_lora
 
     model = _lora_model(tiny_model_dir)
     batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
@@ -61,7 +61,7 @@ def test_fused_lora_matches_peft_loss_and_gradients(tiny_model_dir, tiny_tokeniz
 
 
 def test_fused_lora_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_tokenizer):
-    from studio.fused_lora import fuse_lora
+    from studio.speed.fused_lora import fuse_lora
 
     model = _lora_model(tiny_model_dir)
     batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
@@ -82,7 +82,7 @@ def _worst(a, truth):
 
 
 def test_fused_lora_with_dropout_draws_peft_masks(tiny_model_dir, tiny_tokenizer):
-    from studio.fused_lora import fuse_lora
+    from studio.speed.fused_lora import fuse_lora
 
     model = _lora_model(tiny_model_dir, **{"lora.dropout": 0.3})
     batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
@@ -104,10 +104,10 @@ def test_fused_lora_with_dropout_draws_peft_masks(tiny_model_dir, tiny_tokenizer
 
 @pytest.mark.parametrize("dropout,fused", [(0.0, False), (0.1, False), (0.0, True), (0.1, True)])
 def test_offloaded_checkpoints_match_torch_checkpointing(tiny_model_dir, tiny_tokenizer, dropout, fused):
-    from studio import offload
-    from studio.fused_lora import fuse_lora
+    from studio.speed import offload
+    from studio.speed.fused_lora import fuse_lora
 
-    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": dropout})
+    model = _lora_model(tiny_model_dir, **{"speed.gradient_checkpointing": "on", "lora.dropout": dropout})
     if fused:
         assert fuse_lora(model) > 0
     batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
@@ -129,10 +129,10 @@ def test_offloaded_checkpoints_match_torch_checkpointing(tiny_model_dir, tiny_to
 
 @pytest.mark.parametrize("dropout,fused", [(0.0, False), (0.1, False), (0.0, True), (0.1, True)])
 def test_kept_up_proj_outputs_replace_their_recompute(tiny_model_dir, tiny_tokenizer, dropout, fused):
-    from studio import offload
-    from studio.fused_lora import fuse_lora
+    from studio.speed import offload
+    from studio.speed.fused_lora import fuse_lora
 
-    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": dropout})
+    model = _lora_model(tiny_model_dir, **{"speed.gradient_checkpointing": "on", "lora.dropout": dropout})
     if fused:
         fuse_lora(model)
     batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
@@ -157,11 +157,11 @@ def test_kept_up_proj_outputs_replace_their_recompute(tiny_model_dir, tiny_token
 def test_kept_up_proj_under_bf16_autocast(tiny_model_dir, tiny_tokenizer, fp32_frozen):
     """As training runs on a GPU: bf16 autocast, fused LoRA with dropout, and with peft's fp32 residual stream
     (fp32_frozen) the kept product comes back in the layer's compute dtype and is cast as bitsandbytes casts."""
-    from studio import offload
-    from studio.fused_lora import fuse_lora
+    from studio.speed import offload
+    from studio.speed.fused_lora import fuse_lora
 
-    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": 0.1,
-                                           "model.fp32_frozen": fp32_frozen})
+    model = _lora_model(tiny_model_dir, **{"speed.gradient_checkpointing": "on", "lora.dropout": 0.1,
+                                           "speed.fp32_frozen": "on" if fp32_frozen else "off"})
     fuse_lora(model)
     batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -177,10 +177,10 @@ def test_kept_up_proj_under_bf16_autocast(tiny_model_dir, tiny_tokenizer, fp32_f
 
 
 def test_kept_up_proj_without_lora_on_it(tiny_model_dir, tiny_tokenizer):
-    from studio import offload
+    from studio.speed import offload
 
     # The thorough preset's targets: q, k, v, o; up_proj is a plain frozen 4-bit layer.
-    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": 0.0,
+    model = _lora_model(tiny_model_dir, **{"speed.gradient_checkpointing": "on", "lora.dropout": 0.0,
                                            "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
     batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
     reference = _step(model, batch)
@@ -193,21 +193,21 @@ def test_kept_up_proj_without_lora_on_it(tiny_model_dir, tiny_tokenizer):
 
 
 def test_unknown_decoder_layers_keep_their_last_matmul(tiny_model_dir):
-    from studio import offload
+    from studio.speed import offload
 
-    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True})
+    model = _lora_model(tiny_model_dir, **{"speed.gradient_checkpointing": "on"})
     assert offload.skip_unused_output(model) == model.config.num_hidden_layers
     assert offload.skip_unused_output(model) == 0  # once only
-    other = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True})
+    other = _lora_model(tiny_model_dir, **{"speed.gradient_checkpointing": "on"})
     for layer in other.get_base_model().model.layers:
         layer.__class__ = type("GemmaLikeDecoderLayer", (type(layer),), {})  # e.g. a norm after the MLP
     assert offload.skip_unused_output(other) == 0
 
 
 def test_offloaded_checkpoints_forget_a_forward_without_backward(tiny_model_dir, tiny_tokenizer):
-    from studio import offload
+    from studio.speed import offload
 
-    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True})
+    model = _lora_model(tiny_model_dir, **{"speed.gradient_checkpointing": "on"})
     offload.use_offloaded_checkpoints(model)
     batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
     model(**batch)  # e.g. a step that failed before its backward: its graph and saved inputs are dropped
@@ -219,43 +219,16 @@ def test_offloaded_checkpoints_forget_a_forward_without_backward(tiny_model_dir,
     _assert_same(first, _step(model, batch), rtol=1e-6)
 
 
-def test_lean_options_are_validated_by_name():
-    from studio.presets import load_preset
-
-    cfg = load_preset("mistral-7b-finance-fast")  # LoRA dropout 0.05
-    cfg.replace({"train.fused_lora": True})
-    with pytest.raises(ConfigError, match="model.offload_checkpoints"):
-        cfg.replace({"model.offload_checkpoints": True, "model.gradient_checkpointing": False})
-    with pytest.raises(ConfigError, match="train.fused_lora"):
-        cfg.replace({"train.fused_lora": True, "lora.dropout": 0.0, "model.quantization": "none"})
-    cfg.replace({"train.fused_lora": True, "lora.dropout": 0.0, "model.offload_checkpoints": True})
-    with pytest.raises(ConfigError, match="model.offload_up_proj.*model.offload_checkpoints"):
-        cfg.replace({"model.offload_up_proj": True})
-    with pytest.raises(ConfigError, match="model.offload_up_proj.*train.cuda_graphs"):
-        cfg.replace({"model.offload_up_proj": True, "model.offload_checkpoints": True, "train.cuda_graphs": True})
-    cfg.replace({"model.offload_up_proj": True, "model.offload_checkpoints": True})
-
-
-def test_planner_graphs_checkpointed_stacks_only_without_dropout():
-    from studio.estimate import KNOWN, GiB, plan
-    from studio.presets import load_preset
-
-    arch = KNOWN["mistralai/Mistral-7B-Instruct-v0.3"]
-    cfg = load_preset("mistral-7b-instruct-thorough").replace({"train.auto_batch": True, "train.cuda_graphs": True})
-    planned, _ = plan(cfg, arch, 24 * GiB)
-    assert planned.model.gradient_checkpointing  # 4 x 4096 tokens never fit a 24 GB card without it
-    assert planned.train.cuda_graphs == (cfg.lora.dropout == 0)
-    with_dropout, _ = plan(cfg.replace({"lora.dropout": 0.05}), arch, 24 * GiB)
-    assert with_dropout.model.gradient_checkpointing and not with_dropout.train.cuda_graphs
-
-
 def test_offloading_lowers_the_estimate_by_the_saved_layer_inputs():
     from studio.estimate import KNOWN, GiB, estimate
     from studio.presets import load_preset
 
+    from studio.speed.plan import reference
+
     arch = KNOWN["mistralai/Mistral-7B-Instruct-v0.3"]
     cfg = load_preset("mistral-7b-instruct-thorough").replace({"train.batch_size": 4})
-    saved = estimate(cfg, arch).total - estimate(cfg.replace({"model.offload_checkpoints": True}), arch).total
+    plain = reference(cfg)
+    saved = estimate(cfg, arch, plain).total - estimate(cfg, arch, plain.with_(offload_checkpoints=True)).total
     assert saved / GiB == pytest.approx((32 - 2) * 4 * 4096 * 4096 * 2 / GiB)
 
 
@@ -263,24 +236,27 @@ def test_kept_up_proj_adds_one_fetched_output_to_the_estimate():
     from studio.estimate import KNOWN, estimate
     from studio.presets import load_preset
 
+    from studio.speed.plan import reference
+
     arch = KNOWN["mistralai/Mistral-7B-Instruct-v0.3"]
-    cfg = load_preset("mistral-7b-instruct-thorough").replace({"model.offload_checkpoints": True})
-    more = estimate(cfg.replace({"model.offload_up_proj": True}), arch).total - estimate(cfg, arch).total
+    cfg = load_preset("mistral-7b-instruct-thorough")
+    off = reference(cfg).with_(offload_checkpoints=True)
+    more = estimate(cfg, arch, off.with_(offload_up_proj=True)).total - estimate(cfg, arch, off).total
     assert more == 4 * 4096 * 14336 * 2
 
 
 def test_engine_keeps_up_proj_in_cpu_ram_and_learns(tmp_path):
     """A real run of the tiny model with every lean switch a CPU takes: fused LoRA with dropout, offloaded
     checkpoints, up_proj kept in host memory."""
-    from studio import offload
+    from studio.speed import offload
     from studio.presets import load_preset
     from studio.runs import RunStore
     from studio.training import Recipe
 
     cfg = load_preset("tiny-demo").replace({
         "train.max_steps": 6, "train.logging_steps": 1, "train.eval_steps": 3, "train.save_steps": 0,
-        "model.gradient_checkpointing": True, "model.offload_checkpoints": True, "model.offload_up_proj": True,
-        "train.fused_lora": True, "lora.dropout": 0.1})
+        "speed.gradient_checkpointing": "on", "speed.offload_checkpoints": "on", "speed.offload_up_proj": "on",
+        "speed.fused_lora": "on", "lora.dropout": 0.1})
     run = RunStore(tmp_path / "runs").create(cfg)
     before = offload.replayed[0]
     assert Recipe(run).execute() == "completed", run.last_status()
@@ -298,10 +274,10 @@ def test_lean_thorough_switches_on_padding_free_rows_match_plain_checkpointing(t
     kept up_proj products and fused LoRA with dropout gives plain checkpointing's loss and LoRA gradients."""
     from transformers import DataCollatorWithFlattening
 
-    from studio import offload
-    from studio.fused_lora import fuse_lora
+    from studio.speed import offload
+    from studio.speed.fused_lora import fuse_lora
 
-    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": 0.05,
+    model = _lora_model(tiny_model_dir, **{"speed.gradient_checkpointing": "on", "lora.dropout": 0.05,
                                            "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
     batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(_rows(tiny_tokenizer))
     assert batch["input_ids"].shape[0] == 1
@@ -314,17 +290,18 @@ def test_lean_thorough_switches_on_padding_free_rows_match_plain_checkpointing(t
     assert offload.replayed[0] - before == layers
 
 
-def test_lean_thorough_preset_trains_on_the_cpu(tmp_path, tiny_model_dir):
-    """The preset end to end on the tiny model (Liger and the paged 8-bit optimizer are CUDA-only, so swapped
-    here): every switch engages."""
+def test_lean_thorough_switches_train_on_the_cpu(tmp_path, tiny_model_dir):
+    """The thorough preset with the long-row parts a CPU can run pinned on (Liger, graphs and the paged 8-bit
+    optimizer are CUDA-only): every pinned part engages."""
     from studio.presets import load_preset
     from studio.runs import RunStore
     from studio.training import Recipe
 
     demo = load_preset("tiny-demo")
-    cfg = load_preset("mistral-7b-instruct-thorough-lean").replace({
-        "model.base_model": str(tiny_model_dir), "model.compute_dtype": "fp32", "train.liger": False,
-        "train.optimizer": "adamw_torch",
+    cfg = load_preset("mistral-7b-instruct-thorough").replace({
+        "model.base_model": str(tiny_model_dir), "model.compute_dtype": "fp32", "train.optimizer": "adamw_torch",
+        "speed.gradient_checkpointing": "on", "speed.offload_checkpoints": "on", "speed.offload_up_proj": "on",
+        "speed.fused_lora": "on", "speed.padding_free": "on", "speed.fp32_frozen": "off",
         "data.path": demo.data.path, "data.template": demo.data.template, "data.max_length": 256,
         "train.max_steps": 3, "train.logging_steps": 1, "train.eval_steps": 0, "train.save_steps": 0,
         "train.tensorboard": False, "train.sample_prompts": 0})
@@ -338,9 +315,9 @@ def test_lean_thorough_preset_trains_on_the_cpu(tmp_path, tiny_model_dir):
 
 
 def test_up_proj_stays_on_the_gpu_path_when_cpu_ram_is_short(tiny_model_dir):
-    from studio.training import keep_up_proj_if_room
+    from studio.speed.offload import keep_up_proj_if_room
 
-    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True})
+    model = _lora_model(tiny_model_dir, **{"speed.gradient_checkpointing": "on"})
     cfg = model.config
     tokens = 4 * 100
     # Pinned blocks are powers of two: fp32 layer inputs and bf16 products, each rounded up; two ranks.
@@ -360,10 +337,10 @@ def test_shared_dequant_buffer_changes_nothing_learned(tiny_model_dir, tiny_toke
     own matmul is no longer called on more than one token."""
     import bitsandbytes as bnb
 
-    from studio import offload
-    from studio.fused_lora import fuse_lora, share_dequant_buffer
+    from studio.speed import offload
+    from studio.speed.fused_lora import fuse_lora, share_dequant_buffer
 
-    model = _lora_model(tiny_model_dir, **{"model.gradient_checkpointing": True, "lora.dropout": 0.1,
+    model = _lora_model(tiny_model_dir, **{"speed.gradient_checkpointing": "on", "lora.dropout": 0.1,
                                            "lora.target_modules": ["q_proj", "v_proj"]})
     batch = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(_rows(tiny_tokenizer))
     reference = _step(model, batch)
@@ -394,7 +371,7 @@ def test_shared_dequant_buffer_changes_nothing_learned(tiny_model_dir, tiny_toke
 def test_shared_dequant_buffer_skips_other_dtypes_and_cached_weights(tiny_model_dir):
     import bitsandbytes as bnb
 
-    from studio.fused_lora import share_dequant_buffer
+    from studio.speed.fused_lora import share_dequant_buffer
 
     model = _lora_model(tiny_model_dir)
     bases = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -74,8 +74,7 @@ SHIPPED = sorted(list_presets())
 
 
 def test_every_shipped_preset_has_a_recipe_here():
-    assert {"mistral-7b-finance-fast", "mistral-7b-finance-fast-max", "mistral-7b-instruct-thorough",
-            "mistral-7b-instruct-thorough-lean", "tiny-demo"} <= set(SHIPPED)
+    assert {"mistral-7b-finance-fast", "mistral-7b-instruct-thorough", "tiny-demo"} <= set(SHIPPED)
     for name in SHIPPED:
         cfg = load_preset(name)
         assert cfg.data.template in ("alpaca", "qa"), name
@@ -83,7 +82,7 @@ def test_every_shipped_preset_has_a_recipe_here():
 
 
 def test_fast_presets_load_the_recipes_dataset_and_say_which_column_fills_which_slot():
-    for name in ("mistral-7b-finance-fast", "mistral-7b-finance-fast-max"):
+    for name in ("mistral-7b-finance-fast",):
         d = load_preset(name).data
         assert d.hub_dataset == "Josephgflowers/Finance-Instruct-500k" and d.split == "train"
         assert d.mapping == {"instruction": "user", "input": "system", "response": "assistant"}

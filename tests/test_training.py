@@ -209,3 +209,23 @@ def test_one_training_at_a_time():
     finally:
         worker.stop(run, grace=30)
     assert not run.worker_alive()
+
+
+def test_evaluation_samples_answer_as_one_prompt_at_a_time(tiny_model_dir):
+    """The run's sample answers come from one batched, left-padded generate: each equals the answer the prompt gets
+    alone (greedy), inputs of different lengths included."""
+    from studio import modeling
+    from studio.data.files import read_records
+    from studio.data.pipeline import select
+    from studio.data.templates import TemplateSpec
+    from studio.generate import generate_texts
+    from studio.presets import load_preset
+
+    cfg = load_preset("tiny-demo").replace({"model.base_model": str(tiny_model_dir)})
+    model, tok = modeling.load_for_inference(cfg)
+    spec = TemplateSpec.from_config(cfg.data)
+    examples = select(cfg.data, read_records(cfg.data.path)).examples[:4]
+    assert len({len(ex.instruction + ex.input) for ex in examples}) > 1
+    alone = [generate_text(model, tok, ex.instruction, spec, input=ex.input, system=ex.system, max_new_tokens=24)
+             for ex in examples]
+    assert generate_texts(model, tok, examples, spec, 24) == alone

@@ -210,32 +210,34 @@ def test_loading_a_yaml_fills_widgets_or_names_the_problem(tmp_path):
     assert "lora.rank: " in presets.load_yaml(str(unknown))[-1]
 
 
-def test_fit_panel_for_the_fast_preset_lists_the_gpus():
+def test_fit_panel_for_the_fast_preset_lists_this_machine_then_the_gpus():
     base, _, *values, _ = presets.choose_preset("mistral-7b-finance-fast")
-    rows, verdict = presets.fit(base, *values)
+    rows, verdict, plan_rows = presets.fit(base, *values)
     gpus = [r[0] for r in rows]
-    assert gpus[:5] == ["T4 16 GB", "L4 24 GB", "A100 40 GB", "A100 80 GB", "H100 80 GB"]
-    assert all(r[2] == "yes" for r in rows) and "Fits on every GPU" in verdict
-    big = dict(zip(presets.KEYS, values)) | {"train.batch_size": 64, "model.gradient_checkpointing": False}
-    rows, verdict = presets.fit(base, *[big[k] for k in presets.KEYS])
-    assert rows[0][:3] == ["T4 16 GB", 16, "no"] and "gradient checkpointing" in rows[0][3]
+    assert gpus[0].endswith("(this machine)")
+    assert gpus[1:] == ["T4 16 GB", "L4 24 GB", "A100 40 GB", "A100 80 GB", "H100 80 GB", "H200 141 GB"]
+    assert all(r[3] == "yes" for r in rows[1:]) and "Fits on every GPU" in verdict
+    assert [r[0] for r in plan_rows][:2] == ["micro-batch", "compute dtype"]
+    big = dict(zip(presets.KEYS, values)) | {"train.batch_size": 256, "speed.micro_batch": 256,
+                                             "speed.gradient_checkpointing": "off"}
+    rows, verdict, _ = presets.fit(base, *[big[k] for k in presets.KEYS])
+    assert rows[1][:2] == ["T4 16 GB", 15.0] and rows[1][3] == "no" and "speed.gradient_checkpointing" in rows[1][4]
     assert "not on T4 16 GB" in verdict or "none of these" in verdict
 
 
-def test_fit_panel_shows_what_auto_batch_plans_on_each_gpu():
-    base, _, *values, _ = presets.choose_preset("mistral-7b-finance-fast-max")
-    rows, verdict = presets.fit(base, *values)
+def test_fit_panel_shows_what_the_planner_runs_on_each_gpu():
+    base, _, *values, _ = presets.choose_preset("mistral-7b-finance-fast")
+    rows, verdict, _ = presets.fit(base, *values)
     by_gpu = {r[0]: r for r in rows}
-    assert all(r[2] == "yes" for r in rows) and "Fits on every GPU" in verdict
-    assert by_gpu["H100 80 GB"][3] == ("auto: micro-batch 8 x accum 1, no checkpointing, CUDA graphs, "
-                                       "16-bit weight cache")
-    assert by_gpu["T4 16 GB"][3].startswith("auto: ") and "weight cache" not in by_gpu["T4 16 GB"][3]
+    assert by_gpu["H100 80 GB"][4] == ("micro-batch 8 x 1, fp16, 16-bit weight cache, Liger kernels, CUDA graphs, "
+                                       "fused LoRA")
+    assert "weight cache" not in by_gpu["T4 16 GB"][4] and "CUDA graphs" in by_gpu["T4 16 GB"][4]
 
 
 def test_fit_says_when_the_shape_is_unknown_offline():
     base, _, *values, _ = presets.choose_preset("tiny-demo")
     values[presets.KEYS.index("model.base_model")] = "someone/unknown-model"
-    rows, verdict = presets.fit(base, *values)
+    rows, verdict, _ = presets.fit(base, *values)
     assert rows == [] and "unknown offline" in verdict
 
 
@@ -291,9 +293,10 @@ def test_served_preview_and_estimate_endpoints(tiny_model_dir):
         assert [p["parameter_name"] for p in params] == [k.replace(".", "__") for k in presets_ui.keys]
         values = [c.value for c in presets_ui.inputs]
         values[presets_ui.keys.index("train.batch_size")] = 2
-        table, verdict = client.predict(*values, api_name="/estimate")
-        assert [r[0] for r in table["data"]][:5] == ["T4 16 GB", "L4 24 GB", "A100 40 GB", "A100 80 GB",
-                                                     "H100 80 GB"]
-        assert "Fits on every GPU" in verdict
+        table, verdict, plan = client.predict(*values, api_name="/estimate")
+        assert [r[0] for r in table["data"]][1:6] == ["T4 16 GB", "L4 24 GB", "A100 40 GB", "A100 80 GB",
+                                                      "H100 80 GB"]
+        assert table["data"][0][0].endswith("(this machine)")
+        assert "Fits on every GPU" in verdict and plan["data"][0][:2] == ["micro-batch", "2 x 1 accumulated"]
     finally:
         demo.close()

@@ -137,10 +137,12 @@ def test_byte_level_tokens_are_explained():
 
 def test_the_fit_panel_names_this_machine_and_the_estimate(studio_home):
     cfg = load_preset("tiny-demo")
-    rows, verdict = presets.fit(cfg.to_dict(), *presets.values_of(cfg))
+    rows, verdict, plan_rows = presets.fit(cfg.to_dict(), *presets.values_of(cfg))
+    assert [r[0] for r in plan_rows][:2] == ["micro-batch", "compute dtype"] and all(r[2] for r in plan_rows)
     assert verdict.startswith("**This machine: ")
-    assert ("CPU only" in verdict) == (presets.local_gpu() is None)
-    assert len(presets.FIT_HEADERS) == 5 and all(isinstance(r[4], float) and r[4] > 0 for r in rows)
+    assert ("CPU only" in verdict) == (presets.this_machine().device == "cpu")
+    assert rows[0][0].endswith("(this machine)")  # this machine is the table's first row, with its estimate
+    assert len(presets.FIT_HEADERS) == 5 and all(isinstance(r[2], float) and r[2] > 0 for r in rows)
 
 
 def test_choices_of_the_preset_list_are_read_afresh(studio_home):

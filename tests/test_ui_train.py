@@ -166,14 +166,22 @@ def test_status_and_notice_for_failed_halted_completed_and_interrupted():
 
 
 def test_status_names_the_plan_the_gpu_got():
-    plan = {"t": T0 + 1, "type": "plan", "batch_size": 8, "grad_accum": 1, "gradient_checkpointing": False,
-            "cuda_graphs": True, "dequantized_cache": True, "estimate_gib": 25.43}
+    """The plan event of studio.speed (each part the planner switched on, its notes), then what took effect."""
+    plan = {"t": T0 + 1, "type": "plan", "device": "NVIDIA L4", "micro_batch": 8, "grad_accum": 1,
+            "compute_dtype": "fp16", "gradient_checkpointing": False, "cuda_graphs": True, "weight_cache": True,
+            "liger": True, "estimate_gib": 25.43, "notes": ["NVIDIA L4 has no spare RAM."]}
     extra = [plan, {"t": T0 + 2, "type": "weight_cache", "gib": 13.0},
              {"t": T0 + 3, "type": "graphs", "layers": 32, "shape": [8, 128], "seconds": 3.1}]
     md = train.status_text("r1", _events() + extra, "running")
-    assert ("Plan for this GPU: micro-batch 8 × accumulation 1, no gradient checkpointing, CUDA graphs (32 layers "
-            "captured in 3.1 s), 16-bit weight cache (13.0 GiB); estimated peak 25.43 GiB.") in md
-    assert "Plan for this GPU" not in train.status_text("r1", _events(), "running")
+    assert ("Plan on NVIDIA L4: micro-batch 8 × accumulation 1, fp16, 16-bit weight cache, Liger kernels, CUDA "
+            "graphs; estimated peak 25.43 GiB. ⚠️ NVIDIA L4 has no spare RAM.") in md
+    assert "In effect: CUDA graphs (32 layers) (captured in 3.1 s); 16-bit weight cache (13.0 GiB)." in md
+    assert "Plan on" not in train.status_text("r1", _events(), "running")
+    # A run of an earlier version (auto_batch's plan event) still reads.
+    old = {"t": T0 + 1, "type": "plan", "batch_size": 8, "grad_accum": 1, "cuda_graphs": True,
+           "dequantized_cache": True, "estimate_gib": 25.43}
+    assert "micro-batch 8 × accumulation 1, CUDA graphs, 16-bit weight cache" in train.status_text(
+        "r1", _events() + [old], "running")
 
 
 def test_status_names_the_lean_switches_that_took_effect():
@@ -181,10 +189,10 @@ def test_status_names_the_lean_switches_that_took_effect():
              {"t": T0 + 3, "type": "graphs", "layers": 32, "shape": [4, 128], "seconds": 4.5, "checkpointed": True,
               "offload": True}]
     md = train.status_text("r1", _events() + extra, "running")
-    assert ("Speed and memory: checkpointed layer stack as one CUDA graph, its saved inputs in CPU RAM (captured in "
+    assert ("In effect: checkpointed layer stack as one CUDA graph, its saved inputs in CPU RAM (captured in "
             "4.5 s); fused 4-bit LoRA in 224 layers.") in md
     md = train.status_text("r1", _events() + [{"t": T0 + 2, "type": "checkpoint_offload", "layers": 32}], "running")
-    assert "Speed and memory: checkpointed inputs of 32 layers kept in CPU RAM." in md
+    assert "In effect: checkpointed inputs of 32 layers kept in CPU RAM." in md
     kept = {"t": T0 + 2, "type": "checkpoint_offload", "layers": 32, "up_proj": 32, "host_gib": 15.0}
     assert ("checkpointed inputs of 32 layers kept in CPU RAM; MLP up-projections of 32 layers kept in CPU RAM "
             "(15.0 GiB), not recomputed.") in train.status_text("r1", _events() + [kept], "running")
@@ -192,7 +200,7 @@ def test_status_names_the_lean_switches_that_took_effect():
              "instead"}
     assert ("MLP up-projections recomputed: offload_up_proj needs 19.0 GiB of CPU RAM, 12.0 GiB free"
             in train.status_text("r1", _events() + [short], "running"))
-    assert "Speed and memory" not in train.status_text("r1", _events(), "running")
+    assert "In effect" not in train.status_text("r1", _events(), "running")
 
 
 # ---- run folders without a worker ----------------------------------------------------------------
@@ -403,3 +411,20 @@ def test_api_stop_ends_a_long_run_as_stopped(served, capsys):
     stop = train.refresh(ctx, "long", session)[3]
     assert f"Run long stopped at step {st['step']}" in capsys.readouterr().out
     assert stop.interactive is False
+
+
+def test_a_preference_stage_charts_its_rewards_and_log_probs_and_says_where_it_started():
+    evs = [{"type": "status", "status": "starting", "t": 0, "method": "dpo", "parent_run": "sft",
+            "adapter": "checkpoints/checkpoint-4"}]
+    for step in (2, 4):
+        evs.append({"type": "metric", "step": step, "loss": (7 - step) / 10, "reward_margin": step / 10,
+                    "reward_accuracy": step / 4, "logps_chosen": -10.0 + step, "logps_rejected": -10.0 - step})
+    evs.append({"type": "eval", "step": 4, "eval_loss": 0.5, "reward_margin": 0.3, "reward_accuracy": 0.75})
+    assert train.is_stage(evs) and train.is_stage(evs[:1]) and not train.is_stage(_events())
+    tr = _traces(train.loss_figure(evs))
+    assert tr["training loss"].y == (0.5, 0.3) and tr["reward margin"].y == (0.2, 0.4)
+    assert tr["reward accuracy"].yaxis == "y2" and tr["log-prob chosen"].yaxis == "y3"
+    assert tr["log-prob rejected"].y == (-12.0, -14.0) and tr["validation reward accuracy"].x == (4,)
+    text = train.status_text("dpo-sft", evs, "running")
+    assert "Preference stage: DPO on run `sft` from its checkpoint 4." in text
+    assert "Step 4: reward margin 0.4000, reward accuracy 1.0000." in text

@@ -390,8 +390,8 @@ def check_before_start(cfg: RunConfig) -> None:
         return
     ready = check_ready(d, records, val_records, tok, STATS_LIMIT)
     train_n = len(ready.selection.train)
-    if not cfg.train.auto_batch and train_n <= STATS_LIMIT:  # auto_batch may change the batch on a GPU
-        check_batch(train_n - ready.dropped, cfg.train.batch_size)
+    if train_n <= STATS_LIMIT:  # on a GPU the planner may change the micro-batch, never above the effective batch
+        check_batch(train_n - ready.dropped, cfg.speed.micro_batch or cfg.train.batch_size)
 
 
 def template_changed(template: str, custom_prompt: str, custom_response: str):

@@ -9,7 +9,8 @@ Contract:
   and keep every column in view (shared widths, wrapped text; ``app.CSS``).
 - The result tables stay hidden (in the page, taking no room) until there are scores to show.
 - Named endpoint ``evaluate`` (run id, limit, max new tokens -> status, table [metric, base, tuned],
-  best examples, worst examples); examples have columns prompt, reference, base, tuned, ROUGE-L.
+  best examples, worst examples); examples have columns prompt, reference, base, tuned, ROUGE-L.  For a
+  preference stage the two sides are the SFT adapter it started from and the stage (headers ``sft``, ``dpo``).
 - Errors become the status line, never a traceback.
 """
 
@@ -56,8 +57,11 @@ def tables(ev: Evaluation) -> tuple[dict, dict, dict]:
                  round(float(r.get("tuned_rouge_l", 0.0)), 3)] for r in examples]
 
     best, worst = ev.best_worst(EXAMPLES_SHOWN)
-    return ({"headers": TABLE_HEADERS, "data": ev.table()}, {"headers": EXAMPLE_HEADERS, "data": rows(best)},
-            {"headers": EXAMPLE_HEADERS, "data": rows(worst)})
+    # A preference stage's two sides are its SFT start and itself: the headers name them.
+    a, b = ev.labels.get("base", "base"), ev.labels.get("tuned", "tuned")
+    table_headers, example_headers = ["metric", a, b], ["prompt", "reference", a, b, f"ROUGE-L ({b})"]
+    return ({"headers": table_headers, "data": ev.table()}, {"headers": example_headers, "data": rows(best)},
+            {"headers": example_headers, "data": rows(worst)})
 
 
 def results_visible(table: dict) -> bool | str:

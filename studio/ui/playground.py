@@ -18,8 +18,11 @@ Contract:
   answer B, the mapping kept in server-side state) and ``vote`` (A / B / tie -> tally, status).
 - The comparison table shows the whole prompt (its input below it) and every answer with its line breaks, each
   model's column an equal share of the width (``compare_widths``, set at Load), so all stay in view.
-- Votes for A or B append a prompt/chosen/rejected pair with ``winner`` in {"tuned", "base"}; ties are only
-  counted in the session tally.
+- Votes for A or B append a prompt/chosen/rejected pair with ``winner`` in {"tuned", "base"} (the adapters'
+  names when the tuned adapter is pitted against another, e.g. a DPO stage against its SFT start); ties, and
+  votes between two equal answers, are only counted in the session tally.
+- The tally area shows how many pairs the loaded run has (``pairs_update``) and "Train on these votes", which
+  the app links to the Train tab's preference stage (``studio.ui.stage.link_playground``).
 - Errors reach the user as a status line or a ``gr.Warning``, never a traceback.
 """
 
@@ -195,7 +198,8 @@ def blind_pair(holder: engine.ModelHolder, prompt: str, adapter: str | None, s: 
 
 def tally_text(session: dict) -> str:
     saved = engine.tally()
-    return (f"**This session:** tuned {session['tuned']} · base {session['base']} · tie {session['tie']}  \n"
+    named = "".join(f" · {k} {v}" for k, v in session.items() if k not in ("tuned", "base", "tie"))
+    return (f"**This session:** tuned {session['tuned']} · base {session['base']}{named} · tie {session['tie']}  \n"
             f"**All saved votes:** tuned {saved['tuned']} · base {saved['base']} (of {saved['total']})")
 
 
@@ -211,13 +215,18 @@ def vote(choice: str | None, mapping: dict | None, session: dict | None):
         session["tie"] += 1
         return tally_text(session), f"Tie counted (not saved as a preference pair). {reveal}", None, session
     win, lose = (mapping["A"], mapping["B"]) if choice == "A" else (mapping["B"], mapping["A"])
+    if win["text"].strip() == lose["text"].strip():
+        # Two equal answers teach no preference (and a stage refuses such a pair): a tie in all but name.
+        session["tie"] += 1
+        return (tally_text(session), f"Both answers are the same text: counted as a tie, not saved as a pair. "
+                f"{reveal}", None, session)
     try:
         meta = {"winner": win["who"], "run": mapping["run"], "adapter": mapping["adapter"]}
-        meta.update({k: mapping[k] for k in ("turn", "messages") if k in mapping})  # a conversation turn
+        meta.update({k: mapping[k] for k in ("turn", "messages", "base_model", "against") if k in mapping})
         engine.record_vote(mapping["prompt"], win["text"], lose["text"], meta=meta)
     except OSError as e:
         return tally_text(session), f"**Could not save the vote:** {message(e)}", mapping, session
-    session[win["who"]] += 1
+    session[win["who"]] = session.get(win["who"], 0) + 1  # two adapters compared: counted by name
     return tally_text(session), f"Saved: {choice} ({win['who']}) preferred. {reveal}", None, session
 
 
@@ -239,6 +248,17 @@ def plain(history) -> list[dict]:
 
 
 def model_choices(holder: engine.ModelHolder) -> list[str]:
+    return [BASE, *holder.adapters]
+
+
+def start_adapter(holder: engine.ModelHolder) -> str | None:
+    """A loaded preference stage's starting adapter (``sft``, or ``start`` for a stage on a stage), else None."""
+    return next((a for a in holder.adapters if a in engine.START_ADAPTERS), None)
+
+
+def against_choices(holder: engine.ModelHolder) -> list[str]:
+    """What the blind A/B can pit the tuned adapter against: the base, or another loaded adapter (a stage's
+    starting adapter, a checkpoint)."""
     return [BASE, *holder.adapters]
 
 
@@ -298,15 +318,20 @@ def regenerate(holder: engine.ModelHolder, left, right, left_model: str, right_m
         yield lh, rh, gr.skip(), count
 
 
-def blind_turn(holder: engine.ModelHolder, text: str, history, adapter: str | None, s: Sampling, rng=random):
+def blind_turn(holder: engine.ModelHolder, text: str, history, adapter: str | None, s: Sampling, rng=random,
+               against: str | None = None):
     """One blind turn of a conversation: yield (A chat, B chat, input box, mapping).  Both chats hold the shared
     conversation so far (the answers chosen at earlier votes) plus this turn's answer, base and tuned in
-    random order; the mapping (with the rendered prompt of the whole conversation) comes with the last yield."""
+    random order; the mapping (with the rendered prompt of the whole conversation) comes with the last yield.
+    ``against``: another loaded adapter answers instead of the base (a stage against its SFT start); A and B
+    are then named by their adapters."""
     try:
         _check_prompt(holder, text, adapter)
+        if against is not None and (against not in holder.adapters or against == adapter):
+            raise engine.PlaygroundError(f"choose another loaded adapter than {adapter!r} to compare it with.")
         shared = plain(history)
         prompt = holder.render_chat(shared, text)
-        order = [("base", None), ("tuned", adapter)]
+        order = [("base", None), ("tuned", adapter)] if against is None else [(against, against), (adapter, adapter)]
         rng.shuffle(order)
         texts = ["", ""]
 
@@ -320,6 +345,8 @@ def blind_turn(holder: engine.ModelHolder, text: str, history, adapter: str | No
                 yield (*chats(), "", None)
         turn = sum(1 for m in shared if m["role"] == "user") + 1
         mapping = {"prompt": prompt, "run": holder.run.id, "adapter": adapter, "turn": turn,
+                   "base_model": holder.run.config().model.base_model,
+                   **({"against": against} if against is not None else {}),
                    "messages": [*shared, {"role": "user", "content": text}], "history": shared, "text": text,
                    "A": {"who": order[0][0], "text": texts[0]}, "B": {"who": order[1][0], "text": texts[1]}}
         yield (*chats(), "", mapping)
@@ -336,6 +363,32 @@ def continue_with(mapping: dict | None, choice: str | None):
     won = mapping["B"] if choice == "B" else mapping["A"]
     h = [*mapping["history"], {"role": "user", "content": mapping["text"]}, {"role": "assistant", "content": won["text"]}]
     return h, h, h
+
+
+def votes_run(holder: engine.ModelHolder, run_id: str | None) -> str | None:
+    """The run the next votes are for: the loaded one (its answers are what is voted on), else the one chosen."""
+    return holder.run.id if holder.run is not None and holder.model is not None else run_id
+
+
+def pairs_count(store: RunStore, run_id: str | None) -> tuple[str, int]:
+    """(the line saying how many pairs the run has, that count)."""
+    from studio.votes import count_pairs
+
+    if not run_id:
+        return "No run loaded: load one and vote to collect preference pairs.", 0
+    try:
+        n = count_pairs(store.get(run_id))
+    except USER_ERRORS as e:
+        return f"⚠️ {message(e)}", 0
+    return ((f"**{n} pair{'s' if n != 1 else ''} voted for run `{run_id}`**: train the run on them as a preference "
+             "stage (DPO, ORPO or KTO)." if n else
+             f"No votes for run `{run_id}` yet: each A or B vote is a preference pair to train it on."), n)
+
+
+def pairs_update(store: RunStore, run_id: str | None):
+    """-> (the run's pair count line, the "Train on these votes" button, enabled once it has a vote)."""
+    text, n = pairs_count(store, run_id)
+    return text, gr.Button(interactive=n > 0)
 
 
 def votes_file():
@@ -390,6 +443,9 @@ class PlaygroundUI:
     tally: gr.Markdown
     ab_mapping: gr.State
     session_tally: gr.State
+    pairs: gr.Markdown | None = None  # "N pairs voted for this run" (live)
+    train_votes: gr.Button | None = None  # "Train on these votes": the Train tab's preference stage
+    against: gr.Dropdown | None = None  # what the blind A/B pits the tuned adapter against
 
 
 def build(ctx) -> PlaygroundUI:
@@ -454,9 +510,13 @@ def build(ctx) -> PlaygroundUI:
         table = gr.Dataframe(headers=["prompt", "base", "final"], label="Answers", interactive=False, wrap=True,
                              column_widths=compare_widths(2), max_height=1000, elem_id="pg-compare-table")
     with gr.Tab("Blind A/B"):
-        gr.Markdown("A conversation with the base and the tuned model answering each message in random order. "
-                    "Vote for the better answer: the conversation goes on from it, and the pair is saved for "
-                    "preference training.")
+        gr.Markdown("A conversation with the tuned model and the base (or the adapter chosen below) answering each "
+                    "message in random order. Vote for the better answer: the conversation goes on from it, and the "
+                    "pair is saved for preference training.")
+        against = gr.Dropdown(choices=against_choices(holder), value=start_adapter(holder) or BASE,
+                              label="Tuned adapter against", elem_id="pg-ab-against",
+                              info="base, or another loaded adapter: a preference stage against the SFT adapter it "
+                                   "started from")
         with gr.Row(equal_height=True):
             ab_chat_a = gr.Chatbot(label="Answer A", height=340, elem_id="pg-ab-chat-a", feedback_options=None,
                                    buttons=["copy"])
@@ -474,6 +534,11 @@ def build(ctx) -> PlaygroundUI:
         ab_status = gr.Markdown(elem_id="pg-ab-status")
         session0 = {"tuned": 0, "base": 0, "tie": 0}
         tally = gr.Markdown(tally_text(session0), elem_id="pg-tally")
+        pairs0, n0 = pairs_count(store, first_id)  # plain values: a component made here would be drawn here
+        with gr.Row(equal_height=True):
+            pairs_md = gr.Markdown(pairs0, elem_id="pg-pairs")
+            train_votes = gr.Button("Train on these votes", variant="primary", elem_id="pg-train-votes", scale=0,
+                                    min_width=200, interactive=n0 > 0)
         with gr.Row(equal_height=True):
             votes_md = gr.Markdown(votes_note(), elem_id="pg-votes-path")
             votes_dl = gr.DownloadButton("Download votes", value=votes_file(), elem_id="pg-votes-download",
@@ -508,11 +573,14 @@ def build(ctx) -> PlaygroundUI:
     # On page load: pick up runs that finished since the app started (the newest first).
     gr.on(None, lambda: refresh_runs(store, None, has_weights), outputs=run, api_visibility="private")
     run.change(on_select, run, [checkpoints, prompts], api_visibility="private")
-    load_btn.click(on_load, [run, checkpoints], [status, adapter], api_name="load") \
-        .then(lambda: (gr.Dropdown(choices=model_choices(holder), value=BASE),
+    # A preference stage loads its starting adapter too: SFT on the left, the stage on the right, and the blind
+    # A/B pits the stage against it.
+    loaded = load_btn.click(on_load, [run, checkpoints], [status, adapter], api_name="load") \
+        .then(lambda: (gr.Dropdown(choices=model_choices(holder), value=start_adapter(holder) or BASE),
                        gr.Dropdown(choices=model_choices(holder),
-                                   value=holder.adapters[0] if holder.adapters else None)),
-              None, [left_model, right_model], api_visibility="private") \
+                                   value=holder.adapters[0] if holder.adapters else None),
+                       gr.Dropdown(choices=against_choices(holder), value=start_adapter(holder) or BASE)),
+              None, [left_model, right_model, against], api_visibility="private") \
         .then(lambda: compare_table({"headers": ["prompt", "base", *holder.adapters], "data": []}), None, table,
               api_visibility="private")  # the widths for the models now loaded (/compare answers plain values)
     gen_btn.click(on_generate, [prompt, adapter, *settings], [base_out, tuned_out], api_name="generate")
@@ -526,8 +594,8 @@ def build(ctx) -> PlaygroundUI:
     def on_regen(left, right, lm, rm, count, *values):
         yield from regenerate(holder, left, right, lm, rm, sampling(*values), count)
 
-    def on_blind(text, history, name, *values):
-        yield from blind_turn(holder, text, history, name, sampling(*values))
+    def on_blind(text, history, name, other, *values):
+        yield from blind_turn(holder, text, history, name, sampling(*values), against=_adapter_of(other))
 
     chat_in = [chat_input, left_chat, right_chat, left_model, right_model, *settings]
     gr.on([send_btn.click, chat_input.submit], on_chat, chat_in, [left_chat, right_chat, chat_input],
@@ -538,7 +606,7 @@ def build(ctx) -> PlaygroundUI:
     gr.on([left_model.change, right_model.change], lambda lm, rm: (gr.Chatbot(label=f"Left: {lm or '—'}"),
                                                                    gr.Chatbot(label=f"Right: {rm or '—'}")),
           [left_model, right_model], [left_chat, right_chat], api_visibility="private")
-    gr.on([ab_btn.click, ab_input.submit], on_blind, [ab_input, ab_history, adapter, *settings],
+    gr.on([ab_btn.click, ab_input.submit], on_blind, [ab_input, ab_history, adapter, against, *settings],
           [ab_chat_a, ab_chat_b, ab_input, ab_mapping], api_visibility="private")
     ab_clear.click(lambda: ([], [], [], None, ""), None, [ab_history, ab_chat_a, ab_chat_b, ab_mapping, ab_status],
                    api_visibility="private")
@@ -554,11 +622,21 @@ def build(ctx) -> PlaygroundUI:
         return (*chats, votes_note(), votes_file())
 
     # The conversation moves on from the chosen answer once the vote is in; /vote itself answers as before.
-    vote_btn.click(stage, [ab_mapping, ab_choice], ab_next, api_visibility="private") \
+    voted = vote_btn.click(stage, [ab_mapping, ab_choice], ab_next, api_visibility="private") \
         .then(vote, [ab_choice, ab_mapping, session_tally], [tally, ab_status, ab_mapping, session_tally],
               api_name="vote") \
         .then(after_vote, [ab_next, ab_mapping], [ab_history, ab_chat_a, ab_chat_b, votes_md, votes_dl],
               api_visibility="private")
+    # The pair count follows the run the votes are for: after a vote, a load, a choice of run.
+    def on_pairs(run_id):
+        return pairs_update(store, votes_run(holder, run_id))
+
+    pairs_out = dict(fn=on_pairs, inputs=run, outputs=[pairs_md, train_votes], api_visibility="private",
+                     show_progress="hidden")
+    run.change(**pairs_out)
+    loaded.then(**pairs_out)
+    voted.then(**pairs_out)
     return PlaygroundUI(run, refresh, checkpoints, load_btn, status, adapter, max_new, temperature, top_p, rep, seed,
                         prompt, gen_btn, base_out, tuned_out, prompts, cmp_btn, table, ab_btn, ab_a, ab_b,
-                        ab_choice, vote_btn, ab_status, tally, ab_mapping, session_tally)
+                        ab_choice, vote_btn, ab_status, tally, ab_mapping, session_tally, pairs_md, train_votes,
+                        against)

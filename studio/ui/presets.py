@@ -1,7 +1,7 @@
 """The Presets tab: every hyperparameter of a run in a typed widget, what changed, and whether it fits.
 
 Contract: ``build(ctx) -> PresetsUI``, callable inside an open ``gr.Blocks``.
-- ``PresetsUI.keys``/``inputs`` cover every ``model.*``, ``lora.*``, ``train.*`` and ``output.*`` key, in the
+- ``PresetsUI.keys``/``inputs`` cover every ``model.*``, ``lora.*``, ``train.*``, ``speed.*`` and ``output.*`` key, in the
   same order; ``PresetsUI.base`` (a ``gr.State``) holds the chosen preset's ``RunConfig.to_dict()``, the base
   the Train tab passes to ``widgets.to_config``.  Choosing a preset (or loading a YAML) refills every widget;
   the list is read afresh on every page load (``studio.ui.state``) and after a save, a loaded YAML shows in it
@@ -9,10 +9,11 @@ Contract: ``build(ctx) -> PresetsUI``, callable inside an open ``gr.Blocks``.
 - Each section shows first what most runs set; its speed, memory and GPU-only switches sit in a closed
   accordion; help is one sentence.
 - The changes panel lists each key whose value differs from the preset: ``key: preset value → new value``.
-- "Will it fit" estimates peak GPU memory (``studio.estimate``) against the common cards and the detected
-  CUDA GPU (rows: card, its memory, fits, what to change, the estimated peak there), the verdict opening with
-  this machine (its GPU, or "CPU only"); served as ``api_name="estimate"``.  When the model's shape cannot
-  be known offline, it says so.
+- "How it runs here, and will it fit" shows the speed plan for this machine (``studio.speed``: each part, what
+  runs, why) and a table whose first row is this machine (its GPU, or "CPU only" with the estimate against its
+  RAM) and then the common GPUs of ``studio.speed.profiles``, each with the planner's choice there and its
+  estimated peak (``studio.estimate``), or what to change; served as ``api_name="estimate"``.  When the model's
+  shape cannot be known offline, it says so.
 - Saving writes a user preset (``studio.presets.save_preset``); its data section is the base preset's.
 Every error (bad value, bad name, bad YAML) is a visible sentence naming the key or line.
 """
@@ -28,22 +29,26 @@ from pathlib import Path
 import gradio as gr
 
 from studio.config import ConfigError, RunConfig, field_specs, field_type
-from studio.estimate import GPUS, GiB, advice, arch_for, describe_plan, estimate, plan
+from studio.estimate import advice, arch_for, estimate
 from studio.presets import find_preset, list_presets, load_preset, parse_yaml, save_preset
 from studio.security import SecurityError, check_name
+from studio.speed import plan as speed_plan
+from studio.speed.profiles import PROFILES
 from studio.ui.widgets import get_value, to_config, widget
 
-SECTIONS = (("Model & quantization", "model"), ("LoRA", "lora"), ("Training", "train"), ("Output", "output"))
+SECTIONS = (("Model & quantization", "model"), ("LoRA", "lora"), ("Training", "train"),
+            ("Speed: how it computes, never what it learns", "speed"), ("Output", "output"))
 KEYS = [k for k in field_specs() if k.split(".")[0] in {s for _, s in SECTIONS}]
 # Keys shown as text boxes: they are looked up only when left or submitted, not on every keystroke.
 TEXT_KEYS = {k for k in KEYS if field_type(k) not in (bool, int, float) and "choices" not in field_specs()[k].metadata}
-FIT_HEADERS = ["GPU", "card memory (GiB)", "fits", "what to change", "estimated peak (GiB)"]
-# Switches most runs leave alone (speed, memory, GPU-only): each section keeps them in a closed accordion.
-ADVANCED = {"model.double_quant", "model.gradient_checkpointing", "model.offload_checkpoints", "model.offload_up_proj",
-            "model.fp32_frozen", "model.dequantized_cache", "model.attn_implementation", "model.trust_remote_code",
-            "model.revision", "train.tensorboard", "train.liger", "train.num_gpus", "train.fsdp", "train.padding_free",
-            "train.auto_batch", "train.cuda_graphs", "train.fused_lora", "train.weight_decay", "train.max_grad_norm",
-            "train.logging_steps", "train.save_total_limit", "train.sample_max_new_tokens"}
+FIT_HEADERS = ["machine", "memory (GiB)", "estimated peak (GiB)", "fits", "what runs there"]
+PLAN_HEADERS = ["part", "what runs", "why"]
+# Switches most runs leave alone (memory, GPU-only, every speed override): each section keeps them in a closed
+# accordion; the speed section is all overrides of the planner.
+ADVANCED = {"model.double_quant", "model.attn_implementation", "model.trust_remote_code", "model.revision",
+            "train.tensorboard", "train.num_gpus", "train.fsdp", "train.weight_decay", "train.max_grad_norm",
+            "train.logging_steps", "train.save_total_limit", "train.sample_max_new_tokens",
+            *(k for k in field_specs() if k.startswith("speed."))}
 MAX_YAML_BYTES = 256 * 1024
 RETRY_AFTER_S = 60.0
 
@@ -59,6 +64,7 @@ class PresetsUI:
     changes: gr.Markdown
     fit_table: gr.Dataframe
     fit_verdict: gr.Markdown
+    plan_table: gr.Dataframe
     save_name: gr.Textbox
     save_button: gr.Button
     yaml_upload: gr.UploadButton
@@ -195,80 +201,75 @@ def cached_arch(cfg: RunConfig):
         return arch
 
 
-_GPU: list = []
+_HERE: list = []
 
 
-def local_gpu() -> tuple[str, float] | None:
-    """(name, GiB) of this machine's CUDA GPU, detected once; None without one."""
-    if not _GPU:
+def this_machine():
+    """This machine's ``Hardware``, detected once."""
+    if not _HERE:
         from studio.hardware import detect
 
-        hw = detect()
-        _GPU.append((f"{hw.name} (this machine)", hw.total_gib) if hw.device == "cuda" else None)
-    return _GPU[0]
-
-
-def gpu_table() -> dict[str, float]:
-    gpus = dict(GPUS)
-    mine = local_gpu()
-    if mine:
-        gpus[mine[0]] = mine[1]
-    return gpus
-
-
-def machine_line(est) -> str:
-    """This machine first: its GPU (also a row of the table) or "CPU only", with the estimate for this config."""
-    mine = local_gpu()
-    if mine:
-        verdict = "fits" if est.fits(mine[1]) else "does not fit"
-        return f"**This machine: {mine[0].replace(' (this machine)', '')}** ({mine[1]:.0f} GiB): this config {verdict}."
-    import psutil
-
-    ram = psutil.virtual_memory().total / 2**30
-    return (f"**This machine: CPU only** ({ram:.0f} GiB RAM): training runs on the CPU in system RAM, slowly; the "
-            "table is for the GPUs it would run on.")
+        _HERE.append(detect())
+    return _HERE[0]
 
 
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
+def _fits(p, hw) -> bool:
+    return p.estimate_gib is not None and p.estimate_gib <= hw.total_bytes / 2**30 * 0.95
+
+
 def fit(base: dict, *values):
-    """-> (rows: GPU, memory, fits, what to change; verdict markdown)."""
+    """-> (fit rows: machine, memory, estimated peak, fits, what runs there; verdict markdown; plan rows for this
+    machine: part, what runs, why)."""
     try:
         cfg = _config(base, values)
     except (ConfigError, SecurityError) as e:
-        return [], f"⚠️ {e}"
+        return [], f"⚠️ {e}", []
     arch = cached_arch(cfg)
+    here = this_machine()
+    mine = speed_plan(cfg, here, arch=arch)
+    plan_rows = [list(r) for r in mine.rows()]
+    name = f"{here.name} (this machine)" if here.device == "cuda" else "CPU only (this machine)"
+    notes = "".join(f"\n\n⚠️ {n}" for n in mine.notes)
     if arch is None:
-        return [], (f"The shape of **{cfg.model.base_model}** is unknown offline: it is not in the built-in table "
-                    "and its config could not be read. Connect to the internet or give a local model folder to "
-                    "estimate memory.")
-    est = estimate(cfg, arch)
-    rows, misses = [], []
-    for gpu, gib in gpu_table().items():
-        if cfg.train.auto_batch:  # the planner adapts the run to each card: show what it would run there
-            planned, p_est = plan(cfg, arch, int(gib * GiB))
-            tips = advice(planned, p_est, gib)
-            rows.append([gpu, round(gib, 1), "yes" if p_est.fits(gib) else "no",
-                         "; ".join(tips) or "auto: " + describe_plan(planned), round(p_est.reserved_gib(), 1)])
-        else:
-            tips = advice(cfg, est, gib)
-            rows.append([gpu, round(gib, 1), "yes" if est.fits(gib) else "no", "; ".join(tips),
-                         round(est.reserved_gib(), 1)])
-        if tips:
-            misses.append((gpu, tips))
+        return [], (f"**This machine: {name.split(' (')[0]}.** The shape of **{cfg.model.base_model}** is unknown "
+                    "offline: it is not in the built-in table and its config could not be read. Connect to the "
+                    "internet or give a local model folder to estimate memory." + notes), plan_rows
+    rows = []
+    if here.device == "cuda":
+        rows.append([name, round(here.total_gib, 1), mine.estimate_gib, "yes" if _fits(mine, here) else "no",
+                     mine.summary()])
+    else:
+        est = estimate(cfg, arch, mine)
+        ram = here.total_bytes / 2**30
+        rows.append([name, round(ram, 1), round(est.total_gib, 1), "yes" if est.total_gib <= ram * 0.8 else "no",
+                     "trains in system RAM, slowly: " + mine.summary()])
+    misses = []
+    for gpu, hw in PROFILES.items():
+        p = speed_plan(cfg, hw, arch=arch)
+        ok = _fits(p, hw)
+        if not ok:
+            misses.append((gpu, advice(cfg, estimate(cfg, arch, p), hw.total_bytes / 2**30, p)))
+        rows.append([gpu, round(hw.total_bytes / 2**30, 1), p.estimate_gib, "yes" if ok else "no",
+                     p.summary() if ok else "to fit: " + "; ".join(misses[-1][1])])
+    est = estimate(cfg, arch, mine) if here.device == "cuda" else estimate(cfg, arch, speed_plan(
+        cfg, PROFILES["A100 80 GB"], arch=arch))
     parts = ", ".join(f"{k} {_size(v)}" for k, v in est.parts.items())
-    head = (f"{machine_line(est)}\n\nEstimated peak ≈ **{_size(est.total)}** allocated, ≈ {est.reserved_gib():.1f} GiB "
-            f"with the CUDA context and allocator cache ({parts}).")
+    where = "here" if here.device == "cuda" else "on an A100 80 GB"
+    head = (f"**This machine: {name.split(' (')[0]}**: {mine.summary()}.{notes}\n\nEstimated peak {where} ≈ "
+            f"**{_size(est.total)}** allocated, ≈ {est.reserved_gib():.1f} GiB with the CUDA context and allocator "
+            f"cache ({parts}).")
     if not misses:
-        return rows, head + "\n\n✅ Fits on every GPU listed."
-    if len(misses) == len(rows):
-        return rows, head + f"\n\n❌ Fits on none of these GPUs. To fit: {'; '.join(misses[-1][1])}."
-    fits_on = [r[0] for r in rows if r[2] == "yes"]
+        return rows, head + "\n\n✅ Fits on every GPU listed.", plan_rows
+    if len(misses) == len(PROFILES):
+        return rows, head + f"\n\n❌ Fits on none of these GPUs. To fit: {'; '.join(misses[-1][1])}.", plan_rows
+    fits_on = [r[0] for r in rows[1:] if r[3] == "yes"]
     gpu, tips = misses[0]
     return rows, head + (f"\n\n⚠️ Fits on {', '.join(fits_on)}; not on {', '.join(m[0] for m in misses)}. "
-                         f"For {gpu}: {'; '.join(tips)}.")
+                         f"For {gpu}: {'; '.join(tips)}."), plan_rows
 
 
 # ---- layout -------------------------------------------------------------------------------------
@@ -323,8 +324,9 @@ def _section(cfg0: RunConfig, section: str, components: dict) -> None:
     rows([k for k in keys if k not in ADVANCED])
     advanced = [k for k in keys if k in ADVANCED]
     if advanced:
-        with gr.Accordion("More: speed, memory and GPU-only switches", open=False,
-                          elem_id=f"presets-{section}-advanced"):
+        title = ("Overrides: auto lets the planner choose for the GPU the run starts on" if section == "speed" else
+                 "More: memory and GPU-only switches")
+        with gr.Accordion(title, open=False, elem_id=f"presets-{section}-advanced"):
             rows(advanced)
 
 
@@ -342,7 +344,7 @@ def build(ctx) -> PresetsUI:
     with gr.Row():
         with gr.Column(scale=3):
             for title, section in SECTIONS:
-                with gr.Accordion(title, open=section != "output"):
+                with gr.Accordion(title, open=section not in ("output", "speed")):
                     _section(cfg0, section, components)
         with gr.Column(scale=2):
             with gr.Row(equal_height=True):
@@ -355,10 +357,13 @@ def build(ctx) -> PresetsUI:
             gr.Markdown("### Changes from the preset")
             values0 = values_of(cfg0)
             changed = gr.Markdown(changes(cfg0.to_dict(), *values0), elem_id="presets-changes")
-            gr.Markdown("### Will it fit?")
-            rows0, verdict0 = fit(cfg0.to_dict(), *values0)
+            gr.Markdown("### How it runs here, and will it fit?")
+            rows0, verdict0, plan0 = fit(cfg0.to_dict(), *values0)
             fit_verdict = gr.Markdown(verdict0, elem_id="presets-fit-verdict")
-            fit_table = gr.Dataframe(value=rows0 or None, headers=FIT_HEADERS, label="estimated peak GPU memory",
+            plan_table = gr.Dataframe(value=plan0 or None, headers=PLAN_HEADERS, label="speed plan on this machine",
+                                      interactive=False, wrap=True, elem_id="presets-plan")
+            fit_table = gr.Dataframe(value=rows0 or None, headers=FIT_HEADERS,
+                                     label="this machine and common GPUs: the planner's choice and its peak memory",
                                      interactive=False, wrap=True, elem_id="presets-fit")
 
     inputs = [components[k] for k in KEYS]
@@ -367,7 +372,7 @@ def build(ctx) -> PresetsUI:
 
     def redraw(dep):
         return dep.then(changes, state_in, changed, api_visibility="private") \
-            .then(fit, state_in, [fit_table, fit_verdict], api_visibility="private")
+            .then(fit, state_in, [fit_table, fit_verdict, plan_table], api_visibility="private")
 
     # .input: only the user's choice reloads a preset (a saved preset or a loaded YAML set the list's value too).
     redraw(preset.input(choose_preset, preset, filled, api_visibility="private"))
@@ -377,7 +382,7 @@ def build(ctx) -> PresetsUI:
            .then(adopt_saved, [preset, status], filled, api_visibility="private"))
     edits = _triggers(components)
     gr.on(edits, changes, state_in, changed, api_visibility="private", trigger_mode="always_last")
-    gr.on(edits, _named(fit, ["base"] + [k.replace(".", "__") for k in KEYS]), state_in, [fit_table, fit_verdict],
-          api_name="estimate", trigger_mode="always_last")
+    gr.on(edits, _named(fit, ["base"] + [k.replace(".", "__") for k in KEYS]), state_in,
+          [fit_table, fit_verdict, plan_table], api_name="estimate", trigger_mode="always_last")
     return PresetsUI(preset, base, list(KEYS), inputs, components["model.base_model"], description, changed,
-                     fit_table, fit_verdict, save_name, save_button, yaml_upload, status)
+                     fit_table, fit_verdict, plan_table, save_name, save_button, yaml_upload, status)

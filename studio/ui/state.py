@@ -251,7 +251,7 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
         return dep.then(data_tab.refresh, data_ui.preview_inputs, data_ui.preview_outputs, api_visibility="private",
                         **kw) \
             .then(presets_tab.changes, state_in, presets_ui.changes, api_visibility="private", **kw) \
-            .then(presets_tab.fit, state_in, [presets_ui.fit_table, presets_ui.fit_verdict],
+            .then(presets_tab.fit, state_in, [presets_ui.fit_table, presets_ui.fit_verdict, presets_ui.plan_table],
                   api_visibility="private", **kw) \
             .then(lambda p, b, *vals: summary(p, b, keys, list(vals)), [presets_ui.preset, presets_ui.base, *inputs],
                   train_ui.summary, api_visibility="private", **kw)

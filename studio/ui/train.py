@@ -13,11 +13,15 @@ Contract:
   even when it already ended; a ``gr.Timer`` tick refreshes the view, follows
   a run started elsewhere and raises one toast per run ending (completed, stopped, failed, halted,
   interrupted) per browser session.
+- The preference stage (DPO, ORPO, KTO on a finished run's votes) has its own folded section
+  (``studio.ui.stage``); the run it starts is shown here like any run, its chart drawn by ``prefer_figure``
+  (loss, reward margin, reward accuracy, chosen/rejected log-probs) and its status by ``stage_text``.
 - Figures and texts come from plain functions of an events list (``loss_figure``, ``memory_figure``,
   ``progress_text``, ``status_text``, ``sample_rows``) or of the store (``history_rows``,
   ``compare_figure``), testable without a browser.
 - API endpoints: ``start`` (run id shown, message: the new run's id, or the unchanged one when nothing
-  started), ``stop`` (message), ``resume`` (run id -> message) and ``status`` (run id -> dict).
+  started), ``stop`` (message), ``resume`` (run id -> message), ``status`` (run id -> dict) and ``prefer``
+  (the stage section's values -> the stage's run id, message).
   Engine errors come back as messages, never tracebacks.
 """
 
@@ -39,7 +43,9 @@ from studio.data.files import DataError, check_size
 from studio.runs import LIVE, TERMINAL, Run, RunStore, status_of
 from studio.security import SecurityError, check_output_free, local_dataset, local_model, output_dir, redact
 from studio.ui.data import check_before_start, check_data_path
+from studio.ui import stage
 from studio.ui.messages import message
+from studio.ui.stage import StageUI
 from studio.ui.widgets import to_config
 
 SAMPLE_HEADERS = ["step", "prompt", "reference", "answer"]
@@ -76,6 +82,7 @@ class TrainUI:
     timer: gr.Timer
     session: gr.State
     summary: gr.Markdown | None = None  # what Start would train on (drawn by ``studio.ui.state``)
+    stage: StageUI | None = None  # the preference stage's section (``studio.ui.stage``)
 
 
 # ---- plain functions of events ------------------------------------------------------------------
@@ -116,8 +123,51 @@ def _empty_figure(text: str, height: int = 320) -> go.Figure:
     return fig
 
 
+PREFER_FIELDS = ("reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected")
+
+
+def is_stage(events: list[dict]) -> bool:
+    """A preference stage's events: its starting status names the parent run, its metrics carry rewards."""
+    return any((e.get("type") == "status" and e.get("parent_run"))
+               or (e.get("type") == "metric" and any(k in e for k in PREFER_FIELDS)) for e in events)
+
+
+def prefer_figure(events: list[dict]) -> go.Figure:
+    """A preference stage: loss, reward margin and (right axis) reward accuracy above; the log-probabilities of
+    the chosen and rejected answers below (the margin grows as they part)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.58, 0.42],
+                        specs=[[{"secondary_y": True}], [{}]])
+    lines = [("metric", "loss", "training loss", "#1f77b4", 1, False, "lines+markers"),
+             ("eval", "eval_loss", "validation loss", "#1f77b4", 1, False, "markers"),
+             ("metric", "reward_margin", "reward margin", "#9467bd", 1, False, "lines+markers"),
+             ("eval", "reward_margin", "validation reward margin", "#9467bd", 1, False, "markers"),
+             ("metric", "reward_accuracy", "reward accuracy", "#ff7f0e", 1, True, "lines+markers"),
+             ("eval", "reward_accuracy", "validation reward accuracy", "#ff7f0e", 1, True, "markers"),
+             ("metric", "logps_chosen", "log-prob chosen", "#2a9d8f", 2, False, "lines+markers"),
+             ("metric", "logps_rejected", "log-prob rejected", "#e63946", 2, False, "lines+markers")]
+    for type_, field, name, color, row, right, mode in lines:
+        s, v = _series(events, type_, field)
+        if type_ == "eval" and not s:
+            continue  # no held-out pairs: no validation traces in the legend
+        fig.add_trace(go.Scatter(x=s, y=v, name=name, mode=mode, marker_size=7 if type_ == "eval" else 4,
+                                 line=dict(color=color, dash="dot" if right else None)),
+                      row=row, col=1, secondary_y=right if row == 1 else None)
+    fig.update_yaxes(title_text="loss · margin", row=1, col=1, secondary_y=False)
+    fig.update_yaxes(title_text="accuracy", range=[-0.05, 1.05], showgrid=False, row=1, col=1, secondary_y=True)
+    fig.update_yaxes(title_text="log-prob", row=2, col=1)
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    fig.update_layout(height=460, margin=dict(l=10, r=10, t=TOP_MARGIN + 20, b=10), legend=LEGEND,
+                      hovermode="x unified", uirevision="prefer")
+    return fig
+
+
 def loss_figure(events: list[dict]) -> go.Figure:
-    """Training loss, validation loss and (right axis) learning rate against the step."""
+    """Training loss, validation loss and (right axis) learning rate against the step; a preference stage's
+    rewards and log-probabilities (``prefer_figure``) for a stage run."""
+    if is_stage(events):
+        return prefer_figure(events)
     fig = go.Figure()
     s, v = _series(events, "metric", "loss")
     fig.add_trace(go.Scatter(x=s, y=v, name="training loss", mode="lines+markers", marker_size=4))
@@ -248,11 +298,14 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
     if data:
         lines.append(f"Data: {data.get('train', 0)} training and {data.get('validation', 0)} validation examples"
                      + (f", {data['skipped']} skipped" if data.get("skipped") else "") + ".")
+    stage_line = stage_text(events)
+    if stage_line:
+        lines.append(stage_line)
     plan = _last(events, "plan")
     if plan:
-        lines.append(plan_text(plan, _last(events, "graphs"), _last(events, "weight_cache")))
-    lean = lean_text(_last(events, "fused_lora"), _last(events, "checkpoint_offload"),
-                     None if plan else _last(events, "graphs"))
+        lines.append(plan_text(plan))
+    lean = lean_text(_last(events, "fused_lora"), _last(events, "checkpoint_offload"), _last(events, "graphs"),
+                     _last(events, "weight_cache"))
     if lean:
         lines.append(lean)
     last = _last(events, "status") or {}
@@ -278,27 +331,40 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
     return "\n\n".join(lines)
 
 
-def plan_text(plan: dict, graphs: dict | None, cache: dict | None) -> str:
-    """What train.auto_batch chose for this GPU, and what the speed switches did."""
-    bits = [f"micro-batch {plan.get('batch_size')} × accumulation {plan.get('grad_accum')}",
-            "gradient checkpointing" if plan.get("gradient_checkpointing") else "no gradient checkpointing"]
-    if plan.get("cuda_graphs"):
-        bits.append(f"CUDA graphs ({graphs['layers']} layers captured in {graphs['seconds']} s)" if graphs
-                    else "CUDA graphs")
-    if plan.get("dequantized_cache"):
-        bits.append(f"16-bit weight cache ({cache['gib']} GiB)" if cache else "16-bit weight cache")
-    est = plan.get("estimate_gib")
-    return f"Plan for this GPU: {', '.join(bits)}" + (f"; estimated peak {est} GiB." if est else ".")
+def stage_text(events: list[dict]) -> str:
+    """For a preference stage: the method, the run and adapter it started from, the last rewards logged."""
+    start = next((e for e in events if e.get("type") == "status" and e.get("parent_run")), None)
+    if start is None:
+        return ""
+    adapter = str(start.get("adapter") or "")
+    origin = f"checkpoint {adapter.rsplit('-', 1)[-1]}" if "checkpoint-" in adapter else "final adapter"
+    text = (f"Preference stage: {str(start.get('method', '')).upper()} on run `{start['parent_run']}` from its "
+            f"{origin}.")
+    m = next((e for e in reversed(events) if e.get("type") == "metric" and _num(e.get("reward_margin")) is not None),
+             None)
+    if m:
+        text += (f" Step {m.get('step')}: reward margin {_fmt(m['reward_margin'])}, reward accuracy "
+                 f"{_fmt(m.get('reward_accuracy'))}.")
+    return text
 
 
-def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None) -> str:
-    """The speed and memory switches that took effect (fused LoRA, offloaded checkpoints, graphs without a plan)."""
+def plan_text(plan: dict) -> str:
+    """How the run computes on its machine (the ``plan`` event of ``studio.speed``), with what fell back."""
+    from studio.speed.plan import event_text
+
+    return event_text(plan)
+
+
+def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None, cache: dict | None = None) -> str:
+    """The speed parts that took effect: graphs captured, weight cache, offloaded checkpoints, fused LoRA."""
     bits = []
     if graphs:
         what = "checkpointed layer stack as one CUDA graph" if graphs.get("checkpointed") else \
             f"CUDA graphs ({graphs.get('layers')} layers)"
         bits.append(what + (", its saved inputs in CPU RAM" if graphs.get("offload") else "")
                     + f" (captured in {graphs.get('seconds')} s)")
+    if cache:
+        bits.append(f"16-bit weight cache ({cache.get('gib')} GiB)")
     if offload:
         bits.append(f"checkpointed inputs of {offload.get('layers')} layers kept in CPU RAM")
         if offload.get("up_proj"):
@@ -308,7 +374,7 @@ def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None) -> 
             bits.append(f"MLP up-projections recomputed: offload_up_proj {offload['up_proj_note']}")
     if fused:
         bits.append(f"fused 4-bit LoRA in {fused.get('layers')} layers")
-    return ("Speed and memory: " + "; ".join(bits) + ".") if bits else ""
+    return ("In effect: " + "; ".join(bits) + ".") if bits else ""
 
 
 def finish_notice(run_id: str, status: str, last: dict) -> tuple[str, str] | None:
@@ -603,6 +669,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
                          interactive=store.active() is not None)
         resume = gr.Button("Resume", elem_id="train-resume", scale=1, min_width=100)
     message = gr.Markdown(label="Message", elem_id="train-message")
+    stage_ui = stage.build(ctx)
     # Custom values allowed: run folders appear after the page is built (another browser, the CLI),
     # and every id goes through store.get, which validates it.
     run = gr.Dropdown(label="Run shown", choices=[], value=None, allow_custom_value=True, elem_id="train-run",
@@ -610,7 +677,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
     status = gr.Markdown(label="Status", elem_id="train-status")
     progress = gr.HTML(elem_id="train-progress")
     with gr.Row():
-        loss_plot = gr.Plot(label="Loss and learning rate", elem_id="train-loss-plot", scale=3)
+        loss_plot = gr.Plot(label="Training curves", elem_id="train-loss-plot", scale=3)
         memory_plot = gr.Plot(label="Memory", elem_id="train-memory", scale=2)
     samples = gr.Dataframe(value=_samples_df([]), label="Answers to the validation prompts at each evaluation",
                            interactive=False, wrap=True, elem_id="train-samples", max_height=360)
@@ -626,7 +693,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
     timer = gr.Timer(ctx.timer_seconds)
     session = gr.State({})
     ui = TrainUI(run_name, start, stop, resume, message, run, status, progress, loss_plot, memory_plot, samples,
-                 log, history, compare, compare_plot, timer, session, summary)
+                 log, history, compare, compare_plot, timer, session, summary, stage_ui)
     view_outputs = [status, progress, loss_plot, memory_plot, samples, log]
 
     tick_outputs = [run, history, compare, stop, session, *view_outputs]
@@ -679,6 +746,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
         return run_status(store, run_id)
 
     gr.api(status_api, api_name="status")
+    stage.wire(ui, stage_ui, store)
     return ui
 
 

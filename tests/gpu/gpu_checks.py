@@ -33,3 +33,15 @@ def bf16_step(model, batch):
     loss.backward()
     return loss.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
                                    if p.requires_grad}
+
+
+# The plain path (peft's k-bit preparation, checkpointing, nothing else): pinned where a test compares a part
+# with the reference or runs on several GPUs, where one GPU must take the same path as the others.
+PLAIN = {"speed.gradient_checkpointing": "on", "speed.fp32_frozen": "on", "speed.liger": "off",
+         "speed.weight_cache": "off", "speed.cuda_graphs": "off", "speed.fused_lora": "off",
+         "speed.offload_checkpoints": "off", "speed.offload_up_proj": "off", "speed.padding_free": "off"}
+
+
+def onoff(flag: bool) -> str:
+    """A speed pin from a boolean."""
+    return "on" if flag else "off"

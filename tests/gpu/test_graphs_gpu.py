@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from gpu_checks import assert_adapter_loads, assert_trained, bf16_step as _step
+from gpu_checks import assert_adapter_loads, assert_trained, bf16_step as _step, onoff  # noqa: F401
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
@@ -22,7 +22,7 @@ def _model(model_dir, seed=0):
 
     cfg = load_preset("mistral-7b-finance-fast").replace({
         "model.base_model": str(model_dir), "model.compute_dtype": "bf16", "lora.dropout": 0.0,
-        "model.gradient_checkpointing": False})
+        "speed.gradient_checkpointing": "off"})
     tok = modeling.load_tokenizer(cfg)
     base = modeling.load_base(cfg, tok)
     torch.manual_seed(seed)
@@ -37,7 +37,7 @@ B, L = 8, 128
 
 
 def _batch(seed):
-    from studio.graphs import StaticRowsCollator
+    from studio.speed.graphs import StaticRowsCollator
 
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -51,7 +51,7 @@ def _batch(seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graphed_layers_match_eager_step():
     from bench.common import random_model
-    from studio.graphs import graph_layers
+    from studio.speed.graphs import graph_layers
 
     work = Path(os.environ.get("STUDIO_BENCH_WORK", "/tmp/qlora-bench"))
     model_dir = random_model(work / "mistral-7b-width-2-layers", layers=2)
@@ -92,8 +92,8 @@ def test_fast_preset_with_cuda_graphs_trains_and_saves(tmp_path):
     cfg = load_preset("mistral-7b-finance-fast").replace({
         "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {},
         "data.train_samples": 0, "data.val_samples": 20, "train.max_steps": 12, "train.logging_steps": 1,
-        "train.eval_steps": 6, "train.save_steps": 6, "train.sample_prompts": 1, "train.padding_free": True,
-        "train.auto_batch": True, "train.cuda_graphs": True, "output.adapter_dir": "adapter"})
+        "train.eval_steps": 6, "train.save_steps": 6, "train.sample_prompts": 1,
+        "speed.cuda_graphs": "on", "output.adapter_dir": "adapter"})
     run = RunStore(tmp_path / "runs").create(cfg)
     assert Recipe(run).execute() == "completed", run.last_status()
     evs = run.all_events()
@@ -110,15 +110,16 @@ def test_fast_path_matches_reference_path():
     the loss agrees within 1e-2 relative and each LoRA gradient within 5e-2 relative norm (bf16)."""
     from bench.common import random_model
     from studio import modeling
-    from studio.graphs import graph_layers
     from studio.presets import load_preset
+    from studio.speed.graphs import graph_layers
+    from studio.speed.weight_cache import cache_dequantized
 
     work = Path(os.environ.get("STUDIO_BENCH_WORK", "/tmp/qlora-bench"))
     model_dir = random_model(work / "mistral-7b-width-2-layers", layers=2)
     ref = _model(model_dir)
     cfg = load_preset("mistral-7b-finance-fast").replace({
         "model.base_model": str(model_dir), "model.compute_dtype": "bf16", "lora.dropout": 0.0,
-        "model.gradient_checkpointing": False, "model.fp32_frozen": False, "model.dequantized_cache": True})
+        "speed.gradient_checkpointing": "off", "speed.fp32_frozen": "off", "speed.weight_cache": "on"})
     base = modeling.load_base(cfg, modeling.load_tokenizer(cfg))
     torch.manual_seed(0)
     fast = modeling.add_lora(cfg, base)
@@ -126,7 +127,7 @@ def test_fast_path_matches_reference_path():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)
     assert fast.get_input_embeddings().weight.dtype == torch.bfloat16
-    assert modeling.cache_dequantized(fast, torch.bfloat16) > 0
+    assert cache_dequantized(fast, torch.bfloat16) > 0
     graph_layers(fast, B, L, torch.bfloat16)
     worst_loss, worst_grad = 0.0, 0.0
     for seed in (4, 5):

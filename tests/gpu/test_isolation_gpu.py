@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from gpu_checks import onoff
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -28,7 +29,7 @@ def _run(tmp_path, name, liger):
     cfg = load_preset("mistral-7b-finance-fast").replace({
         "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {},
         "data.train_samples": 0, "data.val_samples": 16, "train.max_steps": 4, "train.logging_steps": 1,
-        "train.eval_steps": 2, "train.save_steps": 0, "train.sample_prompts": 1, "train.liger": liger,
+        "train.eval_steps": 2, "train.save_steps": 0, "train.sample_prompts": 1, "speed.liger": onoff(liger),
         "output.adapter_dir": ""})
     run = RunStore(tmp_path / "runs").create(cfg, name)
     assert Recipe(run).execute() == "completed", run.last_status()

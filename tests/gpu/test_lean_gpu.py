@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from gpu_checks import assert_adapter_loads, assert_trained, bf16_step as _step
+from gpu_checks import PLAIN, assert_adapter_loads, assert_trained, bf16_step as _step, onoff
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -29,7 +29,7 @@ def _model(model_dir, **over):
 
     cfg = load_preset("mistral-7b-finance-fast").replace({
         "model.base_model": str(model_dir), "model.compute_dtype": "bf16", "lora.dropout": 0.0,
-        "lora.target_modules": ALL, "model.gradient_checkpointing": False, **over})
+        "lora.target_modules": ALL, "speed.gradient_checkpointing": "off", **over})
     base = modeling.load_base(cfg, modeling.load_tokenizer(cfg))
     torch.manual_seed(0)
     model = modeling.add_lora(cfg, base)
@@ -64,12 +64,12 @@ def _measured(model, batch):
 @pytest.mark.parametrize("offload", [False, True])
 def test_lean_graphed_stack_with_fused_lora_matches_reference(offload):
     from bench.common import random_model
-    from studio.fused_lora import fuse_lora
-    from studio.graphs import graph_layers
+    from studio.speed.fused_lora import fuse_lora
+    from studio.speed.graphs import graph_layers
 
     model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
     ref = _model(model_dir)  # peft's k-bit preparation and LoRA forward, eager, no checkpointing
-    lean = _model(model_dir, **{"model.gradient_checkpointing": True, "model.fp32_frozen": False,
+    lean = _model(model_dir, **{"speed.gradient_checkpointing": "on", "speed.fp32_frozen": "off",
                                 "model.double_quant": False})
     assert fuse_lora(lean) == 2 * 7
     assert graph_layers(lean, 4, 128, torch.bfloat16, offload=offload) == 2
@@ -87,12 +87,12 @@ def test_lean_graphed_stack_with_fused_lora_matches_reference(offload):
 
 def test_offloaded_checkpoints_match_and_free_the_saved_inputs():
     from bench.common import random_model
-    from studio.fused_lora import fuse_lora
-    from studio.offload import _stack, use_offloaded_checkpoints
+    from studio.speed.fused_lora import fuse_lora
+    from studio.speed.offload import _stack, use_offloaded_checkpoints
 
     layers, b, n = 8, 4, 2048
     model_dir = random_model(_work() / "mistral-7b-width-8-layers", layers=layers)
-    model = _model(model_dir, **{"model.gradient_checkpointing": True, "model.fp32_frozen": False})
+    model = _model(model_dir, **{"speed.gradient_checkpointing": "on", "speed.fp32_frozen": "off"})
     fuse_lora(model)
     batch = _batch(7, b, n)
     _step(model, batch)  # warm-up: allocator, cuBLAS workspaces
@@ -116,12 +116,12 @@ def test_offloaded_checkpoints_match_and_free_the_saved_inputs():
 @pytest.mark.parametrize("targets", ["all", "qkvo"])
 def test_kept_up_proj_outputs_match_and_cost_at_most_one_output(targets):
     from bench.common import random_model
-    from studio import offload
-    from studio.fused_lora import fuse_lora
+    from studio.speed import offload
+    from studio.speed.fused_lora import fuse_lora
 
     layers, b, n = 8, 4, 2048
     model_dir = random_model(_work() / "mistral-7b-width-8-layers", layers=layers)
-    model = _model(model_dir, **{"model.gradient_checkpointing": True, "model.fp32_frozen": False,
+    model = _model(model_dir, **{"speed.gradient_checkpointing": "on", "speed.fp32_frozen": "off",
                                  "lora.target_modules": ALL if targets == "all" else ALL[:4]})
     fuse_lora(model)
     offload.use_offloaded_checkpoints(model)
@@ -146,11 +146,11 @@ def test_kept_up_proj_outputs_match_and_cost_at_most_one_output(targets):
 @pytest.mark.parametrize("offload", [False, True])
 def test_fused_lora_with_dropout_draws_peft_masks_on_gpu(offload):
     from bench.common import random_model
-    from studio.fused_lora import fuse_lora
-    from studio.offload import use_offloaded_checkpoints
+    from studio.speed.fused_lora import fuse_lora
+    from studio.speed.offload import use_offloaded_checkpoints
 
     model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
-    over = {"lora.dropout": 0.1, "model.gradient_checkpointing": offload, "model.fp32_frozen": False}
+    over = {"lora.dropout": 0.1, "speed.gradient_checkpointing": onoff(offload), "speed.fp32_frozen": "off"}
     ref, fused = _model(model_dir, **over), _model(model_dir, **over)
     assert fuse_lora(fused) == 2 * 7
     if offload:  # the recompute restores the forward's CUDA RNG state, so it redraws the same masks
@@ -180,14 +180,14 @@ def test_engine_runs_the_lean_path_and_saves_a_loadable_adapter(tmp_path, mode):
 
     model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
     data = synthetic_alpaca(tmp_path / "fast.jsonl", 200, seed=3)
-    cfg = load_preset("mistral-7b-finance-fast").replace({
+    cfg = load_preset("mistral-7b-finance-fast").replace({**PLAIN,
         "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {}, "data.train_samples": 0,
         "data.val_samples": 16, "train.max_steps": 8, "train.logging_steps": 1, "train.eval_steps": 4,
         "train.save_steps": 4, "train.sample_prompts": 1, "lora.target_modules": ALL,
         # graphs-dropout: per-layer graphs (no checkpointing) replaying the fused layers' dropout draws
-        "lora.dropout": 0.05 if "dropout" in mode else 0.0, "model.gradient_checkpointing": "dropout" not in mode, "model.fp32_frozen": False, "model.double_quant": True,
-        "train.fused_lora": True, "model.offload_checkpoints": "offload" in mode, "train.cuda_graphs": "graphs" in mode,
-        "model.offload_up_proj": mode == "offload-up",
+        "lora.dropout": 0.05 if "dropout" in mode else 0.0, "speed.gradient_checkpointing": onoff("dropout" not in mode), "speed.fp32_frozen": "off", "model.double_quant": True,
+        "speed.fused_lora": "on", "speed.offload_checkpoints": onoff("offload" in mode), "speed.cuda_graphs": onoff("graphs" in mode),
+        "speed.offload_up_proj": onoff(mode == "offload-up"),
         "output.adapter_dir": "adapter"})
     run = RunStore(tmp_path / "runs").create(cfg)
     assert Recipe(run).execute() == "completed", run.last_status()
@@ -208,15 +208,15 @@ def test_shared_dequant_buffer_in_the_graphed_stack_matches_and_shrinks_its_pool
     stack: with every weight dequantized into the shared buffer the steps learn what the reference learns, and the
     graph's private memory pool (no expandable segments there) holds no weight-sized temporaries."""
     from bench.common import random_model
-    from studio.fused_lora import fuse_lora, share_dequant_buffer
-    from studio.graphs import graph_layers
+    from studio.speed.fused_lora import fuse_lora, share_dequant_buffer
+    from studio.speed.graphs import graph_layers
 
     model_dir = random_model(_work() / "mistral-7b-width-2-layers", layers=2)
     qv = {"lora.target_modules": ["q_proj", "v_proj"]}
     ref = _model(model_dir, **qv)
     pools, models = {}, {}
     for shared in (False, True):
-        lean = _model(model_dir, **qv, **{"model.gradient_checkpointing": True, "model.fp32_frozen": False,
+        lean = _model(model_dir, **qv, **{"speed.gradient_checkpointing": "on", "speed.fp32_frozen": "off",
                                           "model.double_quant": False})
         assert fuse_lora(lean) == 2 * 2
         added = share_dequant_buffer(lean, torch.bfloat16) if shared else 0

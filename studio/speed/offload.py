@@ -279,7 +279,7 @@ def _frozen_cls():
 
         @staticmethod
         def forward(ctx, x, base, dtype, given=None, layer=None, compute=False):
-            from studio.fused_lora import _dequantized
+            from studio.speed.fused_lora import _dequantized
 
             ctx.base, ctx.dtype, ctx.x_dtype, ctx.layer = base, dtype, x.dtype, layer
             if given:  # in a list, so not an input returned as-is: the forward's own product, in x's dtype as bnb gives
@@ -292,7 +292,7 @@ def _frozen_cls():
 
         @staticmethod
         def backward(ctx, dy):
-            from studio.fused_lora import _dequantized
+            from studio.speed.fused_lora import _dequantized
 
             with torch.autocast(dy.device.type, enabled=False):
                 w = _dequantized(ctx.base, ctx.dtype)
@@ -315,7 +315,7 @@ def _frozen_forward(base, forward, x, *args, **kwargs):
     if args or kwargs:
         return forward(x, *args, **kwargs)
     if recomputing() and torch.is_grad_enabled():
-        from studio.fused_lora import compute_dtype
+        from studio.speed.fused_lora import compute_dtype
 
         given = kept_output(base)
         if given is not None:
@@ -390,3 +390,25 @@ def use_offloaded_checkpoints(model) -> int:
             m._gradient_checkpointing_func = offloaded_checkpoint
             n += 1
     return n
+
+
+def keep_up_proj_if_room(model, tokens: int, dtype_bytes: int, free: int, residual_bytes: int | None = None,
+                         ranks: int = 1) -> dict:
+    """Keep up_proj outputs in CPU RAM if a micro-batch's worth, beside the offloaded layer inputs, fits in half of
+    ``free`` bytes (pinned memory cannot be swapped out); what was done, for the ``checkpoint_offload`` event.
+
+    Layer inputs are in the residual stream's dtype (fp32 under peft's k-bit preparation), kept products in the
+    compute dtype; the pinned-memory allocator rounds each block up to a power of two; every rank on the machine
+    keeps its own."""
+    c = model.config.get_text_config()
+
+    def block(n: int) -> int:
+        return 1 << (n - 1).bit_length()
+
+    per_layer = block(tokens * c.hidden_size * (residual_bytes or dtype_bytes)) + block(
+        tokens * c.intermediate_size * dtype_bytes)
+    need = c.num_hidden_layers * per_layer * ranks
+    if need > free / 2:
+        return {"up_proj": 0, "up_proj_note": f"needs {need / 2**30:.1f} GiB of CPU RAM, {free / 2**30:.1f} GiB free: "
+                "recomputed on the GPU instead"}
+    return {"up_proj": keep_up_proj(model), "host_gib": round(need / 2**30, 2)}

@@ -19,12 +19,12 @@ Contract:
   (no DoRA or other variant, no bias on the base layer; dropout any p) and returns how many it patched.
   A patched layer takes the fused path only while training with autograd on, one active adapter,
   unmerged; anything else (evaluation, generation, adapters switched off) runs peft's own forward.
-- In a recompute of ``studio.offload`` the base matmul is skipped where its output is never read
+- In a recompute of ``studio.speed.offload`` the base matmul is skipped where its output is never read
   (``down_proj``) or was kept in host memory (``up_proj`` under ``keep_up_proj``): the LoRA term is then
   added to the kept product.
 - Matmuls run in the compute dtype (autocast's, else x's); the fp32 LoRA weights get fp32 gradients.
   The frozen weight is dequantized again in the backward (or read from ``weight16`` when
-  ``modeling.cache_dequantized`` gave the layer one) so nothing weight-sized is saved.
+  ``weight_cache.cache_dequantized`` gave the layer one) so nothing weight-sized is saved.
 - Loss and LoRA gradients equal peft's within bf16 rounding, dropout included: under the same seed the
   masks are peft's (tests compare both paths).
 - ``share_dequant_buffer(model, dtype) -> bytes``: every 4-bit layer's weight is dequantized into one
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 
-from studio.offload import current_layer, fetch_previous, frozen_linear4bit, kept_output, recomputing, skipped
+from studio.speed.offload import current_layer, fetch_previous, frozen_linear4bit, kept_output, recomputing, skipped
 
 
 def _dequantized(base, dtype):
@@ -88,10 +88,10 @@ def _function():
                 x2 = x2.to(dtype)
                 xa = torch.mm(x2 if mask is None else xd, A.to(dtype).t())  # the backward's dB needs it
                 # The output is a whole tensor, never a view, so later in-place ops on it are autograd's to handle.
-                if skip_output:  # a recompute whose backward never reads this output (studio.offload)
+                if skip_output:  # a recompute whose backward never reads this output (studio.speed.offload)
                     out = x2.new_empty(*shape[:-1], n)
                 else:
-                    if given:  # a recompute given the base product kept from the forward (studio.offload)
+                    if given:  # a recompute given the base product kept from the forward (studio.speed.offload)
                         out = given.pop().to(dtype)
                     else:
                         out = x2.new_empty(*shape[:-1], n, dtype=dtype)

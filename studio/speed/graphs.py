@@ -21,7 +21,7 @@ Contract:
   the backward graph): one graph keeps the memory of eager checkpointing, where per-layer graphs would
   each hold static input, output and gradient buffers.  The first layer runs the stack and the others
   pass its result through.  Recomputation inside a graph cannot replay a dropout mask, so this needs
-  LoRA dropout 0 (``modeling.preflight`` says so).  With ``offload`` the saved layer inputs go to
+  LoRA dropout 0 (the planner, ``studio.speed.planner``, keeps to that).  With ``offload`` the saved layer inputs go to
   pinned host memory inside the graph (copies on a side stream, the backward's fetched one layer ahead).
 """
 
@@ -36,20 +36,25 @@ def _unwrapped(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+class UnsupportedModel(ValueError):
+    """The model has no Llama-style decoder layers to capture; raised before anything is changed."""
+
+
 def decoder_layers(model):
     """The decoder layers of a transformers causal LM, under any peft wrapping."""
     base = _unwrapped(model)
     inner = getattr(base, "model", base)
     layers = getattr(inner, "layers", None)
     if layers is None:
-        raise ValueError(f"{type(base).__name__} has no decoder layers at .model.layers; CUDA graphs need a "
-                         "Llama-style model (Llama, Mistral, Qwen, Gemma...). Turn train.cuda_graphs off.")
+        raise UnsupportedModel(f"{type(base).__name__} has no decoder layers at .model.layers; CUDA graphs need a "
+                               "Llama-style model (Llama, Mistral, Qwen, Gemma...).")
     return list(layers)
 
 
 @dataclass
 class StaticRowsCollator:
-    """One example per row, right-padded to ``length``; always ``batch_size`` rows."""
+    """One example per row, right-padded to ``length``; at least ``batch_size`` rows (a larger evaluation batch
+    keeps every example: it runs eagerly, the graphs replay only the training shape)."""
 
     batch_size: int
     length: int
@@ -58,9 +63,10 @@ class StaticRowsCollator:
     def __call__(self, features):
         import torch
 
-        ids = torch.full((self.batch_size, self.length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((self.batch_size, self.length), -100, dtype=torch.long)
-        for i, f in enumerate(features[: self.batch_size]):
+        rows = max(self.batch_size, len(features))
+        ids = torch.full((rows, self.length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((rows, self.length), -100, dtype=torch.long)
+        for i, f in enumerate(features):
             x = list(f["input_ids"])[: self.length]
             y = list(f.get("labels", x))[: len(x)]
             ids[i, : len(x)] = torch.tensor(x)
@@ -214,7 +220,7 @@ def _stack_call_cls():
 def _offloaded_stack_cls():
     import torch
 
-    from studio.offload import recompute
+    from studio.speed.offload import recompute
 
     class OffloadedStack(torch.autograd.Function):
         """The checkpointed stack with its saved layer inputs in pinned host memory, written for capture.
@@ -318,7 +324,7 @@ def graph_checkpointed_stack(model, batch_size: int, length: int, dtype, offload
     for layer in layers:
         layer.gradient_checkpointing = False  # the checkpointing now happens inside the graph
     if offload:
-        from studio.offload import skip_unused_output
+        from studio.speed.offload import skip_unused_output
 
         skip_unused_output(model)  # the recomputes below skip down_proj's matmul, as offloaded_checkpoint's do
         stack = _offloaded_stack_call_cls()(layers, eagers, sample[0].detach())
