@@ -361,7 +361,8 @@ def continue_with(mapping: dict | None, choice: str | None):
     if not mapping or "history" not in mapping or choice not in AB_CHOICES:
         return gr.skip(), gr.skip(), gr.skip()
     won = mapping["B"] if choice == "B" else mapping["A"]
-    h = [*mapping["history"], {"role": "user", "content": mapping["text"]}, {"role": "assistant", "content": won["text"]}]
+    h = [*mapping["history"], {"role": "user", "content": mapping["text"]},
+         {"role": "assistant", "content": won["text"]}]
     return h, h, h
 
 
