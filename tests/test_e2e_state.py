@@ -340,12 +340,18 @@ def test_first_things_first_on_a_cpu_machine_with_an_odd_file(studio_home, tiny_
             open_tab(page, "2 · Presets")
             expect(page.locator("#presets-fit-verdict")).to_contain_text("This machine: CPU only", timeout=30_000)
             expect(page.locator("#presets-fit")).to_contain_text("estimated peak")
+            # This machine is the fit table's first row, with the estimate; the plan says why each part is off.
+            expect(page.locator("#presets-fit")).to_contain_text("CPU only (this machine)")
+            expect(page.locator("#presets-plan")).to_contain_text("Needs a CUDA GPU")
             expect(page.locator("#presets-train-learning-rate")).to_be_visible()
-            expect(page.locator("#presets-train-cuda-graphs")).not_to_be_visible()  # folded away
-            expect(page.locator("#presets-model-offload-checkpoints")).not_to_be_visible()
+            expect(page.locator("#presets-speed-cuda-graphs")).not_to_be_visible()  # speed overrides folded away
+            expect(page.locator("#presets-train-num-gpus")).not_to_be_visible()
             screenshot(page, "layout-02-presets-first-things-first")
-            page.locator("#presets-train-advanced").get_by_text("More: speed, memory and GPU-only switches").click()
-            expect(page.locator("#presets-train-cuda-graphs")).to_be_visible()
+            page.locator("#presets-section-speed").get_by_text("Speed: how it computes, never what it learns").click()
+            expect(page.locator("#presets-speed-cuda-graphs")).to_be_visible()
+            page.locator("#presets-train-advanced").get_by_text("More: memory and GPU-only switches").click()
+            expect(page.locator("#presets-train-num-gpus")).to_be_visible()
+            screenshot(page, "layout-03-presets-speed-overrides")
             # Gradio's own footer keeps no link named like the studio's runs.
             assert not page.locator("footer").get_by_text(re.compile(r"\bRuns?\b")).count()
             clean(page)

@@ -321,12 +321,13 @@ def _section(cfg0: RunConfig, section: str, components: dict) -> None:
                         make(key)
 
     keys = [k for k in KEYS if k.startswith(section + ".")]
+    if section == "speed":  # every key here overrides the planner: the section itself is the fold
+        rows(keys)
+        return
     rows([k for k in keys if k not in ADVANCED])
     advanced = [k for k in keys if k in ADVANCED]
     if advanced:
-        title = ("Overrides: auto lets the planner choose for the GPU the run starts on" if section == "speed" else
-                 "More: memory and GPU-only switches")
-        with gr.Accordion(title, open=False, elem_id=f"presets-{section}-advanced"):
+        with gr.Accordion("More: memory and GPU-only switches", open=False, elem_id=f"presets-{section}-advanced"):
             rows(advanced)
 
 
@@ -344,7 +345,7 @@ def build(ctx) -> PresetsUI:
     with gr.Row():
         with gr.Column(scale=3):
             for title, section in SECTIONS:
-                with gr.Accordion(title, open=section not in ("output", "speed")):
+                with gr.Accordion(title, open=section not in ("output", "speed"), elem_id=f"presets-section-{section}"):
                     _section(cfg0, section, components)
         with gr.Column(scale=2):
             with gr.Row(equal_height=True):
