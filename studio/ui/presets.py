@@ -1,8 +1,8 @@
 """The Presets tab: every hyperparameter of a run in a typed widget, what changed, and whether it fits.
 
 Contract: ``build(ctx) -> PresetsUI``, callable inside an open ``gr.Blocks``.
-- ``PresetsUI.keys``/``inputs`` cover every ``model.*``, ``lora.*``, ``train.*``, ``speed.*`` and ``output.*`` key, in the
-  same order; ``PresetsUI.base`` (a ``gr.State``) holds the chosen preset's ``RunConfig.to_dict()``, the base
+- ``PresetsUI.keys``/``inputs`` cover every ``model.*``, ``lora.*``, ``train.*``, ``speed.*`` and ``output.*``
+  key, in the same order; ``PresetsUI.base`` (a ``gr.State``) holds the chosen preset's ``RunConfig.to_dict()``, the base
   the Train tab passes to ``widgets.to_config``.  Choosing a preset (or loading a YAML) refills every widget;
   the list is read afresh on every page load (``studio.ui.state``) and after a save, a loaded YAML shows in it
   by its file name, and a saved preset becomes the base the changes are measured from.
