@@ -61,8 +61,13 @@ class _Choices:
             value = want
         else:
             value, why = pinned == "on", f"set to {pinned} in speed.{key}"
-        self.on[key], self.why[key] = value, why[:1].upper() + why[1:]
+        self.on[key], self.why[key] = value, _sentence(why)
         return value
+
+
+def _sentence(text: str) -> str:
+    """A reason as a sentence: its first letter capitalized, unless it opens with a name written in lower case."""
+    return text if text.startswith(("peft", "liger-kernel")) else text[:1].upper() + text[1:]
 
 
 def _dtype(cfg, hw, notes: list[str]) -> tuple[str, str]:
@@ -271,7 +276,7 @@ def _finish(cfg, hw, arch, c: _Choices, micro: int, eff: int, dtype: str, dtype_
 
     why = dict(c.why)
     why["micro_batch"] = micro_why
-    why["compute_dtype"] = dtype_why[:1].upper() + dtype_why[1:]
+    why["compute_dtype"] = _sentence(dtype_why)
     flags = {k: c.on.get(k, False) for k in SPEED_SWITCHES}
     p = Plan(device=hw.name if hw.device == "cuda" else "CPU", micro_batch=micro, grad_accum=eff // micro,
              compute_dtype=dtype, reasons=why, notes=tuple(c.notes), **flags)

@@ -362,10 +362,12 @@ def build(ctx) -> PresetsUI:
             rows0, verdict0, plan0 = fit(cfg0.to_dict(), *values0)
             fit_verdict = gr.Markdown(verdict0, elem_id="presets-fit-verdict")
             plan_table = gr.Dataframe(value=plan0 or None, headers=PLAN_HEADERS, label="speed plan on this machine",
-                                      interactive=False, wrap=True, elem_id="presets-plan")
+                                      interactive=False, wrap=True, elem_id="presets-plan",
+                                      column_widths=["24%", "18%", "58%"])
             fit_table = gr.Dataframe(value=rows0 or None, headers=FIT_HEADERS,
                                      label="this machine and common GPUs: the planner's choice and its peak memory",
-                                     interactive=False, wrap=True, elem_id="presets-fit")
+                                     interactive=False, wrap=True, elem_id="presets-fit",
+                                     column_widths=["22%", "11%", "12%", "8%", "47%"])
 
     inputs = [components[k] for k in KEYS]
     state_in = [base, *inputs]
