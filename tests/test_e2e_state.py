@@ -276,7 +276,7 @@ def test_lists_follow_saved_presets_loaded_yaml_and_new_runs(studio_home, tiny_m
 
             # The browser open all along lists it too and shows it chosen, with its values, without a reload.
             expect(open_already.locator("#presets-choice input")).to_have_value("my-short", timeout=20_000)
-            expect(open_already.locator("#presets-train-max-steps input[type=number]")).to_have_value("4")
+            expect(open_already.locator("#presets-train-max-steps input[type=number]")).to_have_value("4", timeout=20_000)
             open_already.locator("#presets-choice input").click()
             expect(open_already.get_by_role("option", name="my-short", exact=True)).to_be_visible()
             open_already.keyboard.press("Escape")

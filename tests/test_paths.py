@@ -129,8 +129,9 @@ def served(tmp_path, tiny_model_dir):
 
 
 def _start(client, adapter_dir: str, **extra):
-    # param_47 is output.adapter_dir, param_22 train.max_steps (see /gradio_api/info).
-    kw = {"param_47": adapter_dir, "param_22": 2, "param_33": 0, "param_34": 0, "param_36": 0, "param_57": 8, **extra}
+    """/start with the fields named by config key (``train__max_steps``); the rest keep the page's defaults."""
+    kw = {"output__adapter_dir": adapter_dir, "train__max_steps": 2, "train__eval_steps": 0, "train__save_steps": 0,
+          "train__sample_prompts": 0, "data__val_samples": 8, **extra}
     return client.predict(**kw, api_name="/start")
 
 
@@ -199,12 +200,12 @@ def test_files_and_models_a_browser_names_stay_inside_the_studio(served, tmp_pat
     client = Client(served["url"], verbose=False)
     for value in (str(outside_model), f"{outside_model}/", "/etc", "../" * 10 + str(outside_model).lstrip("/"),
                   "~", str(home.parent)):
-        _, message = _start(client, "", param_4=value)
+        _, message = _start(client, "", model__base_model=value)
         assert message.startswith("⚠️") and "model.base_model" in message, (value, message)
         out = client.predict(base_model=value, api_name="/preview")
         assert "tokenized with" not in json.dumps(out, default=str), value
         assert "outside the folders" in json.dumps(out, default=str), (value, out)
-    for key in ("param_52", "param_59"):  # data.path, data.val_path
+    for key in ("data__path", "data__val_path"):
         for value in ("/etc/passwd", str(secret), "../../../../etc/passwd", f"{ROOT}/samples/../app.py"):
             _, message = _start(client, "", **{key: value})
             assert message.startswith("⚠️") and ("reads only" in message or "no such file" in message), message
@@ -263,7 +264,7 @@ def test_a_hub_dataset_id_cannot_name_a_local_folder(served, tmp_path):
     for value in (str(private), f"{private}/", "../" * 10 + str(private).lstrip("/"), f"{private}/train.jsonl"):
         out = json.dumps(client.predict(path="", hub_dataset=value, api_name="/preview"), default=str)
         assert "secret answer" not in out and "outside the folders" in out, (value, out[:300])
-        _, message = _start(client, "", param_52="", param_53=value)
+        _, message = _start(client, "", data__path="", data__hub_dataset=value)
         assert message.startswith("⚠️") and "data.hub_dataset" in message, (value, message)
     assert RunStore(served["home"] / "runs").list() == []
 

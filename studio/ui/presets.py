@@ -20,7 +20,6 @@ Every error (bad value, bad name, bad YAML) is a visible sentence naming the key
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from studio.presets import find_preset, list_presets, load_preset, parse_yaml, s
 from studio.security import SecurityError, check_name
 from studio.speed import plan as speed_plan
 from studio.speed.profiles import PROFILES
-from studio.ui.widgets import get_value, to_config, widget
+from studio.ui.widgets import get_value, named, to_config, widget
 
 SECTIONS = (("Model & quantization", "model"), ("LoRA", "lora"), ("Training", "train"),
             ("Speed: how it computes, never what it learns", "speed"), ("Output", "output"))
@@ -274,17 +273,6 @@ def fit(base: dict, *values):
 
 # ---- layout -------------------------------------------------------------------------------------
 
-def _named(fn, names: list[str]):
-    """``fn`` with a signature naming its parameters, so the API page and gradio_client show config keys."""
-    def call(*args):
-        return fn(*args)
-
-    call.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
-    call.__name__ = fn.__name__
-    return call
-
-
 def _initial(ctx) -> tuple[RunConfig, str]:
     try:
         return load_preset(ctx.default_preset), ""
@@ -385,7 +373,7 @@ def build(ctx) -> PresetsUI:
            .then(adopt_saved, [preset, status], filled, api_visibility="private"))
     edits = _triggers(components)
     gr.on(edits, changes, state_in, changed, api_visibility="private", trigger_mode="always_last")
-    gr.on(edits, _named(fit, ["base"] + [k.replace(".", "__") for k in KEYS]), state_in,
+    gr.on(edits, named(fit, ["base"] + [k.replace(".", "__") for k in KEYS]), state_in,
           [fit_table, fit_verdict, plan_table], api_name="estimate", trigger_mode="always_last")
     return PresetsUI(preset, base, list(KEYS), inputs, components["model.base_model"], description, changed,
                      fit_table, fit_verdict, plan_table, save_name, save_button, yaml_upload, status)

@@ -46,7 +46,7 @@ from studio.ui.data import check_before_start, check_data_path
 from studio.ui import stage
 from studio.ui.messages import message
 from studio.ui.stage import StageUI
-from studio.ui.widgets import to_config
+from studio.ui.widgets import named, to_config
 
 SAMPLE_HEADERS = ["step", "prompt", "reference", "answer"]
 HISTORY_HEADERS = ["run", "status", "preset", "step", "train loss", "eval loss"]
@@ -726,7 +726,11 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
         # A plain value, so API clients get the id; the next tick adds it to the choices and the history.
         return rid, msg, s
 
-    start.click(on_start, inputs=[run, session, presets_ui.base, run_name, *presets_ui.inputs, *data_ui.inputs],
+    # API callers name each field by its config key (train__max_steps, data__path), as /estimate does.
+    start_inputs = [run, session, presets_ui.base, run_name, *presets_ui.inputs, *data_ui.inputs]
+    start.click(named(on_start, ["run", "session", "base", "run_name", *(k.replace(".", "__") for k in keys)],
+                      [None, None, None, "", *(c.value for c in start_inputs[4:])]),
+                inputs=start_inputs,
                 outputs=[run, message, session], api_name="start")
     stop.click(lambda: stop_run(store), inputs=[], outputs=[message], api_name="stop",
                concurrency_limit=None)  # never queue a stop behind anything

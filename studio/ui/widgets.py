@@ -79,3 +79,20 @@ def to_config(base: RunConfig, keys: list[str], values: list) -> RunConfig:
             v = int(v)
         overrides[k] = v
     return base.replace(overrides)
+
+
+def named(fn, names: list[str], defaults: list | None = None):
+    """``fn`` with a signature naming its parameters, so the API page and gradio_client show config keys
+    (``train__max_steps``) instead of ``param_N``; with ``defaults`` (the inputs' values) an API call may name
+    only the fields it changes."""
+    import inspect
+
+    def call(*args):
+        return fn(*args)
+
+    empty = inspect.Parameter.empty
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=empty if defaults is None else d)
+         for n, d in zip(names, defaults if defaults is not None else names)])
+    call.__name__ = fn.__name__
+    return call
