@@ -573,7 +573,9 @@ def build(ctx) -> PlaygroundUI:
     refresh.click(on_refresh, run, run, api_visibility="private")
     # On page load: pick up runs that finished since the app started (the newest first).
     gr.on(None, lambda: refresh_runs(store, None, has_weights), outputs=run, api_visibility="private")
-    run.change(on_select, run, [checkpoints, prompts], api_visibility="private")
+    # The pair count (below) follows a run chosen in the same chain: two "always_last" listeners of one event
+    # restart each other for ever (``tests/test_ui_events.py``).
+    selected = run.change(on_select, run, [checkpoints, prompts], api_visibility="private")
     # A preference stage loads its starting adapter too: SFT on the left, the stage on the right, and the blind
     # A/B pits the stage against it.
     loaded = load_btn.click(on_load, [run, checkpoints], [status, adapter], api_name="load") \
@@ -634,7 +636,7 @@ def build(ctx) -> PlaygroundUI:
 
     pairs_out = dict(fn=on_pairs, inputs=run, outputs=[pairs_md, train_votes], api_visibility="private",
                      show_progress="hidden")
-    run.change(**pairs_out)
+    selected.then(**pairs_out, trigger_mode="always_last")
     loaded.then(**pairs_out)
     voted.then(**pairs_out)
     return PlaygroundUI(run, refresh, checkpoints, load_btn, status, adapter, max_new, temperature, top_p, rep, seed,

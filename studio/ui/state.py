@@ -186,13 +186,19 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
         except OSError as e:
             return text + f"\n\n⚠️ Your choices could not be kept: {e}", gr.skip()
 
-    # A model id is looked up (its tokenizer, its shape) when the summary is drawn: it is kept when the box is
-    # left or submitted, not at every keystroke of a half-typed id.
+    # A model id is looked up (its tokenizer, its shape) when the summary is drawn: a Presets text box is kept when
+    # it is left or submitted, not at every keystroke of a half-typed id, after the Presets tab's own panels took
+    # it on (``presets_ui.committed``): a second "always_last" listener of the box's events would restart those
+    # for ever.  Every save queues as one (``concurrency_id``), across pages too, so a page's read of the draft,
+    # merge and write never interleave with another's.
     text_keys = {k for k in presets_tab.TEXT_KEYS}
-    triggers = [t for k, c in zip(keys, inputs) for t in ([c.blur, c.submit] if k in text_keys else [c.change])]
+    triggers = [c.change for k, c in zip(keys, inputs) if k not in text_keys]
     triggers += [presets_ui.base.change, presets_ui.preset.change]
-    gr.on(triggers, persist, [presets_ui.preset, presets_ui.base, seen, *inputs], [train_ui.summary, seen],
-          api_visibility="private", trigger_mode="always_last", show_progress="hidden")
+    saving = dict(fn=persist, inputs=[presets_ui.preset, presets_ui.base, seen, *inputs],
+                  outputs=[train_ui.summary, seen], api_visibility="private", trigger_mode="always_last",
+                  show_progress="hidden", concurrency_id="draft")
+    gr.on(triggers, **saving)
+    presets_ui.committed.then(**saving)
 
     roles = list(data_ui.role_dropdowns.values())
     restored = [presets_ui.preset, presets_ui.base, presets_ui.description, *inputs, *roles, data_ui.detected,
