@@ -127,17 +127,23 @@ def from_dict(d: dict) -> Draft:
     return Draft(str(d.get("preset") or ""), dict(d.get("base") or {}), dict(d.get("values") or {}))
 
 
+def _same_json(a, b) -> bool:
+    return json.dumps(_clean(a), sort_keys=True) == json.dumps(_clean(b), sort_keys=True)
+
+
 def merge(theirs: Draft, before: Draft, mine: Draft) -> Draft:
     """``mine``'s edits since ``before`` (the version its page last took on) applied on top of ``theirs`` (a
     newer draft another browser saved meanwhile): two people editing different fields both keep their edit.
-    Another preset chosen replaces the whole draft, as it does on one page."""
-    if mine.preset != before.preset:  # the base comes with the preset: its label says whether it changed
+    Another preset chosen, loaded or saved replaces the whole draft, as it does on one page."""
+    # The base, not only the label: "Save preset" names the preset first and changes the base after, so two
+    # saves in a row may carry one label and two bases, and the values are measured from the new one.
+    if mine.preset != before.preset or not _same_json(mine.base, before.base):
         return mine
     missing = object()
     values = dict(theirs.values)
     for k in {*before.values, *mine.values}:
         was, now = before.values.get(k, missing), mine.values.get(k, missing)
-        if was is missing or now is missing or json.dumps(_clean(was)) != json.dumps(_clean(now)):
+        if was is missing or now is missing or not _same_json(was, now):
             if now is missing:
                 values.pop(k, None)  # set back to the preset's value on this page
             else:

@@ -84,6 +84,30 @@ def test_two_pages_editing_different_fields_both_keep_their_edit(studio_home):
     assert drafts.merge(drafts.load(), drafts.from_dict(taken["body"]), other) is other
 
 
+def test_saving_a_preset_on_a_page_behind_keeps_the_saved_base(studio_home):
+    """"Save preset" names the preset first and changes the base after: the page's second save carries the label
+    it already saved with a new base.  Behind another page's draft, that base is kept, not the other's, and the
+    values are measured from it, so neither page shows the saved preset with changes it does not have."""
+    loaded = load_preset("tiny-demo").replace({"train.learning_rate": 0.0007})
+    saved = loaded.replace({"train.max_steps": 4})
+    named = drafts.Draft("my-short", loaded.to_dict(), {"train.max_steps": 4})  # after "save": the label
+    theirs = drafts.Draft("my-short", loaded.to_dict(), {"train.max_steps": 4, "data.template": "qa"})
+    adopted = state.draft_of("my-short", saved.to_dict(), KEYS, _values(saved))  # after "adopt": the base
+    assert adopted.values.get("train.max_steps") is None
+    merged = drafts.merge(theirs, named, adopted)
+    assert merged is adopted and merged.config().train.max_steps == 4
+
+
+def test_values_read_before_the_page_drew_a_draft_it_took_on_are_stale():
+    """A take moves the server's side of the page at once (its version, the preset's base) and the widgets only
+    once the page has drawn them; the page's token, moved after the drawing, tells the values apart."""
+    shown = state.taken_on(drafts.Draft("tiny-demo", {}, {}), "1:2:3", {"page": "page-a", "took": 1})
+    assert shown["took"] == 2 and shown["page"] == "page-a"
+    assert state.stale(shown, 1)  # read with the token of the draft before: not an edit
+    assert not state.stale(shown, 2)
+    assert not state.stale({}, 0) and not state.stale({"page": "p"}, None)  # before the first take: no token yet
+
+
 def test_a_torn_or_foreign_draft_is_ignored_and_no_token_is_written(studio_home):
     drafts.path().parent.mkdir(parents=True, exist_ok=True)
     drafts.path().write_text('{"version": 1, "base": {}, "val')

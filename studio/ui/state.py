@@ -12,7 +12,9 @@ Contract:
   than the one this page shows, and the person is not typing in a Data or Presets field), then redraws as on
   load.  A page saves only a draft that differs from the file's (``drafts.save_if_changed``), so taking one on
   writes nothing back; a page behind a newer draft saves its own edits on top of it (``keep_draft``), so two
-  people editing different fields both keep theirs (the same field: the last edit wins).
+  people editing different fields both keep theirs (the same field: the last edit wins).  Values the page read
+  before it had drawn a draft it took on are not an edit and save nothing (``stale``); saves and takes of every
+  page run one at a time.
 - ``start_config(base, keys, values)`` is the one mapping Start and the summary share; ``summary`` states
   the preset and its changes, the data (file, template, mapping, train/validation counts) and every check
   that would refuse the run (values, data, this machine), before anything loads.
@@ -178,8 +180,15 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
 
     # The draft this page shows: the version on disk it last took on, and its own values as last saved.
     seen = gr.State({})
+    # How many drafts the page has taken on, as the page itself holds it, so an event carries it with the widget
+    # values it read.  The server's ``seen`` and the preset's base move as soon as a take is sent, the widgets
+    # only once the page has drawn it: values read before then are not an edit (``stale``).  Set by a step
+    # after the take, so it never runs ahead of the widgets; "hidden" keeps it in the page, firing its change.
+    took = gr.Number(0, precision=0, visible="hidden", interactive=False, elem_id="draft-took")
 
-    def persist(preset, base, shown, *values):
+    def persist(preset, base, shown, took_now, *values):
+        if stale(shown, took_now):
+            return gr.skip(), gr.skip()  # the page is drawing a draft it took on; the token's change comes next
         text = summary(preset, base, keys, list(values))
         try:
             return text, keep_draft(shown, draft_of(preset, base, keys, list(values)))
@@ -193,8 +202,8 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
     # merge and write never interleave with another's.
     text_keys = {k for k in presets_tab.TEXT_KEYS}
     triggers = [c.change for k, c in zip(keys, inputs) if k not in text_keys]
-    triggers += [presets_ui.base.change, presets_ui.preset.change]
-    saving = dict(fn=persist, inputs=[presets_ui.preset, presets_ui.base, seen, *inputs],
+    triggers += [presets_ui.base.change, presets_ui.preset.change, took.change]
+    saving = dict(fn=persist, inputs=[presets_ui.preset, presets_ui.base, seen, took, *inputs],
                   outputs=[train_ui.summary, seen], api_visibility="private", trigger_mode="always_last",
                   show_progress="hidden", concurrency_id="draft")
     gr.on(triggers, **saving)
@@ -211,7 +220,7 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
     def restore():
         now = drafts.stamp()  # read before the draft: a save in between shows as newer at the next tick
         draft = drafts.load()
-        page = {"stamp": now, "page": new_page_id()}  # a reload is a new page: it takes on what it shows
+        page = {"stamp": now, "page": new_page_id(), "took": 0}  # a reload is a new page: it takes on what it shows
         if draft is None:
             return (*untouched(), page)
         try:
@@ -253,9 +262,12 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
     state_in = [presets_ui.base, *presets_ui.inputs]
 
     def redraw(dep, **kw):
-        """After the widgets took a draft: the preview, the changes, the fit and the summary, drawn afresh."""
-        return dep.then(data_tab.refresh, data_ui.preview_inputs, data_ui.preview_outputs, api_visibility="private",
-                        **kw) \
+        """After the widgets took a draft: the page's token, then the preview, the changes, the fit and the summary,
+        drawn afresh."""
+        # "always_last": a token step skipped while another runs would leave the page a take behind, saving nothing.
+        return dep.then(lambda shown: (shown or {}).get("took", 0), seen, took, api_visibility="private",
+                        trigger_mode="always_last", **{**kw, "show_progress": "hidden"}) \
+            .then(data_tab.refresh, data_ui.preview_inputs, data_ui.preview_outputs, api_visibility="private", **kw) \
             .then(presets_tab.changes, state_in, presets_ui.changes, api_visibility="private", **kw) \
             .then(presets_tab.fit, state_in, [presets_ui.fit_table, presets_ui.fit_verdict, presets_ui.plan_table],
                   api_visibility="private", **kw) \
@@ -283,10 +295,12 @@ def wire(ctx, data_ui, presets_ui, train_ui) -> None:
             out = restored_from(draft)
         except Exception:  # noqa: BLE001 - as on load: a foreign draft leaves the page as it is
             return (*([gr.skip()] * len(restored)), {**(shown or {}), "stamp": now}, gr.skip())
-        return (*out, taken_on(draft, now, shown), int(count or 0) + 1)
+        return (*out, taken_on(draft, now, shown), int(count or 0) + 1)  # the redraw moves the token on
 
+    # In the saves' queue: a take and a save of this page never both rewrite ``seen`` (the later would undo the
+    # other), and a take never reads the draft halfway through another page's merge.
     timer.tick(follow, [seen, editing, taken], [*restored, seen, taken], js=EDITING_JS, api_visibility="private",
-               show_progress="hidden")
+               show_progress="hidden", concurrency_id="draft")
     redraw(taken.change(lambda: None, None, None, api_visibility="private", show_progress="hidden"),
            show_progress="hidden")
 
@@ -308,10 +322,11 @@ def new_page_id() -> str:
 
 def keep_draft(shown: dict | None, mine: drafts.Draft) -> dict:
     """Save a page's draft -> what the page now shows (its ``seen`` state: ``stamp`` of the version on disk it
-    took on, ``body`` its own values as last saved or taken on, ``page`` its id).  When another page saved a
-    newer draft since this page took one on, this page's edits since then go on top of it (``drafts.merge``)
-    and the page stays behind, so its next tick takes the merged draft on.  A page that has not restored the
-    draft yet (no ``page`` id) saves nothing: a change event before its restore must not put defaults back."""
+    took on, ``body`` its own values as last saved or taken on, ``page`` its id, ``took`` how many drafts it took
+    on).  When another page saved a newer draft since this page took one on, this page's edits since then go on
+    top of it (``drafts.merge``) and the page stays behind, so its next tick takes the merged draft on.  A page
+    that has not restored the draft yet (no ``page`` id) saves nothing: a change event before its restore must
+    not put defaults back."""
     shown = shown or {}
     me = shown.get("page")
     if not me:  # the page has not restored the draft yet: its widgets still hold the defaults it was built with
@@ -323,14 +338,23 @@ def keep_draft(shown: dict | None, mine: drafts.Draft) -> dict:
         if theirs is not None and theirs.by != me:
             # Saved as nobody's: every page takes the merged draft on, this one included.
             drafts.save_if_changed(dataclasses.replace(drafts.merge(theirs, drafts.from_dict(before), mine), by=""))
-            return {"stamp": shown.get("stamp", ""), "body": drafts.as_dict(mine), "page": me}
+            return {**shown, "body": drafts.as_dict(mine)}
     drafts.save_if_changed(mine)
-    return {"stamp": drafts.stamp(), "body": drafts.as_dict(mine), "page": me}
+    return {**shown, "stamp": drafts.stamp(), "body": drafts.as_dict(mine)}
+
+
+def stale(shown: dict | None, took_now) -> bool:
+    """Whether widget values read with the page's token ``took_now`` predate the last draft the page took on:
+    then they are what the page showed before (or a mix while it draws the new one), not an edit, and measured
+    against the new base and version they would put the old values back on top of the draft taken on."""
+    return int(took_now or 0) != int((shown or {}).get("took") or 0)
 
 
 def taken_on(draft: drafts.Draft, now: str, shown: dict | None) -> dict:
-    """The ``seen`` state of a page that shows ``draft`` (version ``now``)."""
-    return {"stamp": now, "body": drafts.as_dict(draft), "page": (shown or {}).get("page") or new_page_id()}
+    """The ``seen`` state of a page that shows ``draft`` (version ``now``): one more draft taken on."""
+    shown = shown or {}
+    return {"stamp": now, "body": drafts.as_dict(draft), "page": shown.get("page") or new_page_id(),
+            "took": int(shown.get("took") or 0) + 1}
 
 
 def follows(shown: str | None, now: str, editing: bool) -> bool:
