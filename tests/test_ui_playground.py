@@ -201,6 +201,9 @@ def free_port() -> int:
 def test_served_tabs_through_gradio_client(ctx, home, caplog):
     from gradio_client import Client
 
+    # Its own model holder: /load below keeps only checkpoint-8, which must not change what the shared holder
+    # (the ``loaded`` fixture's, all checkpoints) holds for the tests that run after this one in any order.
+    ctx = UIContext(store=ctx.store)
     with gr.Blocks() as demo:
         with gr.Tab("Playground"):
             pg = playground.build(ctx)
