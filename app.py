@@ -28,11 +28,19 @@ sys.path.insert(0, str(ROOT))
 from studio.runs import runs_root, studio_home  # noqa: E402
 
 
-# Answer tables keep every model's column in view: columns share the width and long texts wrap.
-CSS = """
-#pg-compare-table table, #eval-best table, #eval-worst table { table-layout: fixed; width: 100%; }
-#pg-compare-table td, #eval-best td, #eval-worst td { white-space: pre-wrap; overflow-wrap: anywhere; }
-"""
+# Answer tables keep every model's column in view: columns share the width and long texts wrap.  A cell's line
+# breaks (a prompt's input below its instruction, an answer's lines) stay line breaks: Gradio's Dataframe draws
+# the visible cells as [role=gridcell] spans with white-space: normal, and measures row heights in a hidden
+# table's td cells, so both get pre-wrap (or the rows would be measured one line short).
+ANSWER_TABLES = ("#pg-compare-table", "#eval-best", "#eval-worst")
+TEXT_TABLES = (*ANSWER_TABLES, "#train-samples")  # the Train tab's answers at each evaluation: its own widths
+CSS = "\n".join([
+    ", ".join(f"{t} table" for t in ANSWER_TABLES) + " { table-layout: fixed; width: 100%; }",
+    ", ".join(f"{t} td, {t} [role=gridcell] .text" for t in TEXT_TABLES)
+    + " { white-space: pre-wrap; overflow-wrap: anywhere; }",
+    # A row reads from the top: a short prompt beside a long answer starts on the answer's first line.
+    ", ".join(f"{t} [role=gridcell] .cell-wrap" for t in TEXT_TABLES) + " { align-items: flex-start; }",
+])
 
 
 def build_app(ctx=None):

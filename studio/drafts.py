@@ -10,7 +10,9 @@ Contract:
   returns ``None`` for a missing, torn or foreign file rather than raising.
 - No secret goes in: the config has no token field, and every string value passes through ``redact``.
 - Every browser reads the same file, so a second browser (or the same one after a reload) starts where the
-  last edit left off.  Imports nothing of the UI.
+  last edit left off.  ``stamp`` names the version on disk, so an open page can follow edits made in another
+  browser; ``save_if_changed`` writes only a draft that differs from the file's; ``merge`` puts one page's
+  edits on top of a draft another browser saved since that page last took one on.  Imports nothing of the UI.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Draft:
     preset: str  # the preset list's value, or a label such as "my.yaml (loaded file)"
     base: dict  # the preset's RunConfig.to_dict()
     values: dict = field(default_factory=dict)  # dotted key -> widget value, only where it differs from base
+    by: str = ""  # which open page saved it (a random id per page), so a page never takes on its own saves
 
     def value(self, key: str, default):
         return self.values.get(key, default)
@@ -63,7 +66,7 @@ def save(draft: Draft) -> Path:
     p = path()
     p.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"version": VERSION, "preset": _clean(draft.preset), "base": _clean(draft.base),
-                       "values": _clean(draft.values)}, ensure_ascii=False, indent=1)
+                       "values": _clean(draft.values), "by": _clean(draft.by)}, ensure_ascii=False, indent=1)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".draft-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -86,7 +89,66 @@ def load() -> Draft | None:
     if not isinstance(d, dict) or d.get("version") != VERSION or not isinstance(d.get("base"), dict) \
             or not isinstance(d.get("values"), dict):
         return None
-    return Draft(str(d.get("preset") or ""), d["base"], d["values"])
+    return Draft(str(d.get("preset") or ""), d["base"], d["values"], str(d.get("by") or ""))
+
+
+def stamp() -> str:
+    """Which version of the draft is on disk ("" when none): every save replaces the file, so its inode and
+    modification time change.  Open pages compare it with the version they show to follow other browsers."""
+    try:
+        st = path().stat()
+    except OSError:
+        return ""
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def _body(draft: Draft) -> str:
+    return json.dumps({"preset": _clean(draft.preset), "base": _clean(draft.base), "values": _clean(draft.values)},
+                      sort_keys=True)
+
+
+def save_if_changed(draft: Draft) -> bool:
+    """Save ``draft`` unless the file already holds the same choices (whoever saved them); -> whether it wrote.  A page that takes
+    on another browser's draft sends its widgets' change events back: those must not write again, or two
+    open pages would hand the draft back and forth for ever."""
+    old = load()
+    if old is not None and _body(old) == _body(draft):
+        return False
+    save(draft)
+    return True
+
+
+def as_dict(draft: Draft) -> dict:
+    """The draft as saved (strings redacted, JSON types): what a page keeps of the version it shows."""
+    return json.loads(_body(draft))
+
+
+def from_dict(d: dict) -> Draft:
+    return Draft(str(d.get("preset") or ""), dict(d.get("base") or {}), dict(d.get("values") or {}))
+
+
+def _same_json(a, b) -> bool:
+    return json.dumps(_clean(a), sort_keys=True) == json.dumps(_clean(b), sort_keys=True)
+
+
+def merge(theirs: Draft, before: Draft, mine: Draft) -> Draft:
+    """``mine``'s edits since ``before`` (the version its page last took on) applied on top of ``theirs`` (a
+    newer draft another browser saved meanwhile): two people editing different fields both keep their edit.
+    Another preset chosen, loaded or saved replaces the whole draft, as it does on one page."""
+    # The base, not only the label: "Save preset" names the preset first and changes the base after, so two
+    # saves in a row may carry one label and two bases, and the values are measured from the new one.
+    if mine.preset != before.preset or not _same_json(mine.base, before.base):
+        return mine
+    missing = object()
+    values = dict(theirs.values)
+    for k in {*before.values, *mine.values}:
+        was, now = before.values.get(k, missing), mine.values.get(k, missing)
+        if was is missing or now is missing or not _same_json(was, now):
+            if now is missing:
+                values.pop(k, None)  # set back to the preset's value on this page
+            else:
+                values[k] = now
+    return Draft(theirs.preset, theirs.base, values)
 
 
 def clear() -> None:

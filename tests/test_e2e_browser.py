@@ -29,6 +29,18 @@ MAX_STEPS = 30
 LOSS_TOKEN = ".token.highlighted[style*='22, 163, 74']"  # data.COLORS["loss"], as the browser writes it
 MASKED_TOKEN = ".token.highlighted[style*='156, 163, 175']"  # data.COLORS["prompt (masked)"]
 
+# How many lines an element's text takes on screen (distinct tops of its text's line boxes).
+TEXT_LINES = """el => {
+  const walk = document.createTreeWalker(el, NodeFilter.SHOW_TEXT), tops = new Set();
+  for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+    if (!n.textContent.trim()) continue;
+    const r = document.createRange(); r.selectNodeContents(n);
+    for (const rect of r.getClientRects()) tops.add(Math.round(rect.top));
+  }
+  return tops.size;
+}"""
+
+
 def first_instruction() -> str:
     with UPLOAD.open(encoding="utf-8") as f:
         return json.loads(f.readline())["instruction"]
@@ -91,6 +103,13 @@ def train_tab(page) -> str:
     expect(status).to_contain_text(f"Run {run_id}: completed")
     expect(status).to_contain_text("The adapter is in the run folder")
     expect(page.locator("#train-history")).to_contain_text(run_id)
+    # The answers at each evaluation: a prompt with an input shows it on its own lines, as every cell's text is
+    # drawn with its line breaks (innerText reads a collapsed line break as a space).
+    expect(page.locator("#train-samples [role=gridcell][data-col='1']").first).to_be_visible(timeout=30_000)
+    cells = page.evaluate("""() => [...document.querySelectorAll("#train-samples [role=gridcell] .text")]
+                                   .map(e => [e.innerText, e.textContent])""")
+    assert any("\n\n" in drawn for drawn, _ in cells), cells
+    assert all(drawn.strip() == held.strip() for drawn, held in cells), cells
     screenshot(page, "04-train-completed")
     return run_id
 
@@ -133,12 +152,21 @@ def playground_tab(page, run_id: str, home) -> None:
     wait_answered(page, "pg-left-chat", 2)
     assert chat_texts(page, "pg-right-chat", "user")[1] == "And what if revenue doubles?"
     screenshot(page, "05-playground-chat")
+    before = [chat_texts(page, elem, "bot") for elem in ("pg-left-chat", "pg-right-chat")]
     arm(page, "pg-right-chat")
-    page.locator("#pg-regenerate").click()  # answers the last message again: still two turns
+    page.locator("#pg-regenerate").click()  # answers the last message again (the next seed): still two turns
     settled(page, "pg-right-chat", timeout=90_000)
     wait_answered(page, "pg-right-chat", 2)
+    wait_answered(page, "pg-left-chat", 2)
+    after = [chat_texts(page, elem, "bot") for elem in ("pg-left-chat", "pg-right-chat")]
+    assert [a[0] for a in after] == [b[0] for b in before], "regenerate changed the first answers"
+    assert [a[1] for a in after] != [b[1] for b in before], "regenerate gave the same last answers"
+    assert all(a[1].strip() for a in after)
+    assert chat_texts(page, "pg-left-chat", "user") == [first_instruction(), "And what if revenue doubles?"]
+    screenshot(page, "05-playground-regenerated")
     page.locator("#pg-clear").click()
     expect(page.locator("#pg-right-chat .message-row")).to_have_count(0, timeout=10_000)
+    expect(page.locator("#pg-left-chat .message-row")).to_have_count(0)
 
     # Compare checkpoints on an example with an input: the table shows the whole prompt, every column in view.
     page.get_by_role("tab", name="Compare checkpoints").click()
@@ -183,6 +211,9 @@ def playground_tab(page, run_id: str, home) -> None:
     saved = (home / "preferences.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in saved] == votes
     screenshot(page, "05b-playground-blind-ab")
+    # Every button label on one line (a label broken over two lines looked like two buttons).
+    for elem in ("pg-ab-generate", "pg-ab-clear", "pg-vote", "pg-votes-download"):
+        assert page.locator(f"#{elem}").evaluate(TEXT_LINES) == 1, f"#{elem}'s label wraps"
 
 
 def evaluate_and_export(page, run_id: str, tiny_model_dir) -> None:

@@ -46,6 +46,13 @@ def no_error_badges(page, *elems: str) -> None:
         assert not re.search(r"\bError\b", text), (elem, text)
 
 
+def quiet(page, *elems: str) -> None:
+    """Wait until no panel among ``elems`` shows a pending update (its status tracker hidden), so a screenshot
+    shows the panels as a person reads them, not greyed out mid-update."""
+    for elem in elems:
+        expect(page.locator(f"#{elem} [data-testid='status-tracker']:not(.hide)")).to_have_count(0, timeout=30_000)
+
+
 def type_slowly(page, locator, text: str) -> None:
     """Select what the box holds, then type ``text`` one key at a time (the first key replaces it)."""
     locator.click()
@@ -122,6 +129,7 @@ def test_number_fields_take_any_typing_and_the_panels_show_the_final_value(studi
             type_slowly(page, lr, "0.0002")
             expect(changes).to_contain_text("→ 0.0002", timeout=30_000)
             no_error_badges(page, "presets-changes", "presets-fit-verdict", "presets-fit")
+            quiet(page, "presets-changes", "presets-fit-verdict", "presets-fit")
             screenshot(page, "state-02-typed-learning-rate")
 
             open_tab(page, "3 · Train")
@@ -242,10 +250,12 @@ def test_lists_follow_saved_presets_loaded_yaml_and_new_runs(studio_home, tiny_m
                          "  learning_rate: 0.0007\n")
     with serve_app(studio_home, log) as url:
         page = new_page(browser, url)
+        open_already = new_page(browser, url)  # a second browser open all along, never reloaded
         try:
             # Every tab is visited once first, so their lists were drawn before anything changed.
             for tab in ("4 · Playground", "5 · Evaluate", "6 · Export", "2 · Presets"):
                 open_tab(page, tab)
+            open_tab(open_already, "2 · Presets")
             with page.expect_file_chooser() as chooser:
                 page.locator("#presets-yaml").click()
             chooser.value.set_files(str(yaml_file))
@@ -263,6 +273,16 @@ def test_lists_follow_saved_presets_loaded_yaml_and_new_runs(studio_home, tiny_m
             page.locator("#presets-choice input").click()
             expect(page.get_by_role("option", name="my-short", exact=True)).to_be_visible()
             page.keyboard.press("Escape")
+
+            # The browser open all along lists it too and shows it chosen, with its values, without a reload.
+            expect(open_already.locator("#presets-choice input")).to_have_value("my-short", timeout=20_000)
+            expect(open_already.locator("#presets-train-max-steps input[type=number]")).to_have_value("4", timeout=20_000)
+            open_already.locator("#presets-choice input").click()
+            expect(open_already.get_by_role("option", name="my-short", exact=True)).to_be_visible()
+            open_already.keyboard.press("Escape")
+            screenshot(open_already, "lists-02a-saved-preset-in-an-open-browser")
+            clean(open_already)
+            open_already.context.close()
 
             other = new_page(browser, url)  # a new browser lists it too, and shows it chosen
             open_tab(other, "2 · Presets")

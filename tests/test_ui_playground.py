@@ -115,6 +115,14 @@ def test_compare_table_has_a_column_per_adapter(ctx, loaded):
         assert last(playground.compare(ctx.holder, "  \n", GREEDY))["data"] == []
 
 
+def test_compare_columns_share_the_table_however_many_models():
+    for n in (2, 4, 8):
+        widths = [float(w.rstrip("%")) for w in playground.compare_widths(n)]
+        assert len(widths) == n + 1 and abs(sum(widths) - 100) < 0.1 and widths[0] >= 16
+    table = playground.compare_table({"headers": ["prompt", "base", "final", "ckpt-2"], "data": []})
+    assert table.column_widths == playground.compare_widths(3)
+
+
 def test_blind_ab_vote_saves_pair_and_counts(ctx, loaded, home):
     prefs = home / "preferences.jsonl"
     before = engine.tally()
@@ -193,6 +201,9 @@ def free_port() -> int:
 def test_served_tabs_through_gradio_client(ctx, home, caplog):
     from gradio_client import Client
 
+    # Its own model holder: /load below keeps only checkpoint-8, which must not change what the shared holder
+    # (the ``loaded`` fixture's, all checkpoints) holds for the tests that run after this one in any order.
+    ctx = UIContext(store=ctx.store)
     with gr.Blocks() as demo:
         with gr.Tab("Playground"):
             pg = playground.build(ctx)

@@ -47,6 +47,67 @@ def test_a_half_typed_value_is_kept_as_typed_and_start_names_the_key(studio_home
     assert "Start would refuse" in text and "train.learning_rate" in text
 
 
+def test_two_pages_editing_different_fields_both_keep_their_edit(studio_home):
+    """Page A and page B took on the same draft; A saves max steps, then B (behind, still typing) saves its
+    template: B's edit goes on top of A's, B is left behind so its next tick takes the merged draft on."""
+    cfg = load_preset("tiny-demo")
+    first = state.draft_of("tiny-demo", cfg.to_dict(), KEYS, _values(cfg))
+    assert state.keep_draft({}, first) == {} and drafts.load() is None  # not restored yet: saves nothing
+    shown_a = state.keep_draft({"stamp": "", "page": "page-a"}, first)
+    shown_b = {"stamp": drafts.stamp(), "body": drafts.as_dict(first), "page": "page-b"}
+    assert shown_a["stamp"] == shown_b["stamp"] and shown_a["body"] == shown_b["body"]
+    assert drafts.load().by == shown_a["page"] != "page-b"  # who saved it: a page never takes on its own save
+    shown_a = state.keep_draft(shown_a, state.draft_of("tiny-demo", cfg.to_dict(), KEYS,
+                                                         _values(cfg, train__max_steps=9)))
+    assert shown_a["stamp"] == drafts.stamp() != shown_b["stamp"]
+    assert state.follows(shown_b["stamp"], drafts.stamp(), editing=False)
+    assert not state.follows(shown_b["stamp"], drafts.stamp(), editing=True)  # typing: taken on after
+    assert not state.follows(shown_a["stamp"], drafts.stamp(), editing=False)  # its own save
+    shown_b = state.keep_draft(shown_b, state.draft_of("tiny-demo", cfg.to_dict(), KEYS,
+                                                         _values(cfg, data__template="qa")))
+    on_disk = drafts.load().values
+    assert on_disk["train.max_steps"] == 9 and on_disk["data.template"] == "qa"
+    assert state.follows(shown_b["stamp"], drafts.stamp(), editing=False)  # B shows 0 steps: it takes 9 on
+    # Taking it on sends the widgets' values back: the same draft, nothing written, so pages never ping-pong.
+    assert drafts.load().by == ""  # merged: nobody's, so both pages take it on
+    before = drafts.stamp()
+    taken = state.taken_on(drafts.load(), before, shown_b)
+    again = state.keep_draft(taken, state.draft_of("tiny-demo", cfg.to_dict(), KEYS,
+                                                   _values(cfg, train__max_steps=9, data__template="qa")))
+    assert drafts.stamp() == before == again["stamp"]
+    # Setting a field back to the preset's value on a page behind removes it from the merged draft too.
+    merged = drafts.merge(drafts.load(), drafts.from_dict(taken["body"]),
+                          state.draft_of("tiny-demo", cfg.to_dict(), KEYS, _values(cfg, data__template="qa")))
+    assert "train.max_steps" not in merged.values and merged.values["data.template"] == "qa"
+    # Another preset chosen replaces the draft as a whole.
+    other = drafts.Draft("mine", {**cfg.to_dict(), "name": "mine"}, {})
+    assert drafts.merge(drafts.load(), drafts.from_dict(taken["body"]), other) is other
+
+
+def test_saving_a_preset_on_a_page_behind_keeps_the_saved_base(studio_home):
+    """"Save preset" names the preset first and changes the base after: the page's second save carries the label
+    it already saved with a new base.  Behind another page's draft, that base is kept, not the other's, and the
+    values are measured from it, so neither page shows the saved preset with changes it does not have."""
+    loaded = load_preset("tiny-demo").replace({"train.learning_rate": 0.0007})
+    saved = loaded.replace({"train.max_steps": 4})
+    named = drafts.Draft("my-short", loaded.to_dict(), {"train.max_steps": 4})  # after "save": the label
+    theirs = drafts.Draft("my-short", loaded.to_dict(), {"train.max_steps": 4, "data.template": "qa"})
+    adopted = state.draft_of("my-short", saved.to_dict(), KEYS, _values(saved))  # after "adopt": the base
+    assert adopted.values.get("train.max_steps") is None
+    merged = drafts.merge(theirs, named, adopted)
+    assert merged is adopted and merged.config().train.max_steps == 4
+
+
+def test_values_read_before_the_page_drew_a_draft_it_took_on_are_stale():
+    """A take moves the server's side of the page at once (its version, the preset's base) and the widgets only
+    once the page has drawn them; the page's token, moved after the drawing, tells the values apart."""
+    shown = state.taken_on(drafts.Draft("tiny-demo", {}, {}), "1:2:3", {"page": "page-a", "took": 1})
+    assert shown["took"] == 2 and shown["page"] == "page-a"
+    assert state.stale(shown, 1)  # read with the token of the draft before: not an edit
+    assert not state.stale(shown, 2)
+    assert not state.stale({}, 0) and not state.stale({"page": "p"}, None)  # before the first take: no token yet
+
+
 def test_a_torn_or_foreign_draft_is_ignored_and_no_token_is_written(studio_home):
     drafts.path().parent.mkdir(parents=True, exist_ok=True)
     drafts.path().write_text('{"version": 1, "base": {}, "val')

@@ -557,21 +557,25 @@ def build(ctx, base_model=None) -> DataUI:
     reload(sample.input(pick_sample, sample, [path, hub, source], api_visibility="private"))
     reload(upload.upload(on_upload, [upload, path], [path, hub, source, sample], api_visibility="private"))
     reload(hub_load.click(use_hub, [hub, hub_config, split], [path, sample, source], api_visibility="private"))
-    val_upload.upload(on_val_upload, [val_upload, val_path], [val_path, val_note], api_visibility="private")
+    # The draft listens to every value's change (``studio.ui.state``), so the preview follows the validation file
+    # chosen or uploaded, not its change: no event may have two "always_last" listeners (``tests/test_ui_events.py``).
+    val_upload.upload(on_val_upload, [val_upload, val_path], [val_path, val_note], api_visibility="private") \
+        .then(refresh, preview_inputs, preview_outputs, api_visibility="private", trigger_mode="always_last")
     template.input(template_changed, [template, custom_prompt, custom_response],
                    [template_text, custom_prompt, custom_response], api_visibility="private") \
         .then(refresh, preview_inputs, preview_outputs, api_visibility="private")
+    # A custom template's text, then the preview, in one chain (one "always_last" listener per event).
     gr.on([custom_prompt.input, custom_response.input], lambda t, p, r: template_changed(t, p, r)[0],
           [template, custom_prompt, custom_response], template_text, api_visibility="private",
-          trigger_mode="always_last")
+          trigger_mode="always_last") \
+        .then(refresh, preview_inputs, preview_outputs, api_visibility="private", trigger_mode="always_last")
     gr.on([dd.change for dd in role_list], mapping_state, [detected, *role_list], mapping,
           api_visibility="private", trigger_mode="always_last")
     # A given base model component may change programmatically (preset switch); our own box only when the
     # user leaves it, so a half-typed model id is never looked up.
     model_triggers = [base_box.change] if base_model is not None else [base_box.blur, base_box.submit]
-    gr.on([*(dd.input for dd in role_list), custom_prompt.input, custom_response.input, max_length.input,
-           train_on_inputs.input, n_examples.release, *model_triggers, train_samples.input, val_samples.input,
-           val_fraction.input, val_path.change, seed.input],
+    gr.on([*(dd.input for dd in role_list), max_length.input, train_on_inputs.input, n_examples.release,
+           *model_triggers, train_samples.input, val_samples.input, val_fraction.input, val_path.input, seed.input],
           refresh, preview_inputs, preview_outputs, api_name="preview", trigger_mode="always_last")
 
     keys = ["data.path", "data.hub_dataset", "data.hub_config", "data.split", "data.train_samples",

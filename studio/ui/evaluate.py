@@ -3,8 +3,10 @@
 Contract:
 - ``build(ctx)`` (inside an open ``gr.Blocks``) returns an ``EvaluateUI``; runs come from the run store
   (those with a final adapter), scores from ``studio.evaluate.evaluate_run``.
-- Choosing a run shows its saved ``<run>/evaluation.json`` when there is one, so a reload or an app
-  restart shows the same numbers.
+- Choosing a run, and every page load, shows its saved ``<run>/evaluation.json`` when there is one, so a
+  reload, a second browser or an app restart shows the same numbers.
+- The example tables show the whole prompt (the instruction, a blank line, the input) with its line breaks,
+  and keep every column in view (shared widths, wrapped text; ``app.CSS``).
 - The result tables stay hidden (in the page, taking no room) until there are scores to show.
 - Named endpoint ``evaluate`` (run id, limit, max new tokens -> status, table [metric, base, tuned],
   best examples, worst examples); examples have columns prompt, reference, base, tuned, ROUGE-L.  For a
@@ -44,6 +46,8 @@ def whole_prompt(r: dict) -> str:
 
 # Every column in view on a laptop: widths share the table, long texts wrap instead of pushing columns away.
 EXAMPLE_WIDTHS = ["28%", "18%", "22%", "22%", "10%"]
+# Three examples of wrapped answers are taller than Gradio's 500 px default: all of them in view, no inner scroll.
+TABLE_MAX_HEIGHT = 1200
 
 
 def tables(ev: Evaluation) -> tuple[dict, dict, dict]:
@@ -138,9 +142,9 @@ def build(ctx) -> EvaluateUI:
     with gr.Column(visible=results_visible(table0), elem_id="eval-results") as results:
         table = gr.Dataframe(table0, label="Base vs tuned", interactive=False, elem_id="eval-table")
         best = gr.Dataframe(best0, label="Best examples (tuned ROUGE-L)", interactive=False, wrap=True,
-                            column_widths=EXAMPLE_WIDTHS, elem_id="eval-best")
+                            column_widths=EXAMPLE_WIDTHS, max_height=TABLE_MAX_HEIGHT, elem_id="eval-best")
         worst = gr.Dataframe(worst0, label="Worst examples (tuned ROUGE-L)", interactive=False, wrap=True,
-                             column_widths=EXAMPLE_WIDTHS, elem_id="eval-worst")
+                             column_widths=EXAMPLE_WIDTHS, max_height=TABLE_MAX_HEIGHT, elem_id="eval-worst")
 
     def on_refresh(current):
         return refresh_runs(store, current)
@@ -155,8 +159,10 @@ def build(ctx) -> EvaluateUI:
         return with_results(evaluate(store, run_id, n, max_new_tokens))
 
     refresh.click(on_refresh, run, run, api_visibility="private")
-    # On page load: pick up runs that finished since the app started (the newest first).
-    gr.on(None, lambda: refresh_runs(store, None), outputs=run, api_visibility="private")
+    # On page load: pick up runs that finished since the app started (the newest first), then show the chosen
+    # run's saved scores: the page was built with those of app start, and a run kept as it was sends no change.
+    gr.on(None, lambda: refresh_runs(store, None), outputs=run, api_visibility="private") \
+        .then(on_select, run, [status, table, best, worst, results], api_visibility="private")
     # The column is a layout block: API clients still get (status, table, best, worst).
     run.change(on_select, run, [status, table, best, worst, results], api_visibility="private")
     eval_btn.click(on_evaluate, [run, limit, max_new], [status, table, best, worst, results], api_name="evaluate")

@@ -228,8 +228,11 @@ def build(ctx) -> ExportUI:
     refresh.click(on_refresh, run, run, api_visibility="private")
     # On page load: pick up runs that finished since the app started (the newest first).
     gr.on(None, lambda: refresh_runs(store, None), outputs=run, api_visibility="private")
-    gr.on([run.change, merged.change], on_snippet, [run, merged], code, api_visibility="private")
-    run.change(lambda run_id: gguf_checks(store, run_id), run, gguf_status, api_visibility="private")
+    # A run chosen: its GGUF checks, then the snippet, in one chain (two "always_last" listeners of one event
+    # restart each other for ever: ``tests/test_ui_events.py``).
+    run.change(lambda run_id: gguf_checks(store, run_id), run, gguf_status, api_visibility="private") \
+        .then(on_snippet, [run, merged], code, api_visibility="private", trigger_mode="always_last")
+    merged.change(on_snippet, [run, merged], code, api_visibility="private")
     zip_btn.click(on_zip, run, [file, status], api_name="zip") \
         .then(lambda path: gr.File(visible=bool(path)), file, file, api_visibility="private")
     merge_btn.click(on_merge, run, [status, code, merged_file], api_name="merge") \

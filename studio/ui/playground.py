@@ -16,6 +16,8 @@ Contract:
   sampling -> base text, tuned text, streamed), ``compare`` (prompts -> table with a column per loaded
   adapter; a prompt line may carry its input after `` ### Input: ``), ``ab`` (one prompt -> answer A,
   answer B, the mapping kept in server-side state) and ``vote`` (A / B / tie -> tally, status).
+- The comparison table shows the whole prompt (its input below it) and every answer with its line breaks, each
+  model's column an equal share of the width (``compare_widths``, set at Load), so all stay in view.
 - Votes for A or B append a prompt/chosen/rejected pair with ``winner`` in {"tuned", "base"} (the adapters'
   names when the tuned adapter is pitted against another, e.g. a DPO stage against its SFT start); ties, and
   votes between two equal answers, are only counted in the session tally.
@@ -137,6 +139,18 @@ def whole_prompt(line: str) -> str:
 
 def parse_prompts(text: str) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()][:COMPARE_MAX_PROMPTS]
+
+
+def compare_widths(n_models: int) -> list[str]:
+    """Column widths: the prompt a share like a model's (16% at least), the models split the rest, so every
+    model's column stays in view however many checkpoints are loaded."""
+    prompt = max(16, 100 // (n_models + 1))
+    return [f"{prompt}%", *[f"{(100 - prompt) / n_models:.2f}%"] * n_models]
+
+
+def compare_table(value: dict):
+    """The table as drawn: ``compare``'s value with the column widths for its number of models."""
+    return gr.Dataframe(value, column_widths=compare_widths(len(value["headers"]) - 1))
 
 
 def compare(holder: engine.ModelHolder, prompts_text: str, s: Sampling):
@@ -347,7 +361,8 @@ def continue_with(mapping: dict | None, choice: str | None):
     if not mapping or "history" not in mapping or choice not in AB_CHOICES:
         return gr.skip(), gr.skip(), gr.skip()
     won = mapping["B"] if choice == "B" else mapping["A"]
-    h = [*mapping["history"], {"role": "user", "content": mapping["text"]}, {"role": "assistant", "content": won["text"]}]
+    h = [*mapping["history"], {"role": "user", "content": mapping["text"]},
+         {"role": "assistant", "content": won["text"]}]
     return h, h, h
 
 
@@ -465,8 +480,10 @@ def build(ctx) -> PlaygroundUI:
         with gr.Row():
             left_model = gr.Dropdown(choices=model_choices(holder), value=BASE, label="Left", elem_id="pg-left-model",
                                      info="base, the final adapter or a checkpoint")
+            # Help on both sides, so the two pickers (and the chats under them) line up.
             right_model = gr.Dropdown(choices=model_choices(holder), value=holder.adapters[0] if holder.adapters
-                                      else None, label="Right", elem_id="pg-right-model")
+                                      else None, label="Right", elem_id="pg-right-model",
+                                      info="answers the same message with the same settings")
         with gr.Row(equal_height=True):
             left_chat = gr.Chatbot(label="Left: base", height=380, elem_id="pg-left-chat",
                                    buttons=["copy"], feedback_options=None)
@@ -490,8 +507,9 @@ def build(ctx) -> PlaygroundUI:
                              info=f"One per line, at most {COMPARE_MAX_PROMPTS}; an example's input follows "
                                   f"'{INPUT_MARK.strip()}' on its line. Filled from the run's validation examples.")
         cmp_btn = gr.Button("Compare", elem_id="pg-compare")
+        # Tall enough for a few wrapped answers side by side before the table scrolls inside itself.
         table = gr.Dataframe(headers=["prompt", "base", "final"], label="Answers", interactive=False, wrap=True,
-                             elem_id="pg-compare-table")
+                             column_widths=compare_widths(2), max_height=1000, elem_id="pg-compare-table")
     with gr.Tab("Blind A/B"):
         gr.Markdown("A conversation with the tuned model and the base (or the adapter chosen below) answering each "
                     "message in random order. Vote for the better answer: the conversation goes on from it, and the "
@@ -508,8 +526,9 @@ def build(ctx) -> PlaygroundUI:
         with gr.Row(equal_height=True):
             ab_input = gr.Textbox(show_label=False, placeholder="Message (Enter sends a blind pair)", scale=4,
                                   container=False, elem_id="pg-ab-input")
-            ab_btn = gr.Button("Send blind", variant="primary", elem_id="pg-ab-generate", scale=0, min_width=120)
-            ab_clear = gr.Button("New conversation", elem_id="pg-ab-clear", scale=0, min_width=150)
+            # Wide enough that no label breaks onto two lines on a laptop screen.
+            ab_btn = gr.Button("Send blind", variant="primary", elem_id="pg-ab-generate", scale=0, min_width=150)
+            ab_clear = gr.Button("New conversation", elem_id="pg-ab-clear", scale=0, min_width=210)
         with gr.Row():
             ab_choice = gr.Radio(AB_CHOICES, value=None, label="Which answer is better?", elem_id="pg-ab-choice")
             vote_btn = gr.Button("Submit vote", elem_id="pg-vote", scale=0)
@@ -524,7 +543,7 @@ def build(ctx) -> PlaygroundUI:
         with gr.Row(equal_height=True):
             votes_md = gr.Markdown(votes_note(), elem_id="pg-votes-path")
             votes_dl = gr.DownloadButton("Download votes", value=votes_file(), elem_id="pg-votes-download",
-                                         scale=0, min_width=170)
+                                         scale=0, min_width=200)
         ab_pair_btn = gr.Button("pair", visible=False, elem_id="pg-ab-pair")
         ab_a = gr.Textbox(label="Answer A", interactive=False, elem_id="pg-ab-a", visible=False)
         ab_b = gr.Textbox(label="Answer B", interactive=False, elem_id="pg-ab-b", visible=False)
@@ -554,7 +573,9 @@ def build(ctx) -> PlaygroundUI:
     refresh.click(on_refresh, run, run, api_visibility="private")
     # On page load: pick up runs that finished since the app started (the newest first).
     gr.on(None, lambda: refresh_runs(store, None, has_weights), outputs=run, api_visibility="private")
-    run.change(on_select, run, [checkpoints, prompts], api_visibility="private")
+    # The pair count (below) follows a run chosen in the same chain: two "always_last" listeners of one event
+    # restart each other for ever (``tests/test_ui_events.py``).
+    selected = run.change(on_select, run, [checkpoints, prompts], api_visibility="private")
     # A preference stage loads its starting adapter too: SFT on the left, the stage on the right, and the blind
     # A/B pits the stage against it.
     loaded = load_btn.click(on_load, [run, checkpoints], [status, adapter], api_name="load") \
@@ -562,7 +583,9 @@ def build(ctx) -> PlaygroundUI:
                        gr.Dropdown(choices=model_choices(holder),
                                    value=holder.adapters[0] if holder.adapters else None),
                        gr.Dropdown(choices=against_choices(holder), value=start_adapter(holder) or BASE)),
-              None, [left_model, right_model, against], api_visibility="private")
+              None, [left_model, right_model, against], api_visibility="private") \
+        .then(lambda: compare_table({"headers": ["prompt", "base", *holder.adapters], "data": []}), None, table,
+              api_visibility="private")  # the widths for the models now loaded (/compare answers plain values)
     gen_btn.click(on_generate, [prompt, adapter, *settings], [base_out, tuned_out], api_name="generate")
     prompt.submit(on_generate, [prompt, adapter, *settings], [base_out, tuned_out], api_visibility="private")
     cmp_btn.click(on_compare, [prompts, *settings], table, api_name="compare")
@@ -613,7 +636,7 @@ def build(ctx) -> PlaygroundUI:
 
     pairs_out = dict(fn=on_pairs, inputs=run, outputs=[pairs_md, train_votes], api_visibility="private",
                      show_progress="hidden")
-    run.change(**pairs_out)
+    selected.then(**pairs_out, trigger_mode="always_last")
     loaded.then(**pairs_out)
     voted.then(**pairs_out)
     return PlaygroundUI(run, refresh, checkpoints, load_btn, status, adapter, max_new, temperature, top_p, rep, seed,

@@ -15,6 +15,10 @@ Contract: ``build(ctx) -> PresetsUI``, callable inside an open ``gr.Blocks``.
   estimated peak (``studio.estimate``), or what to change; served as ``api_name="estimate"``.  When the model's
   shape cannot be known offline, it says so.
 - Saving writes a user preset (``studio.presets.save_preset``); its data section is the base preset's.
+- An edit redraws the changes, then the fit, in one chain per kind of edit (a number or choice as it changes, a
+  text box when left or submitted).  ``PresetsUI.committed`` is the text boxes' chain: what else follows such an
+  edit (the draft) chains on it rather than listening to the box too, as no event may have two "always_last"
+  listeners (``tests/test_ui_events.py`` says why).
 Every error (bad value, bad name, bad YAML) is a visible sentence naming the key or line.
 """
 
@@ -68,6 +72,7 @@ class PresetsUI:
     save_button: gr.Button
     yaml_upload: gr.UploadButton
     status: gr.Markdown
+    committed: gr.events.Dependency  # the panels took on a text box left or submitted: chain ``.then`` here
 
 
 def display(key: str, value):
@@ -280,11 +285,13 @@ def _initial(ctx) -> tuple[RunConfig, str]:
         return RunConfig(), f"⚠️ {e}"
 
 
-def _triggers(components: dict) -> list:
-    """User edits only (a preset switch refills every widget and redraws once, through ``redraw``)."""
+def _triggers(components: dict, text: bool) -> list:
+    """User edits only (a preset switch refills every widget and redraws once, through ``redraw``): the text
+    boxes' when left or submitted (``text``), so a half-typed model id is never looked up, else the others'."""
     out = []
     for key, c in components.items():
-        out += [c.blur, c.submit] if key in TEXT_KEYS else [c.input]
+        if (key in TEXT_KEYS) == text:
+            out += [c.blur, c.submit] if text else [c.input]
     return out
 
 
@@ -371,9 +378,19 @@ def build(ctx) -> PresetsUI:
            .then(yaml_shown, [yaml_upload, status], preset, api_visibility="private"))
     redraw(save_button.click(save, [base, save_name, *inputs], [status, preset], api_visibility="private")
            .then(adopt_saved, [preset, status], filled, api_visibility="private"))
-    edits = _triggers(components)
-    gr.on(edits, changes, state_in, changed, api_visibility="private", trigger_mode="always_last")
-    gr.on(edits, named(fit, ["base"] + [k.replace(".", "__") for k in KEYS]), state_in,
-          [fit_table, fit_verdict, plan_table], api_name="estimate", trigger_mode="always_last")
+    # An edit redraws the changes, then the fit, in one chain: two "always_last" listeners of one event restart
+    # each other for ever (Gradio's page sends the whole event again when a listener it held back finishes, and
+    # the other is held back by then), so the panels would stay busy.  Each step is "always_last" (a chained step
+    # that is still running would otherwise skip the newer edit), and the two chains queue as one
+    # (``concurrency_id``), so the panels end on the last edit whichever box it was in.
+    def on_edit(triggers, **estimate):
+        return gr.on(triggers, changes, state_in, changed, api_visibility="private", trigger_mode="always_last",
+                     concurrency_id="presets-changes") \
+            .then(named(fit, ["base"] + [k.replace(".", "__") for k in KEYS]), state_in,
+                  [fit_table, fit_verdict, plan_table], trigger_mode="always_last", concurrency_id="presets-fit",
+                  **estimate)
+
+    on_edit(_triggers(components, text=False), api_name="estimate")
+    committed = on_edit(_triggers(components, text=True), api_visibility="private")
     return PresetsUI(preset, base, list(KEYS), inputs, components["model.base_model"], description, changed,
-                     fit_table, fit_verdict, plan_table, save_name, save_button, yaml_upload, status)
+                     fit_table, fit_verdict, plan_table, save_name, save_button, yaml_upload, status, committed)
