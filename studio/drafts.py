@@ -108,9 +108,9 @@ def _body(draft: Draft) -> str:
 
 
 def save_if_changed(draft: Draft) -> bool:
-    """Save ``draft`` unless the file already holds the same choices (whoever saved them); -> whether it wrote.  A page that takes
-    on another browser's draft sends its widgets' change events back: those must not write again, or two
-    open pages would hand the draft back and forth for ever."""
+    """Save ``draft`` unless the file already holds the same choices (whoever saved them); -> whether it wrote.
+    A page that takes on another browser's draft sends its widgets' change events back: those must not write
+    again, or two open pages would hand the draft back and forth for ever."""
     old = load()
     if old is not None and _body(old) == _body(draft):
         return False

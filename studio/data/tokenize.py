@@ -3,12 +3,13 @@
 Contract: ``tokenize_pair(prompt, response, tokenizer, max_length, train_on_inputs)`` returns a
 ``Tokenized`` with ``input_ids``, ``labels`` (-100 where no loss), the untruncated length and whether
 it was truncated; ``tokenize_pairs`` does the same for a list of pairs in a few tokenizer calls (the
-pipeline's way: one call per pair cost seconds per 10,000 examples).  The ids are those of ``prompt + response`` as one text (so they decode to exactly the
-template's text); the loss starts at the first token holding response characters.  ``encode_prompt``
-gives the ids generation sends for a prompt, which begin the training sequences of its template.  EOS is
-appended so the model learns to stop (unless the response text already ends with it, as chat templates do).  The loss mask depends on positions, not on token ids, so a
-pad token equal to EOS could never mask the EOS that ends a response.  ``ensure_pad_token`` gives a
-tokenizer a pad token distinct from EOS where it can.
+pipeline's way: one call per pair cost seconds per 10,000 examples).  The ids are those of
+``prompt + response`` as one text (so they decode to exactly the template's text); the loss starts at the
+first token holding response characters.  ``encode_prompt`` gives the ids generation sends for a prompt,
+which begin the training sequences of its template.  EOS is appended so the model learns to stop (unless
+the response text already ends with it, as chat templates do).  The loss mask depends on positions, not
+on token ids, so a pad token equal to EOS could never mask the EOS that ends a response.
+``ensure_pad_token`` gives a tokenizer a pad token distinct from EOS where it can.
 """
 
 from __future__ import annotations
@@ -53,23 +54,18 @@ def _encode(tokenizer, text: str, first: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=add)["input_ids"]
 
 
-def _whole(tokenizer, prompt: str, response: str) -> tuple[list[int], int] | None:
-    """Ids of ``prompt + response`` tokenized as one text, and how many of them belong to the prompt.
+def _wholes(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int] | None]:
+    """For each (prompt, response): the ids of ``prompt + response`` tokenized as one text, and how many of them
+    belong to the prompt.
 
     One text, as the seed recipes tokenize it: encoding the response on its own would let a sentencepiece
     tokenizer (Llama, Mistral) put a word-start space before it ("### Response:\n Return", "Answer:  Return")
     that is in neither the template nor the data.  A token that holds both prompt and response characters
     (the space of "### Answer: " joined to the answer's first word) belongs to the response, as do the
-    prompt's trailing spaces.
-    None where the tokenizer cannot map tokens to characters (a slow tokenizer).
-    """
-    return _wholes(tokenizer, [(prompt, response)])[0]
-
-
-def _wholes(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int] | None]:
-    """``_whole`` for many pairs in as few tokenizer calls as the BOS rule allows (texts that open with BOS and
-    texts that do not are encoded apart); a fast tokenizer encodes a list on its own threads, and per text
-    gives the same ids as alone (no padding, no truncation)."""
+    prompt's trailing spaces.  None where the tokenizer cannot map tokens to characters (a slow tokenizer).
+    The texts go in as few tokenizer calls as the BOS rule allows (texts that open with BOS and texts that do
+    not are encoded apart); a fast tokenizer encodes a list on its own threads, and per text gives the same
+    ids as alone (no padding, no truncation)."""
     texts = [p + r for p, r in pairs]
     bos = tokenizer.bos_token
     out: list[tuple[list[int], int] | None] = [None] * len(texts)

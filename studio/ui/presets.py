@@ -2,9 +2,9 @@
 
 Contract: ``build(ctx) -> PresetsUI``, callable inside an open ``gr.Blocks``.
 - ``PresetsUI.keys``/``inputs`` cover every ``model.*``, ``lora.*``, ``train.*``, ``speed.*`` and ``output.*``
-  key, in the same order; ``PresetsUI.base`` (a ``gr.State``) holds the chosen preset's ``RunConfig.to_dict()``, the base
-  the Train tab passes to ``widgets.to_config``.  Choosing a preset (or loading a YAML) refills every widget;
-  the list is read afresh on every page load (``studio.ui.state``) and after a save, a loaded YAML shows in it
+  key, in the same order; ``PresetsUI.base`` (a ``gr.State``) holds the chosen preset's ``RunConfig.to_dict()``,
+  the base the Train tab passes to ``widgets.to_config``.  Choosing a preset (or loading a YAML) refills every
+  widget; the list is read afresh on every page load (``studio.ui.state``) and after a save, a loaded YAML shows in it
   by its file name, and a saved preset becomes the base the changes are measured from.
 - Each section shows first what most runs set; its speed, memory and GPU-only switches sit in a closed
   accordion; help is one sentence.
@@ -383,12 +383,13 @@ def build(ctx) -> PresetsUI:
     # the other is held back by then), so the panels would stay busy.  Each step is "always_last" (a chained step
     # that is still running would otherwise skip the newer edit), and the two chains queue as one
     # (``concurrency_id``), so the panels end on the last edit whichever box it was in.
-    def on_edit(triggers, **estimate):
+    estimate = named(fit, ["base", *KEYS])
+
+    def on_edit(triggers, **api):
         return gr.on(triggers, changes, state_in, changed, api_visibility="private", trigger_mode="always_last",
                      concurrency_id="presets-changes") \
-            .then(named(fit, ["base"] + [k.replace(".", "__") for k in KEYS]), state_in,
-                  [fit_table, fit_verdict, plan_table], trigger_mode="always_last", concurrency_id="presets-fit",
-                  **estimate)
+            .then(estimate, state_in, [fit_table, fit_verdict, plan_table], trigger_mode="always_last",
+                  concurrency_id="presets-fit", **api)
 
     on_edit(_triggers(components, text=False), api_name="estimate")
     committed = on_edit(_triggers(components, text=True), api_visibility="private")

@@ -728,7 +728,7 @@ def build(ctx, data_ui, presets_ui) -> TrainUI:
 
     # API callers name each field by its config key (train__max_steps, data__path), as /estimate does.
     start_inputs = [run, session, presets_ui.base, run_name, *presets_ui.inputs, *data_ui.inputs]
-    start.click(named(on_start, ["run", "session", "base", "run_name", *(k.replace(".", "__") for k in keys)],
+    start.click(named(on_start, ["run", "session", "base", "run_name", *keys],
                       [None, None, None, "", *(c.value for c in start_inputs[4:])]),
                 inputs=start_inputs,
                 outputs=[run, message, session], api_name="start")

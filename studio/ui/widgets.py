@@ -82,9 +82,9 @@ def to_config(base: RunConfig, keys: list[str], values: list) -> RunConfig:
 
 
 def named(fn, names: list[str], defaults: list | None = None):
-    """``fn`` with a signature naming its parameters, so the API page and gradio_client show config keys
-    (``train__max_steps``) instead of ``param_N``; with ``defaults`` (the inputs' values) an API call may name
-    only the fields it changes."""
+    """``fn`` with a signature naming its parameters, so the API page and gradio_client show config keys instead
+    of ``param_N``: a dotted key is named with ``__`` for its dot (``train.max_steps`` -> ``train__max_steps``, a
+    Python name); with ``defaults`` (the inputs' values) an API call may name only the fields it changes."""
     import inspect
 
     def call(*args):
@@ -92,7 +92,8 @@ def named(fn, names: list[str], defaults: list | None = None):
 
     empty = inspect.Parameter.empty
     call.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=empty if defaults is None else d)
+        [inspect.Parameter(n.replace(".", "__"), inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                           default=empty if defaults is None else d)
          for n, d in zip(names, defaults if defaults is not None else names)])
     call.__name__ = fn.__name__
     return call
