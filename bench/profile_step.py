@@ -8,6 +8,7 @@ Runs the engine (``studio.training.Recipe``) on the config ``studio train`` woul
 profiles 5 optimizer steps after 8 warm-up steps with ``torch.profiler``: prints wall seconds per step,
 summed CUDA kernel time per step (the GPU-busy floor of this code), and the top kernels and CPU ops.
 A wall time far above the kernel time means the host (Python, launches, syncs) is the bottleneck.
+``--samples`` then times the sample answers an evaluation writes, and profiles one round of them.
 ``--gaps`` also exports the trace and prints where the compute stream sits idle (``idle_gaps``): each gap
 is "starved" (the next kernel was launched late: the host was busy or blocked, and on what) or "waiting"
 (launched in time, held back by a wait on another stream, such as an offloaded tensor's copy).
@@ -79,6 +80,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--gaps", action="store_true", help="print the compute stream's idle gaps by cause")
+    p.add_argument("--samples", action="store_true", help="then time and profile the sample answers each evaluation "
+                   "writes (train.sample_prompts greedy answers of train.sample_max_new_tokens tokens)")
     a = p.parse_args()
 
     import torch
@@ -130,6 +133,35 @@ def main() -> None:
             print(f"  {us / 1e3 / active:8.2f} ms/step  {n / active:7.1f}/step  {cause}")
         for us, cause, before, after in g["largest"]:
             print(f"  gap {us / 1e3:7.2f} ms  {cause}  [{before} -> {after}]")
+
+    if a.samples:
+        samples(recipe)
+
+
+def samples(recipe) -> None:
+    """Wall time of the sample answers as an evaluation writes them (after the steps above: the model as it is
+    mid-run), and where one round of them spends it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    model, cfg = recipe.trainer.model, recipe.cfg.train
+    tokens = len(recipe.sample_examples) * cfg.sample_max_new_tokens
+    for i in range(3):
+        t = time.perf_counter()
+        recipe.emit_samples(model, 0)
+        torch.cuda.synchronize()
+        s = time.perf_counter() - t
+        print(f"SAMPLES round {i}: {s:.2f} s for {len(recipe.sample_examples)} x {cfg.sample_max_new_tokens} tokens "
+              f"({s / cfg.sample_max_new_tokens * 1000:.1f} ms a decoding step)")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        recipe.emit_samples(model, 0)
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA")
+    print(f"SAMPLES profiled: CUDA kernels {kernel_us / cfg.sample_max_new_tokens / 1000:.1f} ms a decoding step "
+          f"({tokens} tokens)")
+    print(ev.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(ev.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -165,6 +165,8 @@ class SpeedSection:
     cuda_graphs: str = _f("auto", "Replay the decoder layers as one CUDA graph (fixed batch x max_length rows).",
                           choices=SWITCH)
     fused_lora: str = _f("auto", "Each 4-bit LoRA layer as one fused autograd function.", choices=SWITCH)
+    flat_optimizer: str = _f("auto", "One 8-bit optimizer update for all LoRA tensors instead of one per tensor "
+                             "(the same update, bit for bit).", choices=SWITCH)
 
 
 SPEED_SWITCHES = tuple(n for n in SpeedSection.__dataclass_fields__ if n != "micro_batch")

@@ -145,7 +145,8 @@ def estimate(cfg, arch: Arch, plan=None, micro_batch: int | None = None, seq_len
     shapes = arch.linear_shapes()
     lora = L * sum(cfg.lora.r * (shapes[n][0] + shapes[n][1]) for n in _targets(cfg, arch))
     opt = 2 if "8bit" in cfg.train.optimizer else (0 if cfg.train.optimizer == "sgd" else 8)
-    e.parts["LoRA + grads + optimizer"] = int(lora * (4 + 4 + opt))
+    flat = 4 if plan is not None and plan.flat_optimizer else 0  # its gradient buffer
+    e.parts["LoRA + grads + optimizer"] = int(lora * (4 + 4 + opt + flat))
     tokens = b * s
     full_layer = (58 + 2 * arch.intermediate / h) * tokens * h * act_bytes / 2
     if plan.gradient_checkpointing:
@@ -156,7 +157,7 @@ def estimate(cfg, arch: Arch, plan=None, micro_batch: int | None = None, seq_len
             e.parts["kept up_proj output"] = int(2 * tokens * arch.intermediate)  # the one fetched ahead
     else:
         e.parts["activations"] = int(L * full_layer)
-    e.parts["logits (fp32) + grad"] = int(tokens * arch.vocab * (4 if plan.liger else 14))
+    e.parts["logits (fp32) + grad"] = int(tokens * arch.vocab * (4 if plan.fused_loss else 14))
     if plan.padding_free and not plan.cuda_graphs and cfg.model.attn_implementation != "flash_attention_2":
         # SDPA gets the example boundaries as a dense (tokens x tokens) mask, materialised as a bias.
         e.parts["packed attention mask"] = int(tokens * tokens * 3)

@@ -214,6 +214,7 @@ EVENT_FIELDS: dict[str, dict[str, tuple]] = {
     "graphs": {"layers": (INT, True), "seconds": (NUM, True)},
     "weight_cache": {"gib": (NUM, True)},
     "fused_lora": {"layers": (_opt(INT), False), "shared_buffer_mib": (_opt(NUM), False)},
+    "flat_optimizer": {"tensors": (INT, True)},
     "checkpoint_offload": {"layers": (_opt(INT), False), "up_proj": (_opt(INT), False), "host_gib": (_opt(NUM), False),
                            "up_proj_note": (_opt(STR), False)},
     "evaluation": {"n": (_opt(INT), False)},

@@ -18,6 +18,7 @@ Contract: ``studio_trainer_cls()`` returns a ``Trainer`` subclass that
   calls, so the gather stays collective.
 - steps a bitsandbytes optimizer without its per-parameter synchronizations while the current stream is
   the default stream (``without_param_syncs``); the updates are the same, bit for bit.
+- hands the optimizer it makes to ``prepare_optimizer`` where set (the run's speed plan: studio.speed).
 """
 
 from __future__ import annotations
@@ -66,9 +67,12 @@ def studio_trainer_cls():
     class StudioTrainer(Trainer):
         _pending_tokens = None
         skip_eval_logits = False  # set when the model computes its loss with Liger's fused kernel
+        prepare_optimizer = None  # called with the optimizer Trainer makes (studio.speed.prepare_optimizer)
 
         def create_optimizer(self, *args, **kwargs):
             optimizer = super().create_optimizer(*args, **kwargs)
+            if self.prepare_optimizer is not None:
+                self.prepare_optimizer(self.optimizer)
             without_param_syncs(self.optimizer)  # before the scheduler wraps step
             return optimizer
 

@@ -265,7 +265,8 @@ class Recipe:
             processing_class=self.tokenizer,
             callbacks=[self.callback, speed.callback(self.plan, cfg.data.max_length, self.run.emit,
                                                      max(1, cfg.train.num_gpus))])
-        trainer.skip_eval_logits = self.plan.liger
+        trainer.skip_eval_logits = self.plan.fused_loss
+        trainer.prepare_optimizer = lambda optimizer: speed.prepare_optimizer(optimizer, self.plan, self.run.emit)
         if trainer.is_fsdp_enabled:
             from peft.utils.other import fsdp_auto_wrap_policy
 

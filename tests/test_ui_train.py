@@ -187,10 +187,10 @@ def test_status_names_the_plan_the_gpu_got():
 def test_status_names_the_lean_switches_that_took_effect():
     extra = [{"t": T0 + 2, "type": "fused_lora", "layers": 224},
              {"t": T0 + 3, "type": "graphs", "layers": 32, "shape": [4, 128], "seconds": 4.5, "checkpointed": True,
-              "offload": True}]
+              "offload": True}, {"t": T0 + 3, "type": "flat_optimizer", "tensors": 128}]
     md = train.status_text("r1", _events() + extra, "running")
     assert ("In effect: checkpointed layer stack as one CUDA graph, its saved inputs in CPU RAM (captured in "
-            "4.5 s); fused 4-bit LoRA in 224 layers.") in md
+            "4.5 s); fused 4-bit LoRA in 224 layers; one 8-bit optimizer update for 128 LoRA tensors.") in md
     md = train.status_text("r1", _events() + [{"t": T0 + 2, "type": "checkpoint_offload", "layers": 32}], "running")
     assert "In effect: checkpointed inputs of 32 layers kept in CPU RAM." in md
     kept = {"t": T0 + 2, "type": "checkpoint_offload", "layers": 32, "up_proj": 32, "host_gib": 15.0}

@@ -1,16 +1,17 @@
 """How a run computes, in one place: the planner and the machinery it switches on.
 
-The recipe makes four calls, each doing nothing for a part its plan leaves off:
+The recipe makes five calls, each doing nothing for a part its plan leaves off:
 
     plan = speed.plan(cfg, hw)                                  # what runs here, and why: studio.speed.planner
     speed.prepare_model(model, plan, emit, fsdp=...)            # after LoRA: weight cache, fused LoRA, Liger
     collator = speed.collator(plan, tokenizer, max_length)      # graphs' fixed rows, packed rows, or padding
+    speed.prepare_optimizer(optimizer, plan, emit)              # as Trainer makes it: one 8-bit update
     callback = speed.callback(plan, recipe_dtype, emit, ...)    # at train begin: offloaded checkpoints, graphs
 
 What is learned never depends on the plan (examples, epochs, learning rate and schedule, optimizer, effective
 batch, LoRA rank, targets, dropout); the GPU tests compare every path with the plain one.  Modules: ``plan``
 (the Plan), ``planner`` (the rules), ``profiles`` (common GPUs), ``graphs``, ``fused_lora``, ``offload``,
-``weight_cache``, ``liger``.  Nothing here imports runs or ui.  ``emit(type, **fields)`` writes a run event.
+``weight_cache``, ``liger``, ``flat_optimizer``.  Nothing here imports runs or ui.  ``emit(type, **fields)`` writes a run event.
 """
 
 from __future__ import annotations
@@ -41,7 +42,21 @@ def prepare_model(model, plan: Plan, emit, fsdp: bool = False) -> None:
     if plan.liger:
         from studio.speed.liger import apply_liger
 
-        emit("liger", kernels=apply_liger(model))
+        emit("liger", kernels=apply_liger(model, fused_loss=plan.fused_loss))
+
+
+def prepare_optimizer(optimizer, plan: Plan, emit) -> None:
+    """With ``flat_optimizer``, one 8-bit update for all LoRA tensors (before graphs record their addresses)."""
+    if not plan.flat_optimizer:
+        return
+    from studio.speed.flat_optimizer import flatten
+
+    n = flatten(optimizer)
+    if n:
+        emit("flat_optimizer", tensors=n)
+    else:
+        emit("log", message=f"One optimizer update skipped: {type(optimizer).__name__}'s tensors cannot be merged "
+             "(studio/speed/flat_optimizer.py says which can); each is updated on its own.")
 
 
 def collator(plan: Plan, tokenizer, max_length: int):

@@ -19,6 +19,7 @@ LABELS = {
     "offload_checkpoints": "checkpoints in CPU RAM", "offload_up_proj": "up-projections in CPU RAM",
     "fp32_frozen": "fp32 frozen weights", "weight_cache": "16-bit weight cache", "liger": "Liger kernels",
     "padding_free": "padding-free rows", "cuda_graphs": "CUDA graphs", "fused_lora": "fused LoRA",
+    "flat_optimizer": "one optimizer update",
 }
 
 
@@ -37,6 +38,7 @@ class Plan:
     padding_free: bool = False
     cuda_graphs: bool = False
     fused_lora: bool = False
+    flat_optimizer: bool = False
     reasons: dict = field(default_factory=dict)
     notes: tuple = ()
     estimate_gib: float | None = None  # reserved GiB the estimate expects; None without a known shape or GPU
@@ -47,6 +49,12 @@ class Plan:
         import torch
 
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.compute_dtype]
+
+    @property
+    def fused_loss(self) -> bool:
+        """Liger's fused linear cross-entropy: with Liger, unless CUDA graphs run (it waits for the GPU each step
+        to count the labels, and short rows' logits are small)."""
+        return self.liger and not self.cuda_graphs
 
     def switches(self) -> dict[str, bool]:
         return {k: getattr(self, k) for k in SPEED_SWITCHES}

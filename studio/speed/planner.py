@@ -15,7 +15,8 @@ in the order they are applied (docs/speed.md gives the measurements behind them)
 3. On one GPU, always: Liger's kernels where liger-kernel is installed (compute capability 7.0 or newer); fused
    LoRA for 4-bit layers without LoRA bias; frozen weights in the compute dtype (as Unsloth keeps them);
    padding-free rows only with flash-attention's varlen kernel (with SDPA a packed row takes a dense mask,
-   measured 0.67x at 4096 tokens).
+   measured 0.67x at 4096 tokens).  With short rows (below), bitsandbytes' 8-bit Adam as one update for all
+   LoRA tensors (``flat_optimizer``).
 4. Short rows (``data.max_length`` <= 512): a step is too small to keep the GPU busy and the host's per-kernel
    overhead dominates.  The largest micro-batch that fits, without checkpointing if possible; the decoder layers
    replayed as one CUDA graph (not with checkpointing and LoRA dropout: a graphed recompute cannot redraw the
@@ -124,6 +125,8 @@ def _cannot(cfg, hw, gc: bool, graphs: bool, liger_installed: bool) -> dict[str,
         out["fused_lora"] = "fuses 4-bit layers only"
     elif cfg.lora.bias != "none":
         out["fused_lora"] = "fuses layers without LoRA bias only"
+    if not ("8bit" in t.optimizer and "adam" in t.optimizer):
+        out["flat_optimizer"] = "merges bitsandbytes' 8-bit Adam updates only"
     if not gc:
         out["offload_checkpoints"] = out["offload_up_proj"] = "needs gradient checkpointing"
     if graphs:
@@ -177,7 +180,8 @@ def plan_run(cfg, hw, *, arch=_UNKNOWN, host_free: int | None = None, liger_inst
         cannot = _cannot(cfg, hw, gc, pins.cuda_graphs == "on", liger_installed)
         graphs = c.set("cuda_graphs", False, plain, can="cuda_graphs" not in cannot, cannot=cannot.get("cuda_graphs", ""))
         cannot = _cannot(cfg, hw, gc, graphs, liger_installed)
-        for key in ("liger", "fused_lora", "weight_cache", "offload_checkpoints", "offload_up_proj", "padding_free"):
+        for key in ("liger", "fused_lora", "weight_cache", "offload_checkpoints", "offload_up_proj", "padding_free",
+                    "flat_optimizer"):
             c.set(key, False, plain, can=key not in cannot, cannot=cannot.get(key, ""))
         return finish(micro0, "as written" if not pins.micro_batch else "set in speed.micro_batch")
 
@@ -186,6 +190,10 @@ def plan_run(cfg, hw, *, arch=_UNKNOWN, host_free: int | None = None, liger_inst
           can="liger" not in cannot, cannot=cannot.get("liger", ""))
     c.set("fused_lora", True, "each LoRA layer is one autograd function: no separate clone, scale and add passes",
           can="fused_lora" not in cannot, cannot=cannot.get("fused_lora", ""))
+    c.set("flat_optimizer", short, "one 8-bit update for all LoRA tensors (the same, bit for bit): one kernel a step "
+          "instead of one per tensor, launched while the GPU waits on short rows" if short else "long rows: the "
+          "per-tensor updates hide behind the step's matmuls, and no gradient-sized buffer is added",
+          can="flat_optimizer" not in cannot, cannot=cannot.get("flat_optimizer", ""))
     c.set("fp32_frozen", False, f"frozen embeddings, head and norms stay in {dtype}: half their memory, no casts; "
           "LoRA weights and optimizer state stay fp32")
     resid = 4 if (c.on["fp32_frozen"] or dtype == "fp32") else 2
@@ -220,6 +228,9 @@ def plan_run(cfg, hw, *, arch=_UNKNOWN, host_free: int | None = None, liger_inst
             graphs_why = "with checkpointing and LoRA dropout a graphed recompute cannot redraw the forward's mask"
         graphs = c.set("cuda_graphs", not gc or lora.dropout == 0, graphs_why, can=graphs_can,
                        cannot=cannot.get("cuda_graphs", ""))
+        if graphs and c.on.get("liger"):
+            c.why["liger"] = ("fused RMSNorm, SwiGLU and RoPE; the loss stays transformers' own beside CUDA graphs: "
+                              "Liger's fused loss waits for the GPU in every step, and short rows' logits are small")
         cannot = _cannot(cfg, hw, gc, graphs, liger_installed)
         c.set("padding_free", flash, "flash-attention's varlen kernel packs rows without a mask" if flash else
               "rows are padded to the longest of each micro-batch (SDPA would need a dense mask for packed rows)",

@@ -305,7 +305,7 @@ def status_text(run_id: str, events: list[dict], status: str) -> str:
     if plan:
         lines.append(plan_text(plan))
     lean = lean_text(_last(events, "fused_lora"), _last(events, "checkpoint_offload"), _last(events, "graphs"),
-                     _last(events, "weight_cache"))
+                     _last(events, "weight_cache"), _last(events, "flat_optimizer"))
     if lean:
         lines.append(lean)
     last = _last(events, "status") or {}
@@ -355,8 +355,10 @@ def plan_text(plan: dict) -> str:
     return event_text(plan)
 
 
-def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None, cache: dict | None = None) -> str:
-    """The speed parts that took effect: graphs captured, weight cache, offloaded checkpoints, fused LoRA."""
+def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None, cache: dict | None = None,
+              flat: dict | None = None) -> str:
+    """The speed parts that took effect: graphs captured, weight cache, offloaded checkpoints, fused LoRA, one
+    optimizer update."""
     bits = []
     if graphs:
         what = "checkpointed layer stack as one CUDA graph" if graphs.get("checkpointed") else \
@@ -374,6 +376,8 @@ def lean_text(fused: dict | None, offload: dict | None, graphs: dict | None, cac
             bits.append(f"MLP up-projections recomputed: offload_up_proj {offload['up_proj_note']}")
     if fused:
         bits.append(f"fused 4-bit LoRA in {fused.get('layers')} layers")
+    if flat:
+        bits.append(f"one 8-bit optimizer update for {flat.get('tensors')} LoRA tensors")
     return ("In effect: " + "; ".join(bits) + ".") if bits else ""
 
 

@@ -271,3 +271,52 @@ def test_paged_8bit_optimizer_steps_without_syncs_and_updates_the_same(monkeypat
     real()
     assert all(torch.equal(a, b) for a, b in zip(params, twins))
     assert not any(torch.equal(a, b) for a, b in zip(params, initial))  # the steps did update
+
+
+def test_one_8bit_update_for_all_lora_tensors_is_bitsandbytes_per_tensor_update(monkeypatch):
+    """studio.speed.flat_optimizer on the GPU, paged state and skipped syncs as the fast preset runs it: the
+    parameters after 4 steps and the 8-bit state are bitsandbytes' own bit for bit, with one update kernel a step,
+    and the checkpoint it writes resumes a plain optimizer."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from studio.speed.flat_optimizer import flatten
+    from studio.trainer import without_param_syncs
+
+    torch.manual_seed(0)
+    shapes = [(8, 4096), (4096, 8), (8, 4096), (1024, 8)] * 4  # r=8 on q and v of Mistral-7B, four layers
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, theirs = bnb.optim.PagedAdamW8bit(params, lr=2e-4), bnb.optim.PagedAdamW8bit(twins, lr=2e-4)
+    assert flatten(ours) == len(shapes)
+    assert without_param_syncs(ours) and without_param_syncs(theirs)
+    calls, real = [0], F.optimizer_update_8bit_blockwise
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "optimizer_update_8bit_blockwise", counted)
+    for _ in range(4):
+        for p, t in zip(params, twins):
+            p.grad = torch.randn_like(p) * 1e-3
+            t.grad = p.grad.clone()
+        before = calls[0]
+        ours.step()
+        assert calls[0] - before == 1
+        theirs.step()
+        assert calls[0] - before == 1 + len(shapes)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(params, twins))
+    for p, t in zip(params, twins):
+        assert all(torch.equal(ours.state[p][k], theirs.state[t][k]) for k in ("state1", "state2", "absmax1"))
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    plain = bnb.optim.PagedAdamW8bit(fresh, lr=2e-4)
+    plain.load_state_dict(ours.state_dict())
+    for p, f in zip(params, fresh):
+        p.grad = torch.randn_like(p) * 1e-3
+        f.grad = p.grad.clone()
+    ours.step()
+    plain.step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh))

@@ -1,0 +1,112 @@
+"""One 8-bit optimizer update for all LoRA tensors (studio.speed.flat_optimizer) is bitsandbytes' per-tensor
+update bit for bit, keeps its checkpoint format both ways, and leaves what it cannot merge alone."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+# LoRA shapes of r=8 on q and v of a small Mistral: rank x hidden and out x rank, each a multiple of 256 elements.
+SHAPES = [(8, 512), (512, 8), (8, 512), (1024, 8), (8, 1024), (512, 8)]
+
+
+def _pair(cls=None, shapes=SHAPES, **kw):
+    torch.manual_seed(0)
+    cls = cls or bnb.optim.PagedAdamW8bit
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU": the same fallback for both
+        return ours, theirs, cls(ours, lr=1e-2, weight_decay=0.01, **kw), cls(theirs, lr=1e-2, weight_decay=0.01, **kw)
+
+
+def _steps(pairs, opts, n, none=()):
+    for _ in range(n):
+        for i, (a, b) in enumerate(pairs):
+            if i in none:
+                a.grad = b.grad = None
+            else:
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for o in opts:
+                o.step()
+
+
+def _same(xs, ys) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(xs, ys))
+
+
+def test_one_update_is_the_per_tensor_update_bit_for_bit():
+    from studio.speed.flat_optimizer import flatten
+
+    ours, theirs, o, t = _pair()
+    initial = [p.detach().clone() for p in ours]
+    assert flatten(o) == len(SHAPES) and flatten(o) == 0  # once
+    storage = ours[0].untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == storage for p in ours)  # one buffer
+    _steps(list(zip(ours, theirs)), (o, t), 4)
+    assert _same(ours, theirs) and not _same(ours, initial)
+    for p, q in zip(ours, theirs):
+        for k in ("state1", "state2", "absmax1", "absmax2"):
+            assert torch.equal(o.state[p][k], t.state[q][k]), k
+        assert o.state[p]["step"] == t.state[q]["step"] == 4
+
+
+def test_a_checkpoint_resumes_with_or_without_merging():
+    """The state_dict is bitsandbytes' per-tensor format: a merged optimizer's checkpoint loads into a plain one
+    and the reverse, and both go on updating alike."""
+    from studio.speed.flat_optimizer import flatten
+
+    ours, theirs, o, t = _pair()
+    flatten(o)
+    pairs = list(zip(ours, theirs))
+    _steps(pairs, (o, t), 2)
+    saved = {}
+    for name, opt in (("ours", o), ("theirs", t)):
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        saved[name] = torch.load(buf, weights_only=True)
+    assert {k: v.shape for k, v in saved["ours"]["state"][0].items() if hasattr(v, "shape")} == {
+        k: v.shape for k, v in saved["theirs"]["state"][0].items() if hasattr(v, "shape")}
+    o.load_state_dict(saved["theirs"])  # a plain run's checkpoint into a merged optimizer
+    t.load_state_dict(saved["ours"])  # and the other way
+    _steps(pairs, (o, t), 2)
+    assert _same(ours, theirs)
+    assert all(o.state[p]["state1"].untyped_storage().data_ptr() == o.state[ours[0]]["state1"].untyped_storage()
+               .data_ptr() for p in ours)  # the loaded state went back into the flat buffer
+
+
+def test_a_tensor_without_a_gradient_takes_bitsandbytes_own_loop():
+    from studio.speed.flat_optimizer import flatten
+
+    ours, theirs, o, t = _pair()
+    flatten(o)
+    pairs = list(zip(ours, theirs))
+    _steps(pairs, (o, t), 1)
+    _steps(pairs, (o, t), 1, none=(2,))  # skipped by both: its step count now lags
+    _steps(pairs, (o, t), 2)  # the counts differ: per-tensor again, on the flat views
+    assert _same(ours, theirs)
+    assert o.state[ours[2]]["step"] == 3 and o.state[ours[0]]["step"] == 4
+
+
+@pytest.mark.parametrize("case", ["odd size", "small", "32-bit", "one tensor"])
+def test_what_cannot_merge_is_left_alone(case):
+    from studio.speed.flat_optimizer import flatten
+
+    # "small": under bitsandbytes' min_8bit_size, so its state is 32-bit.
+    shapes = {"odd size": [(8, 500), (8, 512)], "small": [(8, 256), (8, 512)]}.get(case, SHAPES)
+    if case == "one tensor":
+        shapes = SHAPES[:1]
+    cls = bnb.optim.PagedAdamW32bit if case == "32-bit" else None
+    ours, theirs, o, t = _pair(cls, shapes)
+    assert flatten(o) == 0
+    assert "step" not in vars(o)  # bitsandbytes' own step
+    assert flatten(torch.optim.AdamW(theirs)) == 0
