@@ -11,6 +11,8 @@ Two waits of the stock stack leave the GPU idle while the host prepares the next
   those waits (bitsandbytes keeps them for callers on other streams).
 
 Contract: ``studio_trainer_cls()`` returns a ``Trainer`` subclass that
+- counts the model's parameters once for Trainer's FLOP count (the same number; Trainer walks the model again
+  for every micro-batch).
 - counts the same tokens (non-padding: the attention mask's sum, else tokens other than the pad id, else
   all) on the device without waiting, and adds them to ``state.num_input_tokens_seen`` (gathered over
   ranks, as Trainer does) before anything reads it: every ``log`` (which the callbacks' ``on_log`` runs
@@ -18,7 +20,8 @@ Contract: ``studio_trainer_cls()`` returns a ``Trainer`` subclass that
   calls, so the gather stays collective.
 - steps a bitsandbytes optimizer without its per-parameter synchronizations while the current stream is
   the default stream (``without_param_syncs``); the updates are the same, bit for bit.
-- hands the optimizer it makes to ``prepare_optimizer`` where set (the run's speed plan: studio.speed).
+- hands the optimizer it makes to ``prepare_optimizer`` where set (the run's speed plan: studio.speed), and
+  steps the LR schedule as ``studio.speed.flat_optimizer.defer_scheduler`` says for a merged 8-bit optimizer.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def studio_trainer_cls():
 
     class StudioTrainer(Trainer):
         _pending_tokens = None
+        _param_count = None
         skip_eval_logits = False  # set when the model computes its loss with Liger's fused kernel
         prepare_optimizer = None  # called with the optimizer Trainer makes (studio.speed.prepare_optimizer)
 
@@ -75,6 +79,24 @@ def studio_trainer_cls():
                 self.prepare_optimizer(self.optimizer)
             without_param_syncs(self.optimizer)  # before the scheduler wraps step
             return optimizer
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            from studio.speed.flat_optimizer import defer_scheduler
+
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
+            # A merged 8-bit optimizer learns a step later whether GradScaler skipped an update; the schedule waits.
+            self.lr_scheduler = defer_scheduler(self.optimizer, scheduler)
+            return self.lr_scheduler
+
+        def floating_point_ops(self, inputs):
+            # Trainer's 6 x tokens x parameters for every micro-batch; counting the parameters walks every module
+            # of the model (about a millisecond of host time a micro-batch for a 7B model), so it is counted once.
+            name = getattr(self.model, "main_input_name", "input_ids")
+            if name not in inputs or not hasattr(self.model, "num_parameters"):
+                return 0
+            if self._param_count is None:
+                self._param_count = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[name].numel() * self._param_count
 
         def _track_num_input_tokens(self, inputs):
             mode = self.args.include_num_input_tokens_seen

@@ -110,3 +110,50 @@ def test_what_cannot_merge_is_left_alone(case):
     assert flatten(o) == 0
     assert "step" not in vars(o)  # bitsandbytes' own step
     assert flatten(torch.optim.AdamW(theirs)) == 0
+
+
+@pytest.mark.parametrize("clipped", [True, False], ids=["unscaled-before-step", "scaled-at-step"])
+def test_fp16_loss_scaling_skips_exactly_as_gradscaler_does_without_waiting(clipped):
+    """Under fp16 loss scaling GradScaler hands the merged optimizer its inf flag instead of reading it: an update
+    with an inf gradient is undone, its counts taken back and the LR step after it dropped, as GradScaler's own skip
+    does for the plain optimizer (Trainer steps the schedule only after updates that happened)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from studio.speed.flat_optimizer import defer_scheduler, flatten
+
+    ours, theirs, o, t = _pair()
+    flatten(o)
+    assert o._step_supports_amp_scaling
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    scheds = [get_cosine_schedule_with_warmup(x, 2, 8) for x in (o, t)]
+    deferred = defer_scheduler(o, scheds[0])
+    lrs = ([], [])
+    for i in range(6):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a) * 2.0**10
+            if i in (1, 4):
+                a.grad[0, 0] = float("inf")
+            b.grad = a.grad.clone()
+        for k, (opt, scaler) in enumerate(zip((o, t), scalers)):
+            scaler.scale(torch.ones(()))  # as the backward of a scaled loss: the scale is made at first use
+            if clipped:
+                scaler.unscale_(opt)  # as Trainer's gradient clipping does before the step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scaler.step(opt)
+            state = scaler._per_optimizer_states[id(opt)]
+            skipped = sum(v.item() for v in state["found_inf_per_device"].values()) > 0
+            scaler.update()
+            lrs[k].append(opt.param_groups[0]["lr"])
+            if k == 0:
+                deferred.step()  # Trainer cannot tell: GradScaler called our step
+            elif not skipped:
+                scheds[1].step()
+    saved = o.state_dict()  # settles the last update
+    assert _same(ours, theirs)
+    assert lrs[0] == lrs[1] and deferred.get_last_lr() == scheds[1].get_last_lr()
+    assert deferred.state_dict() == scheds[1].state_dict()
+    assert [s["step"] for s in saved["state"].values()] == [s["step"] for s in t.state_dict()["state"].values()] == \
+        [4] * len(SHAPES)
+    for p, q in zip(ours, theirs):
+        assert all(torch.equal(o.state[p][k], t.state[q][k]) for k in ("state1", "state2", "absmax1", "absmax2"))

@@ -84,3 +84,25 @@ def test_bitsandbytes_optimizer_steps_without_its_per_parameter_syncs():
     assert schedules[0].get_last_lr() == schedules[1].get_last_lr() != [1e-2]
     assert all(torch.equal(a, b) for a, b in zip(params, twins))
     assert not any(torch.equal(a, b) for a, b in zip(params, initial))  # the steps did update
+
+
+def test_the_flop_count_walks_the_model_once():
+    """Trainer's 6 x tokens x parameters per micro-batch, the same number, with the parameters counted once."""
+    from transformers import Trainer
+
+    trainer = studio_trainer_cls().__new__(studio_trainer_cls())
+    walks = []
+
+    class Model(torch.nn.Module):
+        main_input_name = "input_ids"
+
+        def num_parameters(self, exclude_embeddings=False):
+            walks.append(exclude_embeddings)
+            return 1000
+
+    trainer.model = Model()
+    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long)}
+    ours = [trainer.floating_point_ops(batch) for _ in range(3)]
+    assert walks == [True]
+    assert ours == [Trainer.floating_point_ops(trainer, batch)] * 3 == [6 * 8 * 1000] * 3
+    assert trainer.floating_point_ops({"pixel_values": torch.ones(1)}) == 0

@@ -16,6 +16,17 @@ addresses (CUDA graphs): the parameters become views of one buffer per merged gr
 the flat state), so a checkpoint resumes with or without flattening; a step in which a merged parameter has no
 gradient, or the tensors' step counts differ, runs bitsandbytes' own per-tensor loop on the same views.  Costs one
 fp32 gradient buffer the size of the merged parameters (13 MiB for the fast preset).
+
+fp16 training without a wait per step.  torch's ``GradScaler`` skips an update whose gradients hold inf or NaN,
+and to know whether to, it reads a flag from the GPU (``.item()``) before every update: the host waits for the
+whole backward, and the GPU then idles while the host works through the step's end and the next step's start
+(3-4 ms a step of the fast preset, ``bench.profile_step --gaps``).  A merged optimizer tells ``GradScaler`` it
+handles the flag itself (``_step_supports_amp_scaling``, as torch's fused Adam does): it updates, puts the
+parameters and state back on the GPU where the flag is set (``torch.where``, nothing read by the host), and copies
+the flag to pinned host memory.  What the host needs of it, the update counts bitsandbytes' bias correction reads
+and whether the LR schedule advances, it settles at the next update (the flag arrived long before) or when the
+state is saved: ``defer_scheduler(optimizer, scheduler)`` returns the scheduler whose ``step()`` waits for that.
+So a skipped update leaves parameters, state, counts and schedule exactly as ``GradScaler``'s skip does.
 """
 
 from __future__ import annotations
@@ -44,17 +55,80 @@ def flatten(optimizer) -> int:
     if not groups:
         return 0
     optimizer._studio_flat = groups
+    optimizer._studio_pending = None  # the last update's skip flag, on its way to the host
+    optimizer._studio_scheduler = None
+    optimizer._step_supports_amp_scaling = True  # GradScaler hands over found_inf instead of reading it
     optimizer.step = types.MethodType(_step, optimizer)
-    load = optimizer.load_state_dict
+    load, save = optimizer.load_state_dict, optimizer.state_dict
 
     def load_state_dict(self, state_dict, *args, **kwargs):
+        _settle(self)
         out = load(state_dict, *args, **kwargs)
         for flat in groups.values():
             flat.state_ready = False  # the loaded tensors are copied into the flat state at the next step
         return out
 
+    def state_dict(self, *args, **kwargs):
+        _settle(self)  # the update counts as GradScaler's skips left them
+        return save(*args, **kwargs)
+
     optimizer.load_state_dict = types.MethodType(load_state_dict, optimizer)
+    optimizer.state_dict = types.MethodType(state_dict, optimizer)
     return sum(len(g.params) for g in groups.values())
+
+
+class _DeferredScheduler:
+    """An LR scheduler whose ``step()`` after an update of unknown fate waits until the optimizer knows whether
+    ``GradScaler`` skipped it (Trainer steps the schedule only after updates that happened)."""
+
+    def __init__(self, scheduler, optimizer):
+        self._scheduler, self._optimizer, self._pending = scheduler, optimizer, False
+
+    def step(self, *args, **kwargs):
+        if args or kwargs or self._optimizer._studio_pending is None:
+            return self._scheduler.step(*args, **kwargs)
+        self._pending = True
+
+    def settle(self, skipped: bool) -> None:
+        if self._pending:
+            self._pending = False
+            if not skipped:
+                self._scheduler.step()
+
+    def state_dict(self):
+        _settle(self._optimizer)
+        return self._scheduler.state_dict()
+
+    def __getattr__(self, name):
+        return getattr(self._scheduler, name)
+
+
+def defer_scheduler(optimizer, scheduler):
+    """``scheduler`` as the trainer should step it: deferred where ``optimizer`` (or the optimizer it wraps) was
+    merged by ``flatten``, else ``scheduler`` itself."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if getattr(inner, "_studio_flat", None) is None or isinstance(scheduler, _DeferredScheduler):
+        return scheduler
+    deferred = _DeferredScheduler(scheduler, inner)
+    inner._studio_scheduler = deferred
+    return deferred
+
+
+def _settle(optimizer) -> None:
+    """Learn whether the last update was skipped: if so, take back its update counts and drop the LR step that
+    followed it; if not, take that LR step."""
+    pending, optimizer._studio_pending = optimizer._studio_pending, None
+    if pending is None:
+        return
+    event, flag, params = pending
+    if event is not None:
+        event.synchronize()  # recorded a step ago: long done
+    skipped = bool(flag.item())
+    if skipped:
+        for p in params:
+            optimizer.state[p]["step"] -= 1
+    if optimizer._studio_scheduler is not None:
+        optimizer._studio_scheduler.settle(skipped)
 
 
 def _mergeable(optimizer, gindex: int, params) -> bool:
@@ -131,8 +205,10 @@ class _FlatGroup:
                 state["qmap2"] = optimizer.name2qmap["udynamic"]
         self.state_ready = True
 
-    def step(self, optimizer, group, gindex: int) -> bool:
-        """One update for the whole group; False (nothing done) where the per-tensor loop must run instead."""
+    def step(self, optimizer, group, gindex: int, found_inf=None, grad_scale=None) -> bool:
+        """One update for the whole group; False (nothing done) where the per-tensor loop must run instead.  With
+        ``found_inf`` (GradScaler's flag, on the GPU) the update is undone on the GPU where the flag is set;
+        ``grad_scale``: the scale the gradients still carry."""
         import bitsandbytes.functional as F
         import torch
 
@@ -146,6 +222,12 @@ class _FlatGroup:
         if any(s["step"] != step - 1 for s in states):
             return False
         torch.cat([g.reshape(-1) for g in grads], out=self.grad)
+        if grad_scale is not None:  # GradScaler's own unscale: the same multiply, in place
+            inv = grad_scale.double().reciprocal().float()
+            torch._amp_foreach_non_finite_check_and_unscale_([self.grad], torch.zeros_like(inv), inv)
+        kept = None
+        if found_inf is not None:
+            kept = [t.clone() for t in (self.param, *self.flat_state.values())]
         for s in states:
             s["step"] = step
         config = optimizer.get_config(gindex, 0, group)
@@ -159,6 +241,10 @@ class _FlatGroup:
             step, config["lr"], optimizer.name2qmap["dynamic"], optimizer.name2qmap["udynamic"],
             self.flat_state["absmax1"], self.flat_state["absmax2"], config["weight_decay"], gnorm_scale=1.0,
             skip_zeros=config["skip_zeros"])
+        if kept is not None:
+            skip = found_inf.reshape(1) > 0
+            for t, old in zip((self.param, *self.flat_state.values()), kept):
+                t.copy_(torch.where(skip, old, t))
         return True
 
 
@@ -171,17 +257,27 @@ def _step(self, closure=None):
     if closure is not None:
         with torch.enable_grad():
             loss = closure()
+    # Set by GradScaler (``_step_supports_amp_scaling``); absent without fp16 loss scaling.
+    found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
     with torch.no_grad():
+        _settle(self)
         if not self.initialized:
             self.check_overrides()
             self.to_gpu()
             self.initialized = True
-        last = None
+        last, merged = None, []
         for gindex, group in enumerate(self.param_groups):
             flat = self._studio_flat.get(gindex)
-            if flat is not None and flat.step(self, group, gindex):
+            if flat is not None and flat.step(self, group, gindex, found_inf, grad_scale):
                 last = flat.param
+                merged += flat.params
                 continue
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if not grads or (found_inf is not None and found_inf.item()):
+                continue  # GradScaler's skip, read as it reads it (a wait: this loop is the rare path)
+            if grad_scale is not None:
+                inv = grad_scale.double().reciprocal().float()
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, torch.zeros_like(inv), inv)
             for pindex, p in enumerate(group["params"]):  # bitsandbytes' own loop
                 if p.grad is None:
                     continue
@@ -193,4 +289,13 @@ def _step(self, closure=None):
                 last = p
         if self.is_paged and last is not None:
             bnb_optim.sync_gpu(last)
+        if merged and found_inf is not None:  # the flag travels to the host while the GPU works on
+            if found_inf.device.type == "cuda":
+                flag = torch.empty(1, dtype=found_inf.dtype, pin_memory=True)
+                flag.copy_(found_inf.reshape(1), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                flag, event = found_inf.reshape(1).clone(), None
+            self._studio_pending = (event, flag, merged)
     return loss

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _run(tmp_path, name, liger):
+def _run(tmp_path, name, liger, **over):
     from bench.common import random_model, synthetic_alpaca
     from studio.presets import load_preset
     from studio.runs import RunStore
@@ -31,7 +31,7 @@ def _run(tmp_path, name, liger):
         "model.base_model": str(model_dir), "data.path": str(data), "data.hub_dataset": "", "data.mapping": {},
         "data.train_samples": 0, "data.val_samples": 16, "train.max_steps": 4, "train.logging_steps": 1,
         "train.eval_steps": 2, "train.save_steps": 0, "train.sample_prompts": 1, "speed.liger": onoff(liger),
-        "output.adapter_dir": ""})
+        "output.adapter_dir": "", **over})
     run = RunStore(tmp_path / "runs").create(cfg, name)
     assert Recipe(run).execute() == "completed", run.last_status()
     return run
@@ -90,3 +90,21 @@ def test_liger_layers_run_with_gradients_and_transformers_own_code_without():
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 8)
+
+
+def test_one_optimizer_update_trains_the_fast_preset_bit_for_bit_as_bitsandbytes_loop(tmp_path):
+    """The fast preset through the engine (fp16 with GradScaler, CUDA graphs, paged 8-bit AdamW) with its LoRA
+    tensors updated as one (no wait for GradScaler's flag) and one by one: every logged loss, gradient norm and
+    learning rate, the loss scale's skips included, and the saved adapter are the same bit for bit."""
+    from safetensors.torch import load_file
+
+    over = {"train.max_steps": 12, "train.eval_steps": 6, "train.save_steps": 6, "train.sample_prompts": 0}
+    runs = {on: _run(tmp_path, f"flat-{on}", True, **{"speed.flat_optimizer": onoff(on)}, **over) for on in (True, False)}
+    assert [e["tensors"] for e in runs[True].all_events() if e["type"] == "flat_optimizer"] == [8]
+    assert not [e for e in runs[False].all_events() if e["type"] == "flat_optimizer"]
+    logs = {on: [(e["step"], e["loss"], e["grad_norm"], e["learning_rate"]) for e in r.all_events()
+                 if e["type"] == "metric"] for on, r in runs.items()}
+    assert len(logs[True]) == 12 and logs[True] == logs[False], logs
+    adapters = {on: load_file(str(r.adapter_dir / "adapter_model.safetensors")) for on, r in runs.items()}
+    assert adapters[True].keys() == adapters[False].keys()
+    assert all(torch.equal(adapters[True][k], adapters[False][k]) for k in adapters[True])
