@@ -185,7 +185,10 @@ class _FlatGroup:
                 optimizer.fill_qmap()
             for name in ("dynamic", "udynamic"):
                 optimizer.name2qmap[name] = optimizer.name2qmap[name].to(self.param.device)
-            self.flat_state = {k: optimizer.get_state_buffer(self.param, dtype=torch.uint8) for k in _STATE}
+            # In GPU memory, never paged: bitsandbytes pages a tensor's state only from 1e5 elements (LoRA states
+            # are a few MiB together), and a paged buffer is a CPU tensor to torch, which the skip's undo cannot use.
+            self.flat_state = {k: torch.zeros(self.offsets[-1], dtype=torch.uint8, device=self.param.device)
+                               for k in _STATE}
             self.flat_state.update({k: torch.zeros(self.offsets[-1] // BLOCK, dtype=torch.float32,
                                                    device=self.param.device) for k in _ABSMAX})
         views = {k: self._views(self.flat_state[k]) for k in _STATE}
@@ -231,9 +234,6 @@ class _FlatGroup:
         for s in states:
             s["step"] = step
         config = optimizer.get_config(gindex, 0, group)
-        if optimizer.is_paged and getattr(self.flat_state["state1"], "is_paged", False):
-            F.prefetch_tensor(self.flat_state["state1"])
-            F.prefetch_tensor(self.flat_state["state2"])
         betas = config["betas"]
         F.optimizer_update_8bit_blockwise(
             optimizer.optimizer_name, self.grad, self.param, self.flat_state["state1"], self.flat_state["state2"],
