@@ -68,6 +68,20 @@ def test_liger_stays_on_its_model_and_learns_the_same(tmp_path):
     assert torch.isfinite(out.loss) and out.logits.shape[-1] == tiny.config.vocab_size
 
 
+def _liger_in_graph(out) -> bool:
+    """Whether a Liger autograd function made ``out`` or anything it was computed from."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "Liger" in type(fn).__name__:
+            return True
+        todo += [f for f, _ in fn.next_functions]
+    return False
+
+
 def test_liger_layers_run_with_gradients_and_transformers_own_code_without():
     """Training (autograd on) runs Liger's RMSNorm, SwiGLU and RoPE; evaluation and the sample answers (no
     gradients) run each module's own transformers code, which costs a decoding step less host time."""
@@ -83,7 +97,7 @@ def test_liger_layers_run_with_gradients_and_transformers_own_code_without():
     layer = model.model.layers[0]
     h = torch.randn(2, 16, model.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     for module in (layer.input_layernorm, layer.mlp):
-        assert "Liger" in type(module(h).grad_fn).__name__, module
+        assert _liger_in_graph(module(h)), module
         with torch.no_grad():
             assert torch.equal(module(h), type(module).forward(module, h)), module
     ids = torch.tensor([[1, 5, 9, 11]], device="cuda")
