@@ -5,7 +5,8 @@ kernel, launched from a Python loop: 128 LoRA tensors a step for r=8 on q,v of M
 time a step that the GPU waits through when rows are short (``bench.profile_step --gaps``).  Their state is
 quantized in blocks of 256 elements that never look at each other, and every LoRA tensor's size is a multiple of
 256 (rank x a hidden size), so the tensors laid end to end give the very same blocks: one update over the whole
-buffer is the same update, bit for bit (``tests/test_flat_optimizer.py``, ``tests/gpu/test_graphs_gpu.py``).
+buffer is the same update, bit for bit (``tests/test_flat_optimizer.py``; on the GPU ``tests/gpu/test_lean_gpu.py``
+and, through the engine with fp16 loss scaling and CUDA graphs, ``tests/gpu/test_isolation_gpu.py``).
 
 Contract: ``flatten(optimizer) -> int`` merges each parameter group of a bitsandbytes Adam-family optimizer
 (``Optimizer2State``) with 8-bit state whose parameters all share a device and dtype, are contiguous, hold a
@@ -15,7 +16,8 @@ addresses (CUDA graphs): the parameters become views of one buffer per merged gr
 ``state_dict()`` and ``load_state_dict()`` keep bitsandbytes' per-tensor format (each tensor's state is a view of
 the flat state), so a checkpoint resumes with or without flattening; a step in which a merged parameter has no
 gradient, or the tensors' step counts differ, runs bitsandbytes' own per-tensor loop on the same views.  Costs one
-fp32 gradient buffer the size of the merged parameters (13 MiB for the fast preset).
+fp32 gradient buffer the size of the merged parameters (13 MiB for the fast preset).  The flat state is in GPU
+memory, never paged (bitsandbytes pages a tensor's state only from 1e5 elements).
 
 fp16 training without a wait per step.  torch's ``GradScaler`` skips an update whose gradients hold inf or NaN,
 and to know whether to, it reads a flag from the GPU (``.item()``) before every update: the host waits for the
