@@ -118,7 +118,7 @@ def main() -> None:
     recipe.train()
     wall = (marks[wait - 1] - marks[1]) / (wait - 2) if len(marks) >= wait else float("nan")
     ev = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA")
+    kernel_us = _kernel_us(ev)
     print(f"PROFILE {a.preset} {' '.join(a.set)}: wall {wall * 1000:.1f} ms/step (unprofiled steps 3-{wait}), "
           f"CUDA kernels {kernel_us / active / 1000:.1f} ms/step ({active} profiled steps)")
     print(ev.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
@@ -136,6 +136,11 @@ def main() -> None:
 
     if a.samples:
         samples(recipe)
+
+
+def _kernel_us(events) -> float:
+    """Microseconds of CUDA kernels in a profile's ``key_averages()``."""
+    return sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
 
 
 def samples(recipe) -> None:
@@ -157,7 +162,7 @@ def samples(recipe) -> None:
         recipe.emit_samples(model, 0)
         torch.cuda.synchronize()
     ev = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA")
+    kernel_us = _kernel_us(ev)
     print(f"SAMPLES profiled: CUDA kernels {kernel_us / cfg.sample_max_new_tokens / 1000:.1f} ms a decoding step "
           f"({tokens} tokens)")
     print(ev.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
