@@ -89,6 +89,20 @@ def test_liger_missing_on_this_machine_is_a_reason_and_a_pin_is_a_note():
     assert not p.liger and any("liger-kernel is not installed" in n for n in p.notes)
 
 
+def test_one_optimizer_update_needs_bitsandbytes_8bit_adam_and_short_rows():
+    fast, h100 = load_preset("mistral-7b-finance-fast"), PROFILES["H100 80 GB"]
+    assert plan(fast, h100).flat_optimizer
+    p = plan(fast.replace({"train.optimizer": "adamw_torch"}), h100)
+    assert not p.flat_optimizer and "8-bit Adam" in p.reasons["flat_optimizer"] and not p.notes
+    p = plan(fast.replace({"train.optimizer": "adamw_torch", "speed.flat_optimizer": "on"}), h100)
+    assert not p.flat_optimizer and any("speed.flat_optimizer is on" in n for n in p.notes)
+    p = plan(load_preset("mistral-7b-instruct-thorough"), h100)  # long rows: the launches hide behind matmuls
+    assert not p.flat_optimizer and "long rows" in p.reasons["flat_optimizer"].lower()
+    assert plan(load_preset("mistral-7b-instruct-thorough").replace({"speed.flat_optimizer": "on"}), h100).flat_optimizer
+    # The plan's memory estimate counts the merged gradient buffer.
+    assert plan(fast, h100).estimate_gib >= plan(fast.replace({"speed.flat_optimizer": "off"}), h100).estimate_gib
+
+
 def test_an_old_card_without_triton_support_runs_eagerly():
     old = dataclasses.replace(PROFILES["T4 16 GB"], name="Tesla P100", capability=(6, 0))
     p = plan(load_preset("mistral-7b-finance-fast").replace({"speed.cuda_graphs": "on"}), old)
