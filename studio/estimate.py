@@ -145,7 +145,9 @@ def estimate(cfg, arch: Arch, plan=None, micro_batch: int | None = None, seq_len
     shapes = arch.linear_shapes()
     lora = L * sum(cfg.lora.r * (shapes[n][0] + shapes[n][1]) for n in _targets(cfg, arch))
     opt = 2 if "8bit" in cfg.train.optimizer else (0 if cfg.train.optimizer == "sgd" else 8)
-    flat = 4 if plan is not None and plan.flat_optimizer else 0  # its gradient buffer
+    flat = 0  # a merged optimizer's gradient buffer, and under fp16 its copy of parameters and state for an undo
+    if plan is not None and plan.flat_optimizer:
+        flat = 4 + (6 if plan.compute_dtype == "fp16" else 0)
     e.parts["LoRA + grads + optimizer"] = int(lora * (4 + 4 + opt + flat))
     tokens = b * s
     full_layer = (58 + 2 * arch.intermediate / h) * tokens * h * act_bytes / 2

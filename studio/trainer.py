@@ -80,6 +80,14 @@ def studio_trainer_cls():
             without_param_syncs(self.optimizer)  # before the scheduler wraps step
             return optimizer
 
+        def train(self, *args, **kwargs):
+            from studio.speed.flat_optimizer import settle
+
+            out = super().train(*args, **kwargs)
+            if self.optimizer is not None:  # the last update's fate, so the schedule reads as Trainer left it
+                settle(getattr(self.optimizer, "optimizer", self.optimizer))
+            return out
+
         def create_scheduler(self, num_training_steps, optimizer=None):
             from studio.speed.flat_optimizer import defer_scheduler
 

@@ -221,7 +221,7 @@ class Recipe:
             warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
             optim=t.optimizer,
             weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else None,
+            max_grad_norm=max(t.max_grad_norm, 0.0),  # 0: no clipping (Trainer 5 compares it with 0: never None)
             seed=t.seed,
             data_seed=t.seed,
             logging_steps=t.logging_steps,

@@ -48,9 +48,10 @@ def test_one_update_is_the_per_tensor_update_bit_for_bit():
 
     ours, theirs, o, t = _pair()
     initial = [p.detach().clone() for p in ours]
-    assert flatten(o) == len(SHAPES) and flatten(o) == 0  # once
+    assert flatten(o) == len(SHAPES)
     storage = ours[0].untyped_storage().data_ptr()
     assert all(p.untyped_storage().data_ptr() == storage for p in ours)  # one buffer
+    assert flatten(o) == len(SHAPES) and ours[0].untyped_storage().data_ptr() == storage  # merged once
     _steps(list(zip(ours, theirs)), (o, t), 4)
     assert _same(ours, theirs) and not _same(ours, initial)
     for p, q in zip(ours, theirs):
@@ -157,3 +158,106 @@ def test_fp16_loss_scaling_skips_exactly_as_gradscaler_does_without_waiting(clip
         [4] * len(SHAPES)
     for p, q in zip(ours, theirs):
         assert all(torch.equal(o.state[p][k], t.state[q][k]) for k in ("state1", "state2", "absmax1", "absmax2"))
+
+
+@pytest.fixture
+def accelerator():
+    """accelerate's process state, as Trainer sets it up, reset afterwards for the tests that follow."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+
+
+def _trainer_loop(flat, steps=8, none_at=(), inf_at=(), save_between=False, groups=False):
+    """Trainer 5's order of calls around an update, through accelerate's optimizer wrapper and a GradScaler:
+    unscale (gradient clipping), step, state_dict from a callback if asked, read the LR, step the schedule unless
+    accelerate saw the update skipped.  Returns the logged LRs, the parameters and the final LR."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import get_linear_schedule_with_warmup
+
+    from studio.speed.flat_optimizer import defer_scheduler, flatten, settle
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES[:4]]
+    params = [{"params": ps, "weight_decay": 0.01}, {"params": [torch.nn.Parameter(torch.randn(8, 100))],
+                                                    "weight_decay": 0.0}] if groups else ps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = bnb.optim.PagedAdamW8bit(params, lr=1e-2)
+    if flat:
+        assert flatten(opt) == 4
+    everything = [p for g in opt.param_groups for p in g["params"]]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    wrapped = AcceleratedOptimizer(opt, device_placement=False, scaler=scaler)
+    sched = defer_scheduler(wrapped, get_linear_schedule_with_warmup(wrapped, 0, 10))
+    assert (sched is not sched._scheduler) if flat else not hasattr(sched, "_scheduler")
+    lrs = []
+    for i in range(steps):
+        scaler.scale(torch.ones(()))
+        g = torch.Generator().manual_seed(i)
+        for j, p in enumerate(everything):
+            p.grad = None if (i in none_at and j == 2) else torch.randn(p.shape, generator=g)
+            if p.grad is not None and i in inf_at:
+                p.grad.view(-1)[0] = float("inf")
+        scaler.unscale_(opt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped.step()
+        if save_between:
+            wrapped.state_dict()  # a callback's on_optimizer_step looking at the optimizer
+        lrs.append(sched.get_last_lr()[0])
+        if not wrapped.step_was_skipped:
+            sched.step()
+    settle(opt)  # as StudioTrainer.train does when training ends
+    return lrs, [p.detach().clone() for p in everything], sched.get_last_lr()[0], opt.state_dict()
+
+
+@pytest.mark.parametrize("case", [
+    dict(inf_at=(0, 3)),  # the first update skipped, and one later
+    dict(none_at=(1,), inf_at=(4,)),  # a missing gradient sends the group to bitsandbytes' loop for good
+    dict(inf_at=(2,), save_between=True),  # settled before the schedule's step for that update came
+    dict(inf_at=(2, 5), groups=True),  # Trainer's two groups: one merged, one bitsandbytes' own
+], ids=["skips", "fallback", "settled-early", "two-groups"])
+def test_trainer_order_of_calls_gives_the_stock_run(case, accelerator):
+    ours, stock = _trainer_loop(True, **case), _trainer_loop(False, **case)
+    assert ours[0] == stock[0]  # every logged LR
+    assert _same(ours[1], stock[1])
+    assert ours[2] == stock[2]  # the schedule as training left it
+    assert [s["step"] for s in ours[3]["state"].values()] == [s["step"] for s in stock[3]["state"].values()]
+
+
+def test_adamw_alike_optimizers_with_another_state_and_module_overrides_are_left_alone():
+    from studio.speed.flat_optimizer import flatten
+
+    ours, _, _, _ = _pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert flatten(bnb.optim.AdEMAMix8bit(ours, lr=1e-3)) == 0  # two values an element in state1
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([torch.nn.Linear(512, 8, bias=False), torch.nn.Linear(8, 512, bias=False)])
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    try:
+        manager.register_module_override(layers[0], "weight", {"lr": 0.5})
+        assert flatten(bnb.optim.AdamW8bit(layers.parameters(), lr=1e-3)) == 0
+    finally:
+        manager.initialize()  # the process-wide manager keys overrides by id(): none may outlive this test
+
+
+def test_merged_optimizer_keeps_torch_step_hooks_and_its_scheduler_copies():
+    import copy
+
+    from transformers import get_linear_schedule_with_warmup
+
+    from studio.speed.flat_optimizer import defer_scheduler, flatten
+
+    ours, theirs, o, _ = _pair()
+    flatten(o)
+    called = []
+    o.register_step_post_hook(lambda *a: called.append(1))
+    sched = defer_scheduler(o, get_linear_schedule_with_warmup(o, 0, 10))
+    _steps(list(zip(ours, theirs)), (o,), 2)
+    assert called == [1, 1]
+    assert copy.copy(sched).get_last_lr() == sched.get_last_lr()
+    assert flatten(o) == len(SHAPES)  # merged already: the same count, nothing done again

@@ -229,3 +229,12 @@ def test_evaluation_samples_answer_as_one_prompt_at_a_time(tiny_model_dir):
     alone = [generate_text(model, tok, ex.instruction, spec, input=ex.input, system=ex.system, max_new_tokens=24)
              for ex in examples]
     assert generate_texts(model, tok, examples, spec, 24) == alone
+
+
+def test_a_run_without_gradient_clipping_trains(tmp_path):
+    """train.max_grad_norm 0 turns clipping off (Trainer 5 compares the norm with 0: it must not be None)."""
+    cfg = load_preset("tiny-demo").replace({"train.max_grad_norm": 0.0, "train.max_steps": 2, "train.eval_steps": 0,
+                                            "train.save_steps": 0, "train.sample_prompts": 0})
+    run = RunStore(tmp_path / "runs").create(cfg)
+    assert Recipe(run).execute() == "completed", run.last_status()
+    assert [e["step"] for e in run.all_events() if e["type"] == "metric"][-1] == 2

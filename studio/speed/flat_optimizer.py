@@ -3,21 +3,24 @@
 bitsandbytes' 8-bit optimizers (``paged_adamw_8bit`` of the fast preset) update each parameter with its own
 kernel, launched from a Python loop: 128 LoRA tensors a step for r=8 on q,v of Mistral-7B, about 20 ms of host
 time a step that the GPU waits through when rows are short (``bench.profile_step --gaps``).  Their state is
-quantized in blocks of 256 elements that never look at each other, and every LoRA tensor's size is a multiple of
-256 (rank x a hidden size), so the tensors laid end to end give the very same blocks: one update over the whole
-buffer is the same update, bit for bit (``tests/test_flat_optimizer.py``; on the GPU ``tests/gpu/test_lean_gpu.py``
-and, through the engine with fp16 loss scaling and CUDA graphs, ``tests/gpu/test_isolation_gpu.py``).
+quantized in blocks of 256 elements that never look at each other, and a LoRA tensor (rank x a hidden size) holds
+a multiple of 256 elements at the usual ranks and widths, so such tensors laid end to end give the very same
+blocks: one update over the whole buffer is the same update, bit for bit (``tests/test_flat_optimizer.py``; on the
+GPU ``tests/gpu/test_lean_gpu.py`` and, through the engine with fp16 loss scaling and CUDA graphs,
+``tests/gpu/test_isolation_gpu.py``).
 
-Contract: ``flatten(optimizer) -> int`` merges each parameter group of a bitsandbytes Adam-family optimizer
-(``Optimizer2State``) with 8-bit state whose parameters all share a device and dtype, are contiguous, hold a
-multiple of 256 and at least ``min_8bit_size`` elements, and have no per-parameter config override; it returns
-how many tensors it merged (0: the optimizer is left as it was).  Call it before anything records the parameters'
-addresses (CUDA graphs): the parameters become views of one buffer per merged group.  What stays as it was:
-``state_dict()`` and ``load_state_dict()`` keep bitsandbytes' per-tensor format (each tensor's state is a view of
-the flat state), so a checkpoint resumes with or without flattening; a step in which a merged parameter has no
-gradient, or the tensors' step counts differ, runs bitsandbytes' own per-tensor loop on the same views.  Costs one
-fp32 gradient buffer the size of the merged parameters (13 MiB for the fast preset).  The flat state is in GPU
-memory, never paged (bitsandbytes pages a tensor's state only from 1e5 elements).
+Contract: ``flatten(optimizer) -> int`` merges each parameter group of a bitsandbytes Adam or AdamW optimizer with
+8-bit state whose parameters all share a device and dtype, are contiguous, hold a multiple of 256 and at least
+``min_8bit_size`` elements, and have no per-parameter config override (module overrides included); a group with
+one tensor that does not qualify is left whole to bitsandbytes.  It returns how many tensors it merged (0: the
+optimizer is left as it was).  Call it before anything records the parameters' addresses (CUDA graphs): the
+parameters become views of one buffer per merged group.  What stays as it was: ``state_dict()`` and
+``load_state_dict()`` keep bitsandbytes' per-tensor format (each tensor's state is a view of the flat state), so a
+checkpoint resumes with or without merging; a step in which a merged parameter has no gradient, or the tensors'
+step counts differ, runs bitsandbytes' own per-tensor loop on the same views (from then on, if the counts stay
+apart).  Costs a gradient buffer the size of the merged parameters, in their dtype (13 MiB for the fast preset),
+and under fp16 a copy of the parameters and state each update (for the undo below).  The flat state is in GPU
+memory, never paged (bitsandbytes pages a tensor's state from 1e5 elements on).
 
 fp16 training without a wait per step.  torch's ``GradScaler`` skips an update whose gradients hold inf or NaN,
 and to know whether to, it reads a flag from the GPU (``.item()``) before every update: the host waits for the
@@ -26,9 +29,10 @@ whole backward, and the GPU then idles while the host works through the step's e
 handles the flag itself (``_step_supports_amp_scaling``, as torch's fused Adam does): it updates, puts the
 parameters and state back on the GPU where the flag is set (``torch.where``, nothing read by the host), and copies
 the flag to pinned host memory.  What the host needs of it, the update counts bitsandbytes' bias correction reads
-and whether the LR schedule advances, it settles at the next update (the flag arrived long before) or when the
-state is saved: ``defer_scheduler(optimizer, scheduler)`` returns the scheduler whose ``step()`` waits for that.
-So a skipped update leaves parameters, state, counts and schedule exactly as ``GradScaler``'s skip does.
+and whether the LR schedule advances, ``settle`` works out at the next update (the flag arrived long before), when
+the state is saved or loaded, and when training ends: ``defer_scheduler(optimizer, scheduler)`` returns the
+scheduler whose ``step()`` waits for that.  Under Trainer's loop a skipped update thus leaves parameters, state,
+counts and schedule as ``GradScaler``'s own skip does (the tests skip updates with inf gradients both ways).
 """
 
 from __future__ import annotations
@@ -41,15 +45,24 @@ _ABSMAX = ("absmax1", "absmax2")  # fp32, one an element block
 
 
 def flatten(optimizer) -> int:
-    """Merge what can be merged (see the module's contract); the number of tensors merged."""
+    """Merge what can be merged (see the module's contract); the number of tensors merged (those merged before, for
+    an optimizer this already merged)."""
     try:
         import bitsandbytes.optim.optimizer as bnb_optim
+        import torch
     except ImportError:
         return 0
-    if not isinstance(optimizer, bnb_optim.Optimizer2State) or getattr(optimizer, "_studio_flat", None) is not None:
+    if getattr(optimizer, "_studio_flat", None) is not None:
+        return sum(len(g.params) for g in optimizer._studio_flat.values())
+    cls = type(optimizer)
+    # Adam and AdamW only: AdEMAMix is an Optimizer2State too, but keeps two values an element in state1.
+    if (not isinstance(optimizer, bnb_optim.Optimizer2State) or optimizer.optimizer_name != "adam"
+            or cls.init_state is not bnb_optim.Optimizer2State.init_state
+            or cls.update_step is not bnb_optim.Optimizer2State.update_step):
         return 0
     if optimizer.args.optim_bits != 8 or optimizer.args.max_unorm > 0:
         return 0
+    optimizer.check_overrides()  # module overrides reach the per-parameter configs now, not at the first step
     groups = {}
     for gindex, group in enumerate(optimizer.param_groups):
         if _mergeable(optimizer, gindex, group["params"]):
@@ -60,18 +73,19 @@ def flatten(optimizer) -> int:
     optimizer._studio_pending = None  # the last update's skip flag, on its way to the host
     optimizer._studio_scheduler = None
     optimizer._step_supports_amp_scaling = True  # GradScaler hands over found_inf instead of reading it
-    optimizer.step = types.MethodType(_step, optimizer)
+    # Through torch's own wrapper, so the optimizer's step hooks and profiler labels still run.
+    optimizer.step = types.MethodType(torch.optim.Optimizer.profile_hook_step(_step), optimizer)
     load, save = optimizer.load_state_dict, optimizer.state_dict
 
     def load_state_dict(self, state_dict, *args, **kwargs):
-        _settle(self)
+        settle(self)
         out = load(state_dict, *args, **kwargs)
         for flat in groups.values():
             flat.state_ready = False  # the loaded tensors are copied into the flat state at the next step
         return out
 
     def state_dict(self, *args, **kwargs):
-        _settle(self)  # the update counts as GradScaler's skips left them
+        settle(self)  # the update counts as GradScaler's skips left them
         return save(*args, **kwargs)
 
     optimizer.load_state_dict = types.MethodType(load_state_dict, optimizer)
@@ -84,44 +98,65 @@ class _DeferredScheduler:
     ``GradScaler`` skipped it (Trainer steps the schedule only after updates that happened)."""
 
     def __init__(self, scheduler, optimizer):
-        self._scheduler, self._optimizer, self._pending = scheduler, optimizer, False
+        self._scheduler, self._optimizer = scheduler, optimizer
+        self._pending = 0  # steps asked for while the last update's fate was on its way
+        self._known = None  # that fate, when it was settled before this scheduler's step for it came
 
     def step(self, *args, **kwargs):
-        if args or kwargs or self._optimizer._studio_pending is None:
+        if args or kwargs:
             return self._scheduler.step(*args, **kwargs)
-        self._pending = True
-
-    def settle(self, skipped: bool) -> None:
-        if self._pending:
-            self._pending = False
+        if self._known is not None:
+            skipped, self._known = self._known, None
             if not skipped:
                 self._scheduler.step()
+        elif self._optimizer._studio_pending is not None:
+            self._pending += 1
+        else:
+            self._scheduler.step()
+
+    def settle(self, skipped: bool) -> None:
+        """The last update's fate: the step asked for after it is dropped if it was skipped."""
+        if not self._pending:
+            self._known = skipped  # settled early (a state_dict between the update and this step)
+            return
+        steps, self._pending = self._pending - int(skipped), 0
+        for _ in range(steps):
+            self._scheduler.step()
 
     def state_dict(self):
-        _settle(self._optimizer)
+        settle(self._optimizer)
         return self._scheduler.state_dict()
 
     def __getattr__(self, name):
+        if name.startswith("__") or name in ("_scheduler", "_optimizer", "_pending", "_known"):
+            raise AttributeError(name)  # copy and pickle look these up before __init__ has run
         return getattr(self._scheduler, name)
 
 
 def defer_scheduler(optimizer, scheduler):
     """``scheduler`` as the trainer should step it: deferred where ``optimizer`` (or the optimizer it wraps) was
-    merged by ``flatten``, else ``scheduler`` itself."""
+    merged by ``flatten``, else ``scheduler`` itself (also a metric-driven scheduler, which Trainer finds by its
+    type and steps with the evaluation's metric)."""
+    import torch
+
     inner = getattr(optimizer, "optimizer", optimizer)
-    if getattr(inner, "_studio_flat", None) is None or isinstance(scheduler, _DeferredScheduler):
+    if (getattr(inner, "_studio_flat", None) is None or isinstance(scheduler, _DeferredScheduler)
+            or not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+            or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
         return scheduler
     deferred = _DeferredScheduler(scheduler, inner)
     inner._studio_scheduler = deferred
     return deferred
 
 
-def _settle(optimizer) -> None:
-    """Learn whether the last update was skipped: if so, take back its update counts and drop the LR step that
-    followed it; if not, take that LR step."""
-    pending, optimizer._studio_pending = optimizer._studio_pending, None
+def settle(optimizer) -> None:
+    """Learn whether ``optimizer``'s last update was skipped: if so, take back its update counts and drop the LR
+    step that followed it; if not, take that LR step.  Saving and loading state settle first; StudioTrainer also
+    settles when training ends, so the schedule reads as Trainer left it."""
+    pending = getattr(optimizer, "_studio_pending", None)
     if pending is None:
         return
+    optimizer._studio_pending = None
     event, flag, params = pending
     if event is not None:
         event.synchronize()  # recorded a step ago: long done
@@ -227,7 +262,7 @@ class _FlatGroup:
         if any(s["step"] != step - 1 for s in states):
             return False
         torch.cat([g.reshape(-1) for g in grads], out=self.grad)
-        if grad_scale is not None:  # GradScaler's own unscale: the same multiply, in place
+        if grad_scale is not None:  # GradScaler's unscale of each gradient, the same multiply, on the flat copy
             inv = grad_scale.double().reciprocal().float()
             torch._amp_foreach_non_finite_check_and_unscale_([self.grad], torch.zeros_like(inv), inv)
         kept = None
@@ -262,7 +297,7 @@ def _step(self, closure=None):
     # Set by GradScaler (``_step_supports_amp_scaling``); absent without fp16 loss scaling.
     found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
     with torch.no_grad():
-        _settle(self)
+        settle(self)
         if not self.initialized:
             self.check_overrides()
             self.to_gpu()
@@ -291,7 +326,7 @@ def _step(self, closure=None):
                 last = p
         if self.is_paged and last is not None:
             bnb_optim.sync_gpu(last)
-        if merged and found_inf is not None:  # the flag travels to the host while the GPU works on
+        if found_inf is not None:  # the flag travels to the host while the GPU works on (settle reads it)
             if found_inf.device.type == "cuda":
                 flag = torch.empty(1, dtype=found_inf.dtype, pin_memory=True)
                 flag.copy_(found_inf.reshape(1), non_blocking=True)
