@@ -85,7 +85,7 @@ def studio_trainer_cls():
 
             out = super().train(*args, **kwargs)
             if self.optimizer is not None:  # the last update's fate, so the schedule reads as Trainer left it
-                settle(getattr(self.optimizer, "optimizer", self.optimizer))
+                settle(self.optimizer)
             return out
 
         def create_scheduler(self, num_training_steps, optimizer=None):

@@ -139,7 +139,7 @@ def defer_scheduler(optimizer, scheduler):
     type and steps with the evaluation's metric)."""
     import torch
 
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = _inner(optimizer)
     if (getattr(inner, "_studio_flat", None) is None or isinstance(scheduler, _DeferredScheduler)
             or not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
             or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
@@ -150,9 +150,10 @@ def defer_scheduler(optimizer, scheduler):
 
 
 def settle(optimizer) -> None:
-    """Learn whether ``optimizer``'s last update was skipped: if so, take back its update counts and drop the LR
-    step that followed it; if not, take that LR step.  Saving and loading state settle first; StudioTrainer also
-    settles when training ends, so the schedule reads as Trainer left it."""
+    """Learn whether ``optimizer``'s (or the optimizer it wraps) last update was skipped: if so, take back its
+    update counts and drop the LR step that followed it; if not, take that LR step.  Saving and loading state
+    settle first; StudioTrainer also settles when training ends, so the schedule reads as Trainer left it."""
+    optimizer = _inner(optimizer)
     pending = getattr(optimizer, "_studio_pending", None)
     if pending is None:
         return
@@ -262,12 +263,10 @@ class _FlatGroup:
         if any(s["step"] != step - 1 for s in states):
             return False
         torch.cat([g.reshape(-1) for g in grads], out=self.grad)
-        if grad_scale is not None:  # GradScaler's unscale of each gradient, the same multiply, on the flat copy
-            inv = grad_scale.double().reciprocal().float()
-            torch._amp_foreach_non_finite_check_and_unscale_([self.grad], torch.zeros_like(inv), inv)
-        kept = None
-        if found_inf is not None:
-            kept = [t.clone() for t in (self.param, *self.flat_state.values())]
+        if grad_scale is not None:  # on the flat copy: the same multiply as on each gradient
+            _unscale([self.grad], grad_scale)
+        undoable = (self.param, *self.flat_state.values())
+        kept = [t.clone() for t in undoable] if found_inf is not None else None
         for s in states:
             s["step"] = step
         config = optimizer.get_config(gindex, 0, group)
@@ -280,9 +279,22 @@ class _FlatGroup:
             skip_zeros=config["skip_zeros"])
         if kept is not None:
             skip = found_inf.reshape(1) > 0
-            for t, old in zip((self.param, *self.flat_state.values()), kept):
+            for t, old in zip(undoable, kept):
                 t.copy_(torch.where(skip, old, t))
         return True
+
+
+def _unscale(grads, grad_scale) -> None:
+    """GradScaler's own unscale (``unscale_``): each gradient times the scale's reciprocal, in place."""
+    import torch
+
+    inv = grad_scale.double().reciprocal().float()
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, torch.zeros_like(inv), inv)
+
+
+def _inner(optimizer):
+    """The optimizer under accelerate's wrapper, or ``optimizer`` itself."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _step(self, closure=None):
@@ -313,8 +325,7 @@ def _step(self, closure=None):
             if not grads or (found_inf is not None and found_inf.item()):
                 continue  # GradScaler's skip, read as it reads it (a wait: this loop is the rare path)
             if grad_scale is not None:
-                inv = grad_scale.double().reciprocal().float()
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, torch.zeros_like(inv), inv)
+                _unscale(grads, grad_scale)
             for pindex, p in enumerate(group["params"]):  # bitsandbytes' own loop
                 if p.grad is None:
                     continue
