@@ -167,6 +167,8 @@ class SpeedSection:
     fused_lora: str = _f("auto", "Each 4-bit LoRA layer as one fused autograd function.", choices=SWITCH)
     flat_optimizer: str = _f("auto", "One 8-bit optimizer update for all LoRA tensors instead of one per tensor "
                              "(the same update, bit for bit).", choices=SWITCH)
+    graph_decode: str = _f("auto", "Decode the sample answers of each evaluation one CUDA graph replay a token.",
+                           choices=SWITCH)
 
 
 SPEED_SWITCHES = tuple(n for n in SpeedSection.__dataclass_fields__ if n != "micro_batch")

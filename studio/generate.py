@@ -127,10 +127,12 @@ def generate_text(model, tokenizer, text: str, spec: TemplateSpec, *, input: str
     return _cut(tokenizer.decode(new, skip_special_tokens=True), spec).strip()
 
 
-def generate_texts(model, tokenizer, examples: list, spec: TemplateSpec, max_new_tokens: int) -> list[str]:
+def generate_texts(model, tokenizer, examples: list, spec: TemplateSpec, max_new_tokens: int,
+                   graphed: bool = False) -> list[str]:
     """Greedy answers to several examples (``instruction``, ``input``, ``system``) in one batched ``generate``: the
     prompts left-padded with an attention mask, so each row decodes what it would alone; the run's evaluation
-    samples use it (one decode loop instead of one per prompt)."""
+    samples use it (one decode loop instead of one per prompt).  ``graphed`` (a CUDA model): each token is one
+    CUDA graph replay (``studio.speed.graph_decode``), where the model's cache allows it."""
     import torch
 
     if not examples:
@@ -142,11 +144,20 @@ def generate_texts(model, tokenizer, examples: list, spec: TemplateSpec, max_new
     device = next(model.parameters()).device
     input_ids = torch.tensor([[pad] * (n - len(x)) + x for x in ids], device=device)
     mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in ids], device=device)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=mask,
-                             **_gen_kwargs(tokenizer, Sampling(max_new_tokens=max_new_tokens)))
-    return [_cut(tokenizer.decode(row[n:], skip_special_tokens=True), spec).strip() for row in out]
+    new = None
+    if graphed and device.type == "cuda":
+        from studio.speed.graph_decode import Unsupported, greedy_tokens
+
+        eos = tokenizer.eos_token_id
+        with contextlib.suppress(Unsupported):  # a cache that rolls or resizes: generate below
+            new = greedy_tokens(model, input_ids, mask, max_new_tokens, eos if isinstance(eos, list) else [eos],
+                                tokenizer.pad_token_id, graphed=True)
+    if new is None:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            new = model.generate(input_ids=input_ids, attention_mask=mask,
+                                 **_gen_kwargs(tokenizer, Sampling(max_new_tokens=max_new_tokens)))[:, n:]
+    return [_cut(tokenizer.decode(row, skip_special_tokens=True), spec).strip() for row in new]
 
 
 def stream(model, tokenizer, text: str, spec: TemplateSpec, *, adapter: str | None = None,

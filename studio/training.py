@@ -349,7 +349,7 @@ class Recipe:
         model.eval()
         try:
             answers = generate_texts(model, self.tokenizer, self.sample_examples, self.spec,
-                                     self.cfg.train.sample_max_new_tokens)
+                                     self.cfg.train.sample_max_new_tokens, graphed=self.plan.graph_decode)
             for ex, answer in zip(self.sample_examples, answers):
                 self.run.emit("sample", step=step, prompt=ex.instruction, input=ex.input,
                               reference=ex.response, answer=answer)

@@ -19,11 +19,12 @@ GiB = 2**30
 CPU = Hardware("cpu", "CPU", 24 * GiB, 0, True, None, 24 * GiB)
 
 # (micro-batch, accumulation, dtype, the switches that are on), per card.
-FAST = {"T4 16 GB": (4, 2, "fp16", {"liger", "cuda_graphs", "fused_lora", "flat_optimizer"}),
-        "L4 24 GB": (8, 1, "fp16", {"liger", "cuda_graphs", "fused_lora", "flat_optimizer"}),
-        **{gpu: (8, 1, "fp16", {"weight_cache", "liger", "cuda_graphs", "fused_lora", "flat_optimizer"})
+ALWAYS = {"liger", "fused_lora", "graph_decode"}  # on every GPU of these, for both presets
+FAST = {"T4 16 GB": (4, 2, "fp16", ALWAYS | {"cuda_graphs", "flat_optimizer"}),
+        "L4 24 GB": (8, 1, "fp16", ALWAYS | {"cuda_graphs", "flat_optimizer"}),
+        **{gpu: (8, 1, "fp16", ALWAYS | {"weight_cache", "cuda_graphs", "flat_optimizer"})
            for gpu in ("A100 40 GB", "A100 80 GB", "H100 80 GB", "H200 141 GB")}}
-LEAN = {"gradient_checkpointing", "offload_checkpoints", "liger", "fused_lora"}
+LEAN = ALWAYS | {"gradient_checkpointing", "offload_checkpoints"}
 THOROUGH = {"T4 16 GB": (4, 4, "fp16", LEAN),  # 12.7 GiB of Colab RAM: no room for the kept up-projections
             **{gpu: (4, 4, "bf16", LEAN | {"offload_up_proj"})
                for gpu in ("L4 24 GB", "A100 40 GB", "A100 80 GB", "H100 80 GB", "H200 141 GB")}}

@@ -230,7 +230,7 @@ def test_fit_panel_shows_what_the_planner_runs_on_each_gpu():
     rows, verdict, _ = presets.fit(base, *values)
     by_gpu = {r[0]: r for r in rows}
     assert by_gpu["H100 80 GB"][4] == ("micro-batch 8 x 1, fp16, 16-bit weight cache, Liger kernels, CUDA graphs, "
-                                       "fused LoRA, one optimizer update")
+                                       "fused LoRA, one optimizer update, graphed sample answers")
     assert "weight cache" not in by_gpu["T4 16 GB"][4] and "CUDA graphs" in by_gpu["T4 16 GB"][4]
 
 

@@ -19,7 +19,7 @@ LABELS = {
     "offload_checkpoints": "checkpoints in CPU RAM", "offload_up_proj": "up-projections in CPU RAM",
     "fp32_frozen": "fp32 frozen weights", "weight_cache": "16-bit weight cache", "liger": "Liger kernels",
     "padding_free": "padding-free rows", "cuda_graphs": "CUDA graphs", "fused_lora": "fused LoRA",
-    "flat_optimizer": "one optimizer update",
+    "flat_optimizer": "one optimizer update", "graph_decode": "graphed sample answers",
 }
 
 
@@ -39,6 +39,7 @@ class Plan:
     cuda_graphs: bool = False
     fused_lora: bool = False
     flat_optimizer: bool = False
+    graph_decode: bool = False
     reasons: dict = field(default_factory=dict)
     notes: tuple = ()
     estimate_gib: float | None = None  # reserved GiB the estimate expects; None without a known shape or GPU

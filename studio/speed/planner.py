@@ -15,8 +15,8 @@ in the order they are applied (docs/speed.md gives the measurements behind them)
 3. On one GPU, always: Liger's kernels where liger-kernel is installed (compute capability 7.0 or newer); fused
    LoRA for 4-bit layers without LoRA bias; frozen weights in the compute dtype (as Unsloth keeps them);
    padding-free rows only with flash-attention's varlen kernel (with SDPA a packed row takes a dense mask,
-   measured 0.67x at 4096 tokens).  With short rows (below), bitsandbytes' 8-bit Adam as one update for all
-   LoRA tensors (``flat_optimizer``).
+   measured 0.67x at 4096 tokens); the sample answers decoded as CUDA graph replays (``graph_decode``).  With
+   short rows (below), bitsandbytes' 8-bit Adam as one update for all LoRA tensors (``flat_optimizer``).
 4. Short rows (``data.max_length`` <= 512): a step is too small to keep the GPU busy and the host's per-kernel
    overhead dominates.  The largest micro-batch that fits, without checkpointing if possible; the decoder layers
    replayed as one CUDA graph (not with checkpointing and LoRA dropout: a graphed recompute cannot redraw the
@@ -109,7 +109,7 @@ def _cannot(cfg, hw, gc: bool, graphs: bool, liger_installed: bool) -> dict[str,
     stage = "the preference stage runs TRL's trainer on the plain path"
     out = {}
     if not gpu:
-        out["liger"] = out["cuda_graphs"] = out["weight_cache"] = "needs a CUDA GPU"
+        out["liger"] = out["cuda_graphs"] = out["weight_cache"] = out["graph_decode"] = "needs a CUDA GPU"
     elif not liger_installed:
         out["liger"] = "liger-kernel is not installed (pip install liger-kernel)"
     elif hw.sm < 70:
@@ -118,6 +118,10 @@ def _cannot(cfg, hw, gc: bool, graphs: bool, liger_installed: bool) -> dict[str,
         out["cuda_graphs"] = "graphs run on one GPU"
     elif gpu and hw.sm < 70:
         out["cuda_graphs"] = f"{hw.name} is too old for the graphed layers"
+    if gpu and hw.sm < 70:
+        out["graph_decode"] = f"{hw.name} is too old for graphed decoding"
+    elif gpu and t.fsdp:
+        out["graph_decode"] = "FSDP runs write no sample answers"
     if gpu and t.fsdp:
         out["weight_cache"] = "FSDP shards the 4-bit weights"
     if not four_bit:
@@ -181,7 +185,7 @@ def plan_run(cfg, hw, *, arch=_UNKNOWN, host_free: int | None = None, liger_inst
         graphs = c.set("cuda_graphs", False, plain, can="cuda_graphs" not in cannot, cannot=cannot.get("cuda_graphs", ""))
         cannot = _cannot(cfg, hw, gc, graphs, liger_installed)
         for key in ("liger", "fused_lora", "weight_cache", "offload_checkpoints", "offload_up_proj", "padding_free",
-                    "flat_optimizer"):
+                    "flat_optimizer", "graph_decode"):
             c.set(key, False, plain, can=key not in cannot, cannot=cannot.get(key, ""))
         return finish(micro0, "as written" if not pins.micro_batch else "set in speed.micro_batch")
 
@@ -194,6 +198,9 @@ def plan_run(cfg, hw, *, arch=_UNKNOWN, host_free: int | None = None, liger_inst
           "instead of one per tensor, launched while the GPU waits on short rows" if short else "long rows: the "
           "per-tensor updates hide behind the step's matmuls, and no gradient-sized buffer is added",
           can="flat_optimizer" not in cannot, cannot=cannot.get("flat_optimizer", ""))
+    c.set("graph_decode", True, "the sample answers at each evaluation decode one CUDA graph replay a token: eagerly "
+          "a token costs ~40 ms of Python for ~7 ms of GPU work on a 7B model",
+          can="graph_decode" not in cannot, cannot=cannot.get("graph_decode", ""))
     c.set("fp32_frozen", False, f"frozen embeddings, head and norms stay in {dtype}: half their memory, no casts; "
           "LoRA weights and optimizer state stay fp32")
     resid = 4 if (c.on["fp32_frozen"] or dtype == "fp32") else 2
