@@ -62,6 +62,26 @@ def test_the_static_cache_steps_decode_generates_greedy_tokens(tiny, window, mon
     assert torch.equal(ours, static) and torch.equal(ours, default)
 
 
+@pytest.mark.parametrize("window", [None, 4096])
+def test_every_layer_keeps_its_fill_level_on_the_device(tiny, window, monkeypatch):
+    """A replayed graph sees only device memory: the queries' offset the model reads from the cache must be a
+    tensor that the step itself advances, never a Python int frozen at capture (transformers' sliding-window layer
+    keeps one; a window holding every position gets the full-attention layer)."""
+    import torch
+
+    from studio.speed.graph_decode import static_cache
+
+    model, tok = tiny
+    monkeypatch.setattr(model.config, "sliding_window", window)
+    input_ids, mask = _prompts(tok, TEXTS)
+    cache = static_cache(model.config, input_ids.shape[1] + 8)
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=torch.ones(3, input_ids.shape[1] + 8, dtype=torch.bool),
+              past_key_values=cache, use_cache=True)
+    offsets = [cache.get_query_offset(i) for i in range(len(cache.layers))]
+    assert all(torch.is_tensor(o) and int(o) == input_ids.shape[1] for o in offsets)
+
+
 def test_rows_that_end_are_padded_and_decoding_stops_where_generate_stops(tiny):
     """With an end token each row reaches at a different step, rows are padded after it, and the answer is cut
     after the step the last row ended in, as generate cuts it (16-token host checks drop their extra columns)."""

@@ -12,7 +12,7 @@ after the (left-padded) prompt: a row that ended is padded with ``pad_id``, and 
 ended (checked every ``CHECK_EVERY`` tokens; columns past the end are dropped, so the result is the same).
 ``graphed=False`` runs the same steps eagerly (the CPU tests compare that with ``generate``); ``graphed=True`` needs
 the model on a CUDA GPU.  ``Unsupported`` is raised before anything runs when the cache would not keep a fixed
-layout (a sliding window shorter than prompt plus answer): the caller then uses ``generate``.
+layout (an attention window shorter than prompt plus answer, recurrent layers): the caller then uses ``generate``.
 """
 
 from __future__ import annotations
@@ -24,25 +24,32 @@ class Unsupported(ValueError):
     """The static cache would roll or resize during decoding: a replayed graph would not follow it."""
 
 
-def _fixed_layout(cache, length: int) -> bool:
-    from transformers.cache_utils import StaticLayer
+def static_cache(config, length: int):
+    """Full-attention static layers for ``length`` positions, or ``Unsupported``.
 
-    # Full-attention layers, or sliding ones whose window holds every position: their writes go to the slot that
-    # a GPU-side counter names, with no branch decided in Python, so one captured step serves every token.
-    return all(type(layer).__name__ in ("StaticLayer", "StaticSlidingWindowLayer") and isinstance(layer, StaticLayer)
-               and layer.max_cache_len == length for layer in cache.layers)
+    transformers' sliding-window static layer counts its fill level in a Python int, which the model reads as the
+    queries' offset: a replayed graph would keep the offset it was captured with.  A window (or attention chunk) of
+    at least ``length`` positions restricts nothing, so its layers get the full-attention layer, whose fill level
+    is a GPU tensor; a shorter window would roll the cache and is refused.
+    """
+    from transformers.cache_utils import Cache, StaticLayer, get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    window = kwargs.get("sliding_window")
+    if any(t not in ("full_attention", "sliding_attention", "chunked_attention") for t in types):
+        raise Unsupported(f"layer types {sorted(set(types))} have no fixed-size cache")
+    if window is not None and window < length:
+        raise Unsupported(f"a {window}-token attention window is shorter than prompt plus answer ({length})")
+    return Cache(layers=[StaticLayer(max_cache_len=length) for _ in types])
 
 
 def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, eos_ids, pad_id: int,
                   graphed: bool = False):
     import torch
-    from transformers import StaticCache
 
     rows, n = input_ids.shape
     length = n + max_new_tokens
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    if not _fixed_layout(cache, length):
-        raise Unsupported("the model's key/value cache does not keep a fixed layout for this length")
+    cache = static_cache(model.config, length)
     dev = input_ids.device
     # Padding stays masked; every later slot is open (causality hides slots not written yet).
     mask = torch.ones(rows, length, dtype=torch.bool, device=dev)
