@@ -89,7 +89,9 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, eos_ids
             tokens.append(tok.clone())
             left -= 1
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # The training data loader's pin-memory thread stays alive through an evaluation: only this thread's
+            # calls are checked for capture safety (its own work on its own stream is never captured).
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 step()
             run = graph.replay
         for _ in range(left):
