@@ -151,6 +151,7 @@ class Recipe:
         self.trainer = None
         self.callback = None
         self.sample_examples = []
+        self.graphed_samples = False  # the plan's graph_decode, until it fails once
         self.resumed_from = None  # the checkpoint folder train() resumes from, if any
 
     # ---- steps --------------------------------------------------------------------------------
@@ -171,6 +172,7 @@ class Recipe:
         self.run.emit("status", status="starting", device=self.hw.device, gpu=self.hw.name)
         self.plan = speed.plan(cfg, self.hw)
         self.run.emit("plan", **self.plan.to_event())
+        self.graphed_samples = self.plan.graph_decode
         for note in self.plan.notes:
             self.run.emit("log", message=note)
         self.tokenizer = modeling.load_tokenizer(cfg, token=self.token)
@@ -343,19 +345,32 @@ class Recipe:
     def emit_samples(self, model, step: int):
         if not self.sample_examples:
             return
-        from studio.generate import generate_texts
-
         was_training = model.training
         model.eval()
         try:
-            answers = generate_texts(model, self.tokenizer, self.sample_examples, self.spec,
-                                     self.cfg.train.sample_max_new_tokens, graphed=self.plan.graph_decode)
+            answers = self._answers(model)
             for ex, answer in zip(self.sample_examples, answers):
                 self.run.emit("sample", step=step, prompt=ex.instruction, input=ex.input,
                               reference=ex.response, answer=answer)
         finally:
             if was_training:
                 model.train()
+
+    def _answers(self, model) -> list[str]:
+        """The sample answers.  Samples watch a run and never end it: graphed decoding that fails (a model whose
+        forward cannot be captured) is turned off for the rest of the run, with a note, and generate answers."""
+        from studio.generate import generate_texts
+
+        args = (model, self.tokenizer, self.sample_examples, self.spec, self.cfg.train.sample_max_new_tokens)
+        if self.graphed_samples:
+            try:
+                return generate_texts(*args, graphed=True)
+            except Exception as e:  # noqa: BLE001
+                self.graphed_samples = False
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                self.run.emit("log", message=f"Graphed sample answers failed ({first}); this run's samples decode "
+                              "eagerly from now on (speed.graph_decode off skips the attempt).")
+        return generate_texts(*args)
 
     def execute(self, resume: bool = False) -> str:
         """Run every step; return the terminal status.  Never raises for training failures: each ends with

@@ -238,3 +238,34 @@ def test_a_run_without_gradient_clipping_trains(tmp_path):
     run = RunStore(tmp_path / "runs").create(cfg)
     assert Recipe(run).execute() == "completed", run.last_status()
     assert [e["step"] for e in run.all_events() if e["type"] == "metric"][-1] == 2
+
+
+def test_graphed_samples_that_fail_turn_off_with_a_note_and_the_run_goes_on(tmp_path, monkeypatch):
+    """Sample answers watch a run and never end it: when graphed decoding raises (here injected: on the CPU it is
+    never attempted), the recipe writes one note, turns it off for the rest of the run, and generate answers."""
+    from studio import generate
+    from studio.runs import RunStore
+    from studio.training import Recipe
+
+    run = RunStore(tmp_path / "runs").create(_short_cfg().replace({"train.sample_prompts": 2}), "graphed-fails")
+    recipe = Recipe(run)
+    recipe.setup()
+    assert recipe.graphed_samples is False  # the CPU's plan: graph_decode needs a CUDA GPU
+    recipe.graphed_samples = True
+    real, calls = generate.generate_texts, []
+
+    def graphed_fails(*args, graphed=False):
+        calls.append(graphed)
+        if graphed:
+            raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors ...")
+        return real(*args)
+
+    monkeypatch.setattr(generate, "generate_texts", graphed_fails)
+    recipe.emit_samples(recipe.model, 1)
+    recipe.emit_samples(recipe.model, 2)
+    assert calls == [True, False, False]
+    evs = run.all_events()
+    notes = [e["message"] for e in evs if e["type"] == "log" and "Graphed sample answers" in e["message"]]
+    assert len(notes) == 1 and "(operation not permitted when stream is capturing)" in notes[0]
+    samples = [e for e in evs if e["type"] == "sample"]
+    assert [e["step"] for e in samples] == [1, 1, 2, 2] and all(isinstance(e["answer"], str) for e in samples)
