@@ -144,6 +144,8 @@ def generate_texts(model, tokenizer, examples: list, spec: TemplateSpec, max_new
     device = next(model.parameters()).device
     input_ids = torch.tensor([[pad] * (n - len(x)) + x for x in ids], device=device)
     mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in ids], device=device)
+    # Both paths leave the random state as it always was after samples (LoRA dropout draws from it afterwards).
+    torch.manual_seed(0)
     new = None
     if graphed and device.type == "cuda":
         from studio.speed.graph_decode import Unsupported, greedy_tokens
@@ -153,7 +155,6 @@ def generate_texts(model, tokenizer, examples: list, spec: TemplateSpec, max_new
             new = greedy_tokens(model, input_ids, mask, max_new_tokens, eos if isinstance(eos, list) else [eos],
                                 tokenizer.pad_token_id, graphed=True)
     if new is None:
-        torch.manual_seed(0)
         with torch.no_grad():
             new = model.generate(input_ids=input_ids, attention_mask=mask,
                                  **_gen_kwargs(tokenizer, Sampling(max_new_tokens=max_new_tokens)))[:, n:]

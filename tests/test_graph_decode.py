@@ -139,3 +139,23 @@ def test_on_the_cpu_graphed_samples_are_the_plain_samples(tiny):
     examples = [Example(instruction="What is a bond?"), Example(instruction="Name three ways to save money.")]
     answers = generate_texts(model, tok, examples, spec, 24, graphed=True)
     assert answers == generate_texts(model, tok, examples, spec, 24) and all(answers)
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"_attn_implementation": "flash_attention_2"}, "flash_attention_2 attention"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "dynamic RoPE"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0}}, "longrope RoPE")])
+def test_attention_or_rope_a_replayed_step_would_get_wrong_is_refused(tiny, change, why):
+    """flash-attention's mask drops the causal offset that keeps the open future slots unseen; dynamic and long
+    RoPE choose their frequencies in Python from the length (a host sync inside a capture)."""
+    import copy
+
+    from studio.speed.graph_decode import Unsupported, static_cache
+
+    model, _ = tiny
+    config = copy.deepcopy(model.config)
+    for key, value in change.items():
+        setattr(config, key, value)
+    with pytest.raises(Unsupported, match=why):
+        static_cache(config, 64)
+    assert len(static_cache(model.config, 64).layers) == model.config.num_hidden_layers

@@ -24,17 +24,34 @@ class Unsupported(ValueError):
     """The static cache would roll or resize during decoding: a replayed graph would not follow it."""
 
 
+def _rope_types(config) -> set[str]:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return {"default"}
+    per_layer = [v for v in rope.values() if isinstance(v, dict)]  # Gemma 3: one entry per layer type
+    return {str(r.get("rope_type", r.get("type", "default"))) for r in (per_layer or [rope])}
+
+
 def static_cache(config, length: int):
     """Full-attention static layers for ``length`` positions, or ``Unsupported``.
 
     transformers' sliding-window static layer counts its fill level in a Python int, which the model reads as the
     queries' offset: a replayed graph would keep the offset it was captured with.  A window (or attention chunk) of
     at least ``length`` positions restricts nothing, so its layers get the full-attention layer, whose fill level
-    is a GPU tensor; a shorter window would roll the cache and is refused.
+    is a GPU tensor; a shorter window would roll the cache and is refused.  Refused too: attention other than
+    SDPA or eager (flash-attention's mask drops the causal offset the open future slots rely on), and dynamic or
+    long RoPE (their frequencies are chosen in Python from the sequence length, a host sync inside the capture).
     """
     from transformers.cache_utils import Cache, StaticLayer, get_layer_types_and_kwargs
 
-    types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    text = config.get_text_config(decoder=True)
+    attn = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+    if attn not in ("sdpa", "eager"):
+        raise Unsupported(f"{attn} attention: graphed decoding runs with sdpa or eager attention")
+    rope = sorted(t for t in _rope_types(text) if t.startswith("dynamic") or t == "longrope")
+    if rope:
+        raise Unsupported(f"{rope[0]} RoPE picks its frequencies from the length on the host")
+    types, kwargs = get_layer_types_and_kwargs(text)
     window = kwargs.get("sliding_window")
     if any(t not in ("full_attention", "sliding_attention", "chunked_attention") for t in types):
         raise Unsupported(f"layer types {sorted(set(types))} have no fixed-size cache")
@@ -55,7 +72,7 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, eos_ids
     mask = torch.ones(rows, length, dtype=torch.bool, device=dev)
     mask[:, :n] = attention_mask.bool()
     pos = attention_mask.long().cumsum(-1) - 1
-    pos.masked_fill_(attention_mask == 0, 1)  # as generate: a pad position's value is never attended
+    pos.masked_fill_(attention_mask == 0, 0)  # as generate; a pad position is never attended
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
     done = torch.zeros(rows, dtype=torch.bool, device=dev)
 
@@ -83,16 +100,18 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, eos_ids
         if graphed and left > 1:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture (torch's rule); it is the second token
-                step()
+            graph = torch.cuda.CUDAGraph()
+            # The outer stream context puts this thread back on its stream even when a failed capture makes
+            # torch.cuda.graph's own exit raise before it restores the stream.
+            with torch.cuda.stream(side):
+                step()  # the warm-up outside the capture (torch's rule); it is the second token
+                # The training data loader's pin-memory thread stays alive through an evaluation: only this
+                # thread's calls are checked for capture safety (the other's work is never captured).
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    step()
             torch.cuda.current_stream().wait_stream(side)
             tokens.append(tok.clone())
             left -= 1
-            graph = torch.cuda.CUDAGraph()
-            # The training data loader's pin-memory thread stays alive through an evaluation: only this thread's
-            # calls are checked for capture safety (its own work on its own stream is never captured).
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                step()
             run = graph.replay
         for _ in range(left):
             if len(tokens) % CHECK_EVERY == 0 and bool(done.all()):
