@@ -144,8 +144,6 @@ def generate_texts(model, tokenizer, examples: list, spec: TemplateSpec, max_new
     device = next(model.parameters()).device
     input_ids = torch.tensor([[pad] * (n - len(x)) + x for x in ids], device=device)
     mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in ids], device=device)
-    # Both paths leave the random state as it always was after samples (LoRA dropout draws from it afterwards).
-    torch.manual_seed(0)
     new = None
     if graphed and device.type == "cuda":
         from studio.speed.graph_decode import Unsupported, greedy_tokens

@@ -345,10 +345,14 @@ class Recipe:
     def emit_samples(self, model, step: int):
         if not self.sample_examples:
             return
+        import torch
+
         was_training = model.training
         model.eval()
         try:
-            answers = self._answers(model)
+            # Samples watch the run: the random state LoRA dropout draws from afterwards is left as it was.
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+                answers = self._answers(model)
             for ex, answer in zip(self.sample_examples, answers):
                 self.run.emit("sample", step=step, prompt=ex.instruction, input=ex.input,
                               reference=ex.response, answer=answer)

@@ -269,3 +269,22 @@ def test_graphed_samples_that_fail_turn_off_with_a_note_and_the_run_goes_on(tmp_
     assert len(notes) == 1 and "(operation not permitted when stream is capturing)" in notes[0]
     samples = [e for e in evs if e["type"] == "sample"]
     assert [e["step"] for e in samples] == [1, 1, 2, 2] and all(isinstance(e["answer"], str) for e in samples)
+
+
+def test_sample_answers_leave_what_is_learned_alone(tmp_path):
+    """Samples watch a run: with LoRA dropout (which draws from the global random state) a run that writes sample
+    answers at each evaluation logs the losses of the same run without them, step for step."""
+    from studio.runs import RunStore
+    from studio.training import Recipe
+
+    store = RunStore(tmp_path / "runs")
+    losses = {}
+    for n in (2, 0):
+        cfg = _short_cfg(steps=8, save=0).replace({"lora.dropout": 0.1, "train.eval_steps": 3,
+                                                   "train.sample_prompts": n})
+        run = store.create(cfg, f"samples-{n}")
+        assert Recipe(run).execute() == "completed", run.last_status()
+        evs = run.all_events()
+        assert bool([e for e in evs if e["type"] == "sample"]) == (n > 0)
+        losses[n] = [(e["step"], e["loss"]) for e in evs if e["type"] == "metric"]
+    assert len(losses[2]) == 8 and losses[2] == losses[0]
