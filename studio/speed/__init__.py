@@ -11,7 +11,8 @@ The recipe makes five calls, each doing nothing for a part its plan leaves off:
 What is learned never depends on the plan (examples, epochs, learning rate and schedule, optimizer, effective
 batch, LoRA rank, targets, dropout); the GPU tests compare every path with the plain one.  Modules: ``plan``
 (the Plan), ``planner`` (the rules), ``profiles`` (common GPUs), ``graphs``, ``fused_lora``, ``offload``,
-``weight_cache``, ``liger``, ``flat_optimizer``.  Nothing here imports runs or ui.  ``emit(type, **fields)`` writes a run event.
+``weight_cache``, ``liger``, ``flat_optimizer``, ``graph_decode`` (the sample answers: ``studio.generate``).
+Nothing here imports runs or ui.  ``emit(type, **fields)`` writes a run event.
 """
 
 from __future__ import annotations

@@ -3,16 +3,17 @@
 The answers a run writes at each evaluation (``sample`` events) decode a few prompts together.  Eagerly, a token of
 Mistral-7B costs ~40 ms of Python (32 layers of small kernels, LoRA's extra matmuls) while the GPU works ~7 ms:
 the fast preset's samples took 18 s of its 190 s job.  Here the prompts are prefilled eagerly into transformers'
-``StaticCache`` (fixed-size key/value buffers whose fill level is a GPU tensor), one decoding step (a token per row,
-argmax, end-of-answer bookkeeping) is captured as a CUDA graph, and every further token is one replay.
+``StaticLayer`` key/value buffers (fixed size, their fill level a GPU tensor: ``static_cache``), one decoding step
+(a token per row, argmax, end-of-answer bookkeeping) is captured as a CUDA graph, and every further token is one
+replay.
 
 Contract: ``greedy_tokens(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, graphed)`` returns
 the new tokens, [rows, steps], as ``model.generate(do_sample=False, cache_implementation="static")`` returns them
 after the (left-padded) prompt: a row that ended is padded with ``pad_id``, and decoding stops once every row has
 ended (checked every ``CHECK_EVERY`` tokens; columns past the end are dropped, so the result is the same).
 ``graphed=False`` runs the same steps eagerly (the CPU tests compare that with ``generate``); ``graphed=True`` needs
-the model on a CUDA GPU.  ``Unsupported`` is raised before anything runs when the cache would not keep a fixed
-layout (an attention window shorter than prompt plus answer, recurrent layers): the caller then uses ``generate``.
+the model on a CUDA GPU.  ``Unsupported`` is raised before anything runs where a replayed step would go wrong
+(``static_cache`` says which models): the caller then uses ``generate``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ CHECK_EVERY = 16  # tokens between host checks of "every row ended" (each check 
 
 
 class Unsupported(ValueError):
-    """The static cache would roll or resize during decoding: a replayed graph would not follow it."""
+    """A replayed decoding step would not follow this model: its cache would roll or resize, or its attention or
+    RoPE decides something on the host."""
 
 
 def _rope_types(config) -> set[str]:
