@@ -53,6 +53,13 @@ def quiet(page, *elems: str) -> None:
         expect(page.locator(f"#{elem} [data-testid='status-tracker']:not(.hide)")).to_have_count(0, timeout=30_000)
 
 
+def markdown_of(page, elem: str):
+    """The Markdown ``elem`` as a person reads it: its content, without its status tracker.  A tracker hidden by
+    ``show_progress="hidden"`` is only transparent (opacity 0), so its timer ("0.1s") is still in the block's
+    text while an update is pending."""
+    return page.locator(f"#{elem} [data-testid='markdown']")
+
+
 def type_slowly(page, locator, text: str) -> None:
     """Select what the box holds, then type ``text`` one key at a time (the first key replaces it)."""
     locator.click()
@@ -175,7 +182,7 @@ def test_choices_survive_a_reload_and_show_in_a_second_browser_and_start_trains_
             expect(summary).to_contain_text("train.max_steps")
             expect(summary).to_contain_text(re.compile(r"\d+ training and \d+ validation examples"))
             expect(summary).to_contain_text("checks Start makes pass")
-            shown_before = summary.inner_text()
+            shown_before = markdown_of(page, "train-summary").inner_text()
             screenshot(page, "state-03-summary-before-reload")
 
             page.reload()  # a person presses F5
@@ -191,14 +198,14 @@ def test_choices_survive_a_reload_and_show_in_a_second_browser_and_start_trains_
             expect(page.locator("#presets-train-max-steps input[type=number]")).to_have_value("6")
             expect(page.locator("#presets-changes")).to_contain_text("train.max_steps: 0 → 6", timeout=20_000)
             open_tab(page, "3 · Train")
-            expect(summary).to_have_text(shown_before, timeout=30_000)
+            expect(markdown_of(page, "train-summary")).to_have_text(shown_before, timeout=30_000)
 
             # A second browser (another person, or the same one on a laptop) sees the same choices.
             other = new_page(browser, url)
             expect(other.locator("#data-source")).to_contain_text("My_Quarterly_Q_A", timeout=30_000)
             expect(other.locator("#data-map-response input")).to_have_value("a_text")
             open_tab(other, "3 · Train")
-            expect(other.locator("#train-summary")).to_have_text(shown_before, timeout=30_000)
+            expect(markdown_of(other, "train-summary")).to_have_text(shown_before, timeout=30_000)
             screenshot(other, "state-05-second-browser-summary")
 
             # A check that would fail shows before anything loads: a GPU-only optimizer on this CPU machine.
