@@ -132,6 +132,21 @@ def test_unknown_columns_are_named_and_can_be_mapped(tmp_path, tiny_model_dir):
     assert status.startswith("✅") and "What is ROI?" in masked_text(pieces)
 
 
+def test_a_role_from_the_previous_file_is_named_not_an_error(tmp_path, tiny_model_dir):
+    """A new source sets the role choices on the server at once; an event the page sent just before carries the
+    old file's column.  Gradio's check of the choices would fail that event (an "Error" toast: CI saw it after an
+    upload); the role dropdowns pass it on, and the preview names the column the new file lacks."""
+    _, _, data_ui, _ = build_both()
+    f = uploaded(tmp_path, "notes.jsonl", json.dumps({"instruction": "Price?", "output": "Two."}) + "\n")
+    _, *updates = data.load_source(f)
+    assert [c for _, c in updates[1]["choices"]] == ["", "instruction", "output"]
+    box = data_ui.role_dropdowns["input"]
+    session_copy = gr.Dropdown(**{**box.constructor_args, "choices": updates[1]["choices"], "value": ""})
+    assert session_copy.preprocess("input") == "input"  # the alpaca sample's column, sent before the update
+    *_, status = run_preview(f, roles=["instruction", "input", "output", "", ""])
+    assert "column 'input' for role 'input' is not in the data" in status and "instruction, output" in status
+
+
 def test_custom_template_starts_from_a_working_prompt(tiny_model_dir):
     text, prompt_upd, response_upd = data.template_changed("custom", "", "{response}")
     assert prompt_upd["visible"] and "{instruction}" in prompt_upd["value"]

@@ -488,13 +488,18 @@ def build(ctx, base_model=None) -> DataUI:
         with gr.Column(scale=1):
             schema = gr.Markdown(schema0, elem_id="data-schema")
             role_dds = {}
-            # Short labels with room for a column name: the three common roles, then the chat ones.
+            # Short labels with room for a column name: the three common roles, then the chat ones.  A new source
+            # sets each dropdown's choices on the server at once, while an event the page sent a moment earlier
+            # (the page-load redraw, a role's change) may still carry the previous file's column: Gradio's own
+            # check would fail that event with "not in the list of choices".  ``refresh`` and the Start checks
+            # name a column the data lacks instead (``data.mapping``'s message), and the next event draws anew.
             for group in (ROLE_ORDER[:3], ROLE_ORDER[3:]):
                 with gr.Row():
                     for role in group:
                         upd, value = rest[ROLE_ORDER.index(role)], roles0[ROLE_ORDER.index(role)]
                         role_dds[role] = gr.Dropdown(choices=upd["choices"], value=value, label=role,
-                                                     elem_id=f"data-map-{role}", min_width=160)
+                                                     allow_custom_value=True, elem_id=f"data-map-{role}",
+                                                     min_width=160)
             mapping = gr.State(dict(d.mapping))
             detected = gr.State(rest[5])
 
