@@ -141,8 +141,10 @@ def test_a_role_from_the_previous_file_is_named_not_an_error(tmp_path, tiny_mode
     _, *updates = data.load_source(f)
     assert [c for _, c in updates[1]["choices"]] == ["", "instruction", "output"]
     box = data_ui.role_dropdowns["input"]
-    session_copy = gr.Dropdown(**{**box.constructor_args, "choices": updates[1]["choices"], "value": ""})
+    assert box.get_block_name() == "dropdown" and not box.allow_custom_value  # drawn as Gradio's, nothing typed
+    session_copy = type(box)(**{**box.constructor_args, "choices": updates[1]["choices"], "value": ""})
     assert session_copy.preprocess("input") == "input"  # the alpaca sample's column, sent before the update
+    assert session_copy.preprocess("output") == "output" and session_copy.preprocess(None) is None
     *_, status = run_preview(f, roles=["instruction", "input", "output", "", ""])
     assert "column 'input' for role 'input' is not in the data" in status and "instruction, output" in status
 

@@ -62,6 +62,24 @@ DEFAULT_CUSTOM_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 COUNT_HEADERS = ["example", "tokens", "loss tokens", "truncated"]
 
 
+class ColumnDropdown(gr.Dropdown):
+    """A role's column: Gradio's dropdown, drawn and picked as one, that passes a column of the previous source on.
+
+    A new source sets the choices in the server's session at once, while an event the page sent a moment earlier
+    (the page-load redraw, a role's change) may still carry the previous file's column.  ``gr.Dropdown`` would fail
+    that event ("not in the list of choices", an error toast) and stop the chain behind it; ``refresh`` and the
+    Start checks name a column the data lacks instead, and the next event draws anew.  Only the server's check
+    differs: the page keeps a plain dropdown (``is_template``: drawn by Gradio's own), so nothing can be typed in.
+    """
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is None or payload in [value for _, value in self.choices]:
+            return super().preprocess(payload)
+        return payload
+
+
 @dataclass
 class DataUI:
     keys: list[str]
@@ -488,18 +506,13 @@ def build(ctx, base_model=None) -> DataUI:
         with gr.Column(scale=1):
             schema = gr.Markdown(schema0, elem_id="data-schema")
             role_dds = {}
-            # Short labels with room for a column name: the three common roles, then the chat ones.  A new source
-            # sets each dropdown's choices on the server at once, while an event the page sent a moment earlier
-            # (the page-load redraw, a role's change) may still carry the previous file's column: Gradio's own
-            # check would fail that event with "not in the list of choices".  ``refresh`` and the Start checks
-            # name a column the data lacks instead (``data.mapping``'s message), and the next event draws anew.
+            # Short labels with room for a column name: the three common roles, then the chat ones.
             for group in (ROLE_ORDER[:3], ROLE_ORDER[3:]):
                 with gr.Row():
                     for role in group:
                         upd, value = rest[ROLE_ORDER.index(role)], roles0[ROLE_ORDER.index(role)]
-                        role_dds[role] = gr.Dropdown(choices=upd["choices"], value=value, label=role,
-                                                     allow_custom_value=True, elem_id=f"data-map-{role}",
-                                                     min_width=160)
+                        role_dds[role] = ColumnDropdown(choices=upd["choices"], value=value, label=role,
+                                                        elem_id=f"data-map-{role}", min_width=160)
             mapping = gr.State(dict(d.mapping))
             detected = gr.State(rest[5])
 
