@@ -149,6 +149,20 @@ def test_a_role_from_the_previous_file_is_named_not_an_error(tmp_path, tiny_mode
     assert "column 'input' for role 'input' is not in the data" in status and "instruction, output" in status
 
 
+def test_importing_the_data_tab_writes_no_file_beside_the_code():
+    """Gradio writes a ``.pyi`` beside the module of each component class it sees when none matches: the one for
+    ``ColumnDropdown`` is kept in the repository, so a fresh import finds it as Gradio writes it and writes nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ui = Path(data.__file__).parent
+    kept = (ui / "column_dropdown.pyi").read_bytes()
+    subprocess.run([sys.executable, "-c", "import studio.ui.data"], check=True, cwd=ui.parent.parent)
+    assert sorted(p.name for p in ui.glob("*.pyi")) == ["column_dropdown.pyi"]
+    assert (ui / "column_dropdown.pyi").read_bytes() == kept
+
+
 def test_custom_template_starts_from_a_working_prompt(tiny_model_dir):
     text, prompt_upd, response_upd = data.template_changed("custom", "", "{response}")
     assert prompt_upd["visible"] and "{instruction}" in prompt_upd["value"]

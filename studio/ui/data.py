@@ -50,6 +50,7 @@ from studio.modeling import ModelError, load_tokenizer
 from studio.presets import REPO_ROOT, load_preset
 from studio.runs import studio_home
 from studio.security import SecurityError, check_name, hub_token, inside, inside_any
+from studio.ui.column_dropdown import ColumnDropdown
 from studio.ui.widgets import widget
 
 LOSS, MASKED = "loss", "prompt (masked)"
@@ -60,24 +61,6 @@ STATS_LIMIT = 5000  # tokenizing more than this on every change would make the t
 RETRY_AFTER_S = 60.0  # a failed tokenizer load is not retried on every keystroke, but is after a minute
 DEFAULT_CUSTOM_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 COUNT_HEADERS = ["example", "tokens", "loss tokens", "truncated"]
-
-
-class ColumnDropdown(gr.Dropdown):
-    """A role's column: Gradio's dropdown, drawn and picked as one, that passes a column of the previous source on.
-
-    A new source sets the choices in the server's session at once, while an event the page sent a moment earlier
-    (the page-load redraw, a role's change) may still carry the previous file's column.  ``gr.Dropdown`` would fail
-    that event ("not in the list of choices", an error toast) and stop the chain behind it; ``refresh`` and the
-    Start checks name a column the data lacks instead, and the next event draws anew.  Only the server's check
-    differs: the page keeps a plain dropdown (``is_template``: drawn by Gradio's own), so nothing can be typed in.
-    """
-
-    is_template = True
-
-    def preprocess(self, payload):
-        if payload is None or payload in [value for _, value in self.choices]:
-            return super().preprocess(payload)
-        return payload
 
 
 @dataclass
