@@ -23,7 +23,8 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
 from e2e_helpers import ROOT, open_tab, screenshot, serve_app, tail
-from test_e2e_state import browser, choose, clean, markdown_of, new_page, quiet, type_slowly  # noqa: F401 - browser is a fixture
+from test_e2e_state import (browser, choose, clean, markdown_of, new_page, quiet,  # noqa: F401 - a fixture
+                             type_slowly)
 
 pytestmark = pytest.mark.browser
 

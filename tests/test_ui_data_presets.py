@@ -2,6 +2,9 @@
 
 import json
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -152,10 +155,6 @@ def test_a_role_from_the_previous_file_is_named_not_an_error(tmp_path, tiny_mode
 def test_importing_the_data_tab_writes_no_file_beside_the_code():
     """Gradio writes a ``.pyi`` beside the module of each component class it sees when none matches: the one for
     ``ColumnDropdown`` is kept in the repository, so a fresh import finds it as Gradio writes it and writes nothing."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     ui = Path(data.__file__).parent
     kept = (ui / "column_dropdown.pyi").read_bytes()
     subprocess.run([sys.executable, "-c", "import studio.ui.data"], check=True, cwd=ui.parent.parent)
